@@ -1,0 +1,34 @@
+"""User-facing error types.
+
+Every error raised for bad input is one of these: its message names the file, key or value
+at fault and says how to fix it. `train.py` maps them to exit codes without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class TrainerError(Exception):
+    """Base class for errors caused by user input or environment, not by a bug."""
+
+    exit_code = 2
+
+
+class ConfigError(TrainerError):
+    """A train.json / optimizer.json / CLI value is unknown, mistyped or out of range."""
+
+
+class ModelLoadError(TrainerError):
+    """A model path or file cannot be loaded (missing, wrong layout, unsafe pickle)."""
+
+
+class DataError(TrainerError):
+    """The dataset has nothing trainable, or a data_root is unusable."""
+
+
+class CheckpointError(TrainerError):
+    """A checkpoint is incomplete, incompatible with this run, or cannot be resumed."""
+
+
+class TrainingStopped(TrainerError):
+    """The run stopped on purpose (e.g. repeated non-finite losses) after saving its state."""
+
+    exit_code = 3
