@@ -1,0 +1,44 @@
+"""Pluggable optimizers: optimizer.json (EveryDream2 schema), registry, precedence, schedules,
+text-encoder freezing, and the per-component OptimizerSet the training loop steps.
+
+Optional packages are imported only when their optimizer is built.
+"""
+
+from trainer.optim.freezing import FreezePlan, apply_text_encoder_freeze, plan_text_encoder_freeze
+from trainer.optim.grad_scaler import apply_grad_scaler_tweak, grad_scaler_tweak
+from trainer.optim.optimizer_set import ComponentOptimizer, OptimizerSet, StepResult, build_optimizers
+from trainer.optim.registry import REGISTRY, OptimizerSpec, OptionalDependencyError, get_spec
+from trainer.optim.resolve import ResolvedComponent, TrainOptimSettings, resolve_components
+from trainer.optim.schedules import SCHEDULER_NAMES
+from trainer.optim.schema import (
+    FreezingConfig,
+    OptimizerFile,
+    SectionConfig,
+    load_optimizer_file,
+    parse_optimizer_json,
+)
+
+__all__ = [
+    "REGISTRY",
+    "SCHEDULER_NAMES",
+    "ComponentOptimizer",
+    "FreezePlan",
+    "FreezingConfig",
+    "OptimizerFile",
+    "OptimizerSet",
+    "OptimizerSpec",
+    "OptionalDependencyError",
+    "ResolvedComponent",
+    "SectionConfig",
+    "StepResult",
+    "TrainOptimSettings",
+    "apply_grad_scaler_tweak",
+    "apply_text_encoder_freeze",
+    "build_optimizers",
+    "get_spec",
+    "grad_scaler_tweak",
+    "load_optimizer_file",
+    "parse_optimizer_json",
+    "plan_text_encoder_freeze",
+    "resolve_components",
+]

@@ -1,0 +1,94 @@
+"""Command-line entry: parse, build, train, summarise, and map errors to exit codes.
+
+Exit codes: 0 finished, 2 bad input (config, data, model, checkpoint), 3 stopped on purpose
+(repeated non-finite losses, state saved), 130 interrupted by SIGINT/SIGTERM (state saved).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+
+from trainer.config import TrainConfig, load_config
+from trainer.errors import TrainerError
+
+log = logging.getLogger("trainer")
+
+USAGE = """usage: python train.py --config train.json [--optimizer_config optimizer.json] [--KEY VALUE ...]
+
+Every train.json key can be given as --KEY VALUE (booleans: true/false, bare --flag = true;
+lists as JSON or repeated values). The command line wins over the JSON file. See docs/CONFIG.md."""
+
+
+def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--config PATH` (or `--config=PATH`) out of argv; the rest are key overrides."""
+    rest, config = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            config, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--config="):
+            config = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return config, rest
+
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("PIL", "urllib3", "matplotlib", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_seed(cfg: TrainConfig) -> TrainConfig:
+    """seed -1 means a random seed, chosen once and recorded in the effective config."""
+    if cfg.seed != -1:
+        return cfg
+    seed = secrets.randbelow(2**31)
+    log.info("seed -1: using random seed %d", seed)
+    return cfg.model_copy(update={"seed": seed})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    setup_console_logging()
+    try:
+        config_path, overrides = split_config_arg(argv)
+        cfg = resolve_seed(load_config(config_path, overrides))
+        from trainer.loop import train  # heavy imports (torch, diffusers) only after the config is valid
+        from trainer.session import build_session
+
+        session = build_session(cfg)
+        summary = train(session)
+    except TrainerError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    _report(summary, session)
+    return 0 if summary.status == "finished" else 130
+
+
+def _report(summary, session) -> None:
+    if not session.accelerator.is_main_process:
+        return
+    lines = [
+        f"run {summary.status}: {summary.global_step} optimizer steps, {summary.epoch} epochs, "
+        f"{summary.samples_seen} images in {summary.seconds:.0f}s",
+        f"final train loss: {summary.final_loss:.4f}"
+        if summary.final_loss is not None
+        else "final train loss: n/a",
+        f"run folder: {session.run.path}",
+    ]
+    lines += [f"checkpoint: {p}" for p in summary.checkpoints]
+    if summary.nonfinite_steps:
+        lines.append(f"non-finite steps skipped: {summary.nonfinite_steps}")
+    problems = session.data.problems
+    if problems:
+        lines.append(f"{len(problems)} data problem(s):")
+        lines += [f"  {p}" for p in problems]
+    log.info("summary:\n  %s", "\n  ".join(lines))

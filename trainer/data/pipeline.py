@@ -1,0 +1,207 @@
+"""`load_data`: discover + split + bucket once at start-up, giving a DataPlan.
+
+The DataPlan is the only data object the training loop holds. Its `epoch_plan(epoch)` is a
+pure function of (seed, epoch, rank), so the loop's resumable state is just (epoch, batch
+index); `fingerprint()` lets a resume check that the data and data settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.data.buckets import Bucket, get_buckets, is_ed2_table, is_undersized, nearest_bucket
+from trainer.data.items import ImageItem, Problem
+from trainer.data.planner import EpochPlan, plan_epoch
+from trainer.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+UNDERSIZED_PREFIX = "warning: undersized"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The train.json values the data pipeline needs (validated again here, naming the key)."""
+
+    data_root: str | list
+    resolution: int
+    batch_size: int
+    grad_accum: int = 1
+    seed: int = 555
+    flip_p: float = 0.0
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    cond_dropout: float = 0.04
+    crop_jitter: float = 0.02
+    validation_config: str | None = None
+    num_workers: int = 0
+    scan_cache: Path | None = None
+    num_replicas: int = 1
+    rank: int = 0
+
+    def validate(self) -> None:
+        get_buckets(self.resolution)  # ConfigError naming `resolution`
+        for key in ("batch_size", "grad_accum", "num_replicas"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be an integer >= 1")
+        for key in ("keep_tags", "num_workers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
+        for key in ("flip_p", "cond_dropout", "crop_jitter"):
+            if not 0.0 <= float(getattr(self, key)) <= 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be between 0 and 1")
+        if not 0 <= self.rank < self.num_replicas:
+            raise ConfigError(f"rank={self.rank} must be in [0, num_replicas={self.num_replicas})")
+
+
+class DataPlan:
+    """Items, buckets and problems of a run, and the per-epoch batch plans built from them."""
+
+    def __init__(
+        self,
+        settings: DataSettings,
+        train_items: list[ImageItem],
+        val_sets: dict[str, list[ImageItem]],
+        stabilize_items: list[ImageItem],
+        problems: list[Problem],
+    ):
+        self.settings = settings
+        self.buckets = get_buckets(settings.resolution)
+        self.train_items = sorted(train_items, key=lambda it: it.path)
+        self.val_sets = val_sets
+        self.stabilize_items = stabilize_items
+        self.problems = list(problems)
+        self.item_buckets: list[Bucket] = [
+            nearest_bucket(it.width, it.height, self.buckets) for it in self.train_items
+        ]
+        self.bucket_counts: dict[Bucket, int] = dict(sorted(Counter(self.item_buckets).items()))
+        self.undersized: list[Problem] = [
+            Problem(
+                it.path,
+                f"{UNDERSIZED_PREFIX} {it.width}x{it.height} for bucket {b[0]}x{b[1]}; it is upscaled",
+            )
+            for it, b in zip(self.train_items, self.item_buckets, strict=True)
+            if is_undersized(it.width, it.height, b)
+        ]
+        self.problems.extend(self.undersized)
+        self._reported = {p.path for p in self.problems}
+        self._plans: dict[int, EpochPlan] = {}
+
+    def record_problem(self, problem: Problem) -> None:
+        """Record a batch-time failure; logged and stored once per path."""
+        if problem.path in self._reported:
+            return
+        self._reported.add(problem.path)
+        self.problems.append(problem)
+        logger.warning("skipping image at batch time: %s (a same-bucket image is used instead)", problem)
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """This rank's batches for `epoch`; a pure function of (seed, epoch, rank)."""
+        if epoch not in self._plans:
+            if len(self._plans) > 4:
+                self._plans.clear()
+            s = self.settings
+            self._plans[epoch] = plan_epoch(
+                self.train_items,
+                self.item_buckets,
+                epoch=epoch,
+                seed=s.seed,
+                batch_size=s.batch_size,
+                grad_accum=s.grad_accum,
+                default_flip_p=s.flip_p,
+                num_replicas=s.num_replicas,
+                rank=s.rank,
+            )
+        return self._plans[epoch]
+
+    def batches_per_epoch(self) -> int:
+        """Nominal batches per epoch (epoch 0's count; fractional multiply can vary it by a few)."""
+        return len(self.epoch_plan(0).batches)
+
+    def windows_per_epoch(self) -> int:
+        """Nominal optimizer steps per epoch (epoch 0's accumulation windows on this rank)."""
+        return len(self.epoch_plan(0).windows)
+
+    def fingerprint(self) -> str:
+        """Hash of the items and every setting that shapes the data order, for resume checks."""
+        s = self.settings
+        payload = {
+            "items": [
+                [it.path, it.width, it.height, it.caption.text, it.multiply, it.flip_p, it.batch_id]
+                + [it.cond_dropout, it.shuffle_tags, it.loss_scale]
+                for it in self.train_items
+            ],
+            "settings": {
+                k: v
+                for k, v in dataclasses.asdict(s).items()
+                if k in ("resolution", "batch_size", "grad_accum", "seed", "flip_p", "num_replicas")
+            },
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+    def summary(self) -> str:
+        """Start-up text: counts, buckets, repeats, validation split and every problem."""
+        s = self.settings
+        table = "EveryDream2 table" if is_ed2_table(s.resolution) else "generated table"
+        lines = [
+            f"data: {len(self.train_items)} training images, resolution {s.resolution} ({table}), "
+            f"batch_size {s.batch_size}, grad_accum {s.grad_accum}",
+            f"  {self.batches_per_epoch()} batches per epoch on this rank "
+            f"({s.num_replicas} replica(s)); {sum(len(b) for b in self.epoch_plan(0).batches)} samples",
+        ]
+        for (w, h), n in self.bucket_counts.items():
+            lines.append(f"  bucket {w}x{h}: {n} images")
+        repeats = Counter(it.multiply for it in self.train_items)
+        if set(repeats) != {1.0}:
+            lines.append("  multiply: " + ", ".join(f"{m:g} x{n}" for m, n in sorted(repeats.items())))
+        for name, items in self.val_sets.items():
+            lines.append(f"  validation set {name!r}: {len(items)} images")
+        if self.stabilize_items:
+            lines.append(f"  stabilize-train set: {len(self.stabilize_items)} images")
+        skipped = [p for p in self.problems if not p.reason.startswith(UNDERSIZED_PREFIX)]
+        if skipped:
+            lines.append(f"  {len(skipped)} file(s) skipped:")
+            lines.extend(f"    {p}" for p in skipped)
+        if self.undersized:
+            lines.append(f"  {len(self.undersized)} undersized image(s) (trained, upscaled):")
+            lines.extend(f"    {p.path}" for p in self.undersized)
+        return "\n".join(lines)
+
+
+def _discover_all(settings: DataSettings) -> tuple[list[ImageItem], list[Problem]]:
+    from trainer.data.discovery import discover, require_trainable
+
+    result = discover(settings.data_root, scan_cache=settings.scan_cache)
+    require_trainable(result, settings.data_root)
+    return list(result.items), list(result.problems)
+
+
+def load_data(settings: DataSettings) -> DataPlan:
+    """Discover, split and bucket; DataError when nothing is trainable."""
+    settings.validate()
+    items, problems = _discover_all(settings)
+    val_sets: dict[str, list[ImageItem]] = {}
+    stabilize: list[ImageItem] = []
+    train = items
+    if settings.validation_config:
+        from trainer.data.validation_split import load_validation_config, split_dataset
+
+        cfg = load_validation_config(settings.validation_config)
+        if cfg is not None:
+            split, split_problems = split_dataset(items, cfg, scan_cache=settings.scan_cache)
+            train, val_sets, stabilize = split.train, dict(split.val), list(split.stabilize)
+            problems.extend(split_problems)
+    plan = DataPlan(settings, train, val_sets, stabilize, problems)
+    if not plan.train_items or plan.batches_per_epoch() == 0:
+        raise DataError(
+            f"data_root {settings.data_root!r}: nothing to train on after the validation split "
+            f"({len(plan.train_items)} training images, multiply, batch_size={settings.batch_size}, "
+            f"num_replicas={settings.num_replicas}); add images or lower num_replicas"
+        )
+    return plan

@@ -1,0 +1,147 @@
+"""Preview a dataset the way training will see it, without loading a model.
+
+    python -m trainer.data.preview --data_root DIR --resolution 512 [--batch_size N]
+        [--grad_accum N] [--validation_config F] [--json]
+
+Prints the image count, per-bucket image and batch counts, caption statistics, repeats, the
+validation split and every problem; `--json` prints the same as one JSON object that also
+lists every image with its bucket and caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+
+from trainer.data.pipeline import UNDERSIZED_PREFIX, DataPlan, DataSettings, load_data
+from trainer.errors import TrainerError
+
+
+def build_report(plan: DataPlan) -> dict:
+    """Everything the preview shows, as plain JSON-able data."""
+    epoch = plan.epoch_plan(0)
+    batches_by_bucket = Counter(batch[0].bucket for batch in epoch.batches)
+    samples_by_bucket = Counter(ref.bucket for batch in epoch.batches for ref in batch)
+    texts = [it.caption.text for it in plan.train_items]
+    tag_counts = [len(it.caption.tags) for it in plan.train_items]
+    return {
+        "settings": {
+            "data_root": plan.settings.data_root,
+            "resolution": plan.settings.resolution,
+            "batch_size": plan.settings.batch_size,
+            "grad_accum": plan.settings.grad_accum,
+            "seed": plan.settings.seed,
+        },
+        "image_count": len(plan.train_items),
+        "batches_per_epoch": len(epoch.batches),
+        "optimizer_steps_per_epoch": len(epoch.windows),
+        "samples_per_epoch": sum(len(b) for b in epoch.batches),
+        "buckets": [
+            {
+                "bucket": [w, h],
+                "images": n,
+                "samples_epoch0": samples_by_bucket[(w, h)],
+                "batches_epoch0": batches_by_bucket[(w, h)],
+            }
+            for (w, h), n in plan.bucket_counts.items()
+        ],
+        "captions": {
+            "unique": len(set(texts)),
+            "empty": sum(1 for t in texts if not t.strip()),
+            "mean_chars": round(statistics.fmean(len(t) for t in texts), 1) if texts else 0,
+            "max_chars": max((len(t) for t in texts), default=0),
+            "with_tags": sum(1 for n in tag_counts if n),
+            "mean_tags": round(statistics.fmean(tag_counts), 2) if tag_counts else 0,
+        },
+        "repeats": {f"{m:g}": n for m, n in sorted(Counter(it.multiply for it in plan.train_items).items())},
+        "validation": {name: [it.path for it in items] for name, items in plan.val_sets.items()},
+        "stabilize": [it.path for it in plan.stabilize_items],
+        "problems": [
+            {
+                "path": p.path,
+                "reason": p.reason,
+                "severity": "warning" if p.reason.startswith(UNDERSIZED_PREFIX) else "skipped",
+            }
+            for p in plan.problems
+        ],
+        "images": [
+            {
+                "path": it.path,
+                "size": [it.width, it.height],
+                "bucket": list(bucket),
+                "caption": it.caption.text,
+                "multiply": it.multiply,
+                "flip_p": it.flip_p,
+                "batch_id": it.batch_id,
+                "loss_scale": it.loss_scale,
+            }
+            for it, bucket in zip(plan.train_items, plan.item_buckets, strict=True)
+        ],
+    }
+
+
+def format_report(report: dict) -> str:
+    """Human-readable text of `build_report`'s result."""
+    s = report["settings"]
+    lines = [
+        f"{report['image_count']} training images in {s['data_root']} at resolution {s['resolution']}",
+        f"batch_size {s['batch_size']}, grad_accum {s['grad_accum']}: {report['batches_per_epoch']} batches, "
+        f"{report['optimizer_steps_per_epoch']} optimizer steps, {report['samples_per_epoch']} samples per epoch",
+        "buckets (w x h: images / samples / batches in epoch 0):",
+    ]
+    for b in report["buckets"]:
+        w, h = b["bucket"]
+        lines.append(
+            f"  {w:>5} x {h:<5} {b['images']:>6} / {b['samples_epoch0']:>6} / {b['batches_epoch0']:>5}"
+        )
+    c = report["captions"]
+    lines.append(
+        f"captions: {c['unique']} unique, {c['empty']} empty, mean {c['mean_chars']} chars (max {c['max_chars']}), "
+        f"{c['with_tags']} with tags (mean {c['mean_tags']} tags)"
+    )
+    lines.append(
+        "repeats (multiply: images): " + ", ".join(f"{m}: {n}" for m, n in report["repeats"].items())
+    )
+    for name, paths in report["validation"].items():
+        lines.append(f"validation set {name!r}: {len(paths)} images")
+    if report["stabilize"]:
+        lines.append(f"stabilize-train set: {len(report['stabilize'])} images")
+    lines.append(f"problems: {len(report['problems'])}")
+    lines.extend(f"  [{p['severity']}] {p['path']}: {p['reason']}" for p in report["problems"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.data.preview", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--data_root", required=True, nargs="+", help="folder(s) or .json manifest(s)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=555)
+    parser.add_argument("--validation_config", default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args(argv)
+    settings = DataSettings(
+        data_root=args.data_root[0] if len(args.data_root) == 1 else list(args.data_root),
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seed=args.seed,
+        validation_config=args.validation_config,
+    )
+    try:
+        report = build_report(load_data(settings))
+    except TrainerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The training loop: when to step, log, checkpoint and stop. The maths lives elsewhere.
+
+One optimizer step = one accumulation window of the epoch plan (up to `grad_accum` batches;
+the last window of an epoch may be shorter and is still stepped). Each micro-batch's loss is
+its per-sample losses summed and divided by the number of samples in the window, so every
+sample weighs the same whatever the batch sizes. Checkpoints are only taken at window
+boundaries, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.data import make_loader
+from trainer.errors import TrainingStopped
+from trainer.optim import apply_grad_scaler_tweak
+from trainer.progress import StepTracker
+from trainer.saving import SavePolicy, save_checkpoint
+from trainer.session import Session
+from trainer.signals import StopFlag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    status: str  # "finished" | "interrupted"
+    global_step: int
+    epoch: int
+    seconds: float
+    samples_seen: int
+    final_loss: float | None
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    nonfinite_steps: int = 0
+
+
+def train(s: Session) -> RunSummary:
+    cfg, st = s.cfg, s.state
+    policy = SavePolicy(cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes, cfg.save_ckpts_from_n_epochs)
+    tracker = StepTracker(
+        s.metrics,
+        log_step=cfg.log_step,
+        total_steps=s.total_optimizer_steps,
+        start_step=st.global_step,
+        batch_size=cfg.batch_size,
+        enabled=s.accelerator.is_main_process,
+    )
+    stop, saved, started = StopFlag().install(), [], time.monotonic()
+    try:
+        s.observers.on_start()
+        while st.epoch < cfg.max_epochs:
+            plan = s.data.epoch_plan(st.epoch)
+            window_of_end = {end - 1: i for i, (_, end) in enumerate(plan.windows)}
+            window_paths: list[str] = []
+            for batch in make_loader(
+                s.data,
+                plan,
+                start_batch=st.batch_in_epoch,
+                latent_cache=s.latent_cache,
+                pin_memory=s.device.type == "cuda",
+            ):
+                is_end = batch["window_end"]
+                _micro_step(s, batch, sync=is_end, tracker=tracker)
+                window_paths += batch["paths"]
+                if not is_end:
+                    continue
+                _optimizer_step(s, tracker, window_paths)
+                s.observers.after_step(window_of_end[batch["batch_index"]], len(plan.windows))
+                window_paths = []
+                if stop.requested or policy.time_due():
+                    saved.append(save_checkpoint(s, "interrupted" if stop.requested else "timed"))
+                    policy.saved()
+                if stop.requested:
+                    log.warning(
+                        "stopped by %s at step %d; resume with --resume_ckpt findlast",
+                        stop.requested,
+                        st.global_step,
+                    )
+                    return _summary(s, "interrupted", started, tracker, saved)
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            tracker.epoch_end(st.global_step, s.optim.learning_rates(), st.epoch)
+            s.observers.on_epoch_end(st.epoch - 1)
+            if policy.epoch_end_due(st.epoch - 1, cfg.max_epochs):
+                saved.append(save_checkpoint(s, "epoch"))
+        saved.append(save_checkpoint(s, "final"))
+        return _summary(s, "finished", started, tracker, saved)
+    finally:
+        stop.restore()
+        tracker.close()
+        s.metrics.flush()
+
+
+def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) -> None:
+    """Forward + backward of one micro-batch; gradients sync across ranks only at window ends."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for module in s.trainable_modules().values():
+                stack.enter_context(s.accelerator.no_sync(module))
+        out = s.step(batch, s.state.generator)
+        # Every sample of the window (across all ranks) weighs the same; DDP averages over ranks.
+        loss = out.loss.sum() * s.accelerator.num_processes / batch["global_window_samples"]
+        (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
+    tracker.micro_batch(out.loss, out.timesteps)
+    s.state.batch_in_epoch += 1
+    s.state.samples_seen += len(batch["captions"]) * s.accelerator.num_processes
+
+
+def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str]) -> None:
+    st = s.state
+    result = s.optim.step(s.scaler)
+    st.global_step += 1
+    if result.skipped:
+        st.nonfinite_in_row += 1
+        st.nonfinite_total += 1
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row); images: %s",
+            st.global_step,
+            st.nonfinite_in_row,
+            ", ".join(window_paths),
+        )
+        s.metrics.scalars({"problems/nonfinite_steps": st.nonfinite_total}, st.global_step)
+        if st.nonfinite_in_row >= s.cfg.max_nonfinite_steps:
+            path = save_checkpoint(s, "nonfinite")
+            raise TrainingStopped(
+                f"{st.nonfinite_in_row} optimizer steps in a row had non-finite losses or gradients; the last good "
+                f"state is saved in {path}. Likely causes: learning rate too high, fp16 overflow (try "
+                "mixed_precision bf16 or no), a broken input image, or a diverged adaptive optimizer."
+            )
+    else:
+        st.nonfinite_in_row = 0
+        if s.ema is not None:
+            s.ema.maybe_update(st.global_step)
+    if s.scaler is not None and s.opt_file.apply_grad_scaler_step_tweaks:
+        apply_grad_scaler_tweak(s.scaler, st.global_step)
+    tracker.optimizer_step(st.global_step, result.grad_norms, s.optim.learning_rates, st.epoch)
+
+
+def _summary(s: Session, status: str, started: float, tracker: StepTracker, saved: list) -> RunSummary:
+    return RunSummary(
+        status=status,
+        global_step=s.state.global_step,
+        epoch=s.state.epoch,
+        seconds=time.monotonic() - started,
+        samples_seen=s.state.samples_seen,
+        final_loss=tracker.last_loss,
+        final_val_loss=s.observers.last_val,
+        best_val_loss=s.observers.best_val,
+        checkpoints=[p for p in saved if p is not None],
+        nonfinite_steps=s.state.nonfinite_total,
+    )

@@ -1,0 +1,81 @@
+"""Writing SDComponents as a diffusers pipeline folder, and the `convert_file` behind the CLI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from trainer.errors import ModelLoadError
+from trainer.models.components import MODEL_MAX_LENGTH, SDComponents, read_json
+from trainer.models.single_file import save_single_file
+
+logger = logging.getLogger(__name__)
+
+# Training-schedule keys that also shape inference (zero-terminal-SNR models need both).
+_INFERENCE_PASSTHROUGH = ("rescale_betas_zero_snr", "timestep_spacing")
+
+
+def inference_scheduler(components: SDComponents) -> DDIMScheduler:
+    """DDIM over the model's own noise schedule and prediction type (what SD's configs ship)."""
+    cfg = components.scheduler_config
+    return DDIMScheduler(
+        num_train_timesteps=cfg["num_train_timesteps"],
+        beta_start=cfg["beta_start"],
+        beta_end=cfg["beta_end"],
+        beta_schedule=cfg["beta_schedule"],
+        trained_betas=cfg.get("trained_betas"),
+        prediction_type=cfg["prediction_type"],
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        **{k: cfg[k] for k in _INFERENCE_PASSTHROUGH if k in cfg},
+    )
+
+
+def save_pipeline(components: SDComponents, out_dir: Path) -> None:
+    """Write a StableDiffusionPipeline folder that loads offline (no safety checker)."""
+    out_dir = Path(out_dir)
+    components.tokenizer.model_max_length = MODEL_MAX_LENGTH
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=inference_scheduler(components),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    # transformers 5 writes only tokenizer.json; vocab.json/merges.txt keep the folder loadable by
+    # transformers 4 and other tools that use the slow CLIPTokenizer.
+    components.tokenizer.backend_tokenizer.model.save(str(out_dir / "tokenizer"))
+    saved = read_json(out_dir / "tokenizer" / "tokenizer_config.json")
+    if saved.get("model_max_length") != MODEL_MAX_LENGTH:
+        raise RuntimeError(
+            f"tokenizer saved to {out_dir} without model_max_length {MODEL_MAX_LENGTH}: {saved}"
+        )
+    logger.info("wrote diffusers pipeline %s", out_dir)
+
+
+def convert_file(src: str, dst: str, *, half: bool) -> None:
+    """Convert between a single file and a diffusers folder (either way), or re-export.
+
+    `dst` ending in `.safetensors` gets a single file; anything else becomes a pipeline folder.
+    `half` stores fp16 weights.
+    """
+    from trainer.models.loading import load_model  # loading is the heavier import; keep CLI light
+
+    dst_path = Path(dst).expanduser()
+    if dst_path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelLoadError(f"refusing to write pickle format {dst_path}; write a .safetensors file instead")
+    components = load_model(src, dtype=torch.float16 if half else torch.float32)
+    if dst_path.suffix == ".safetensors":
+        save_single_file(components, dst_path, half=half)
+    else:
+        if dst_path.exists() and any(dst_path.iterdir()):
+            raise ModelLoadError(f"output folder {dst_path} exists and is not empty; choose a new folder")
+        save_pipeline(components, dst_path)

@@ -1,0 +1,63 @@
+"""When to sample and validate: the loop calls these hooks; they decide and do the work.
+
+Sampling happens on the main process only; validation on every rank (each takes a share).
+Neither draws from the training generator or the global RNG state the run depends on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+log = logging.getLogger(__name__)
+
+
+class Observers:
+    def __init__(self, session, *, sampler=None, validator=None, sample_at_start: bool = True):
+        self.s = session
+        self.sampler = sampler
+        self.validator = validator
+        self.sample_at_start = sample_at_start
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+
+    def on_start(self) -> None:
+        """Baselines before the first step (not on resume: the curves already have them)."""
+        if self.s.resumed_from is not None or self.s.state.global_step != 0:
+            return
+        self._validate()
+        if self.sample_at_start:
+            self._sample()
+
+    def after_step(self, window_index: int, windows_in_epoch: int) -> None:
+        step = self.s.state.global_step
+        if self.sampler is not None and step % self.s.cfg.sample_steps == 0:
+            self._sample()
+        if self.validator is not None and window_index in self.validator.points_in_epoch(windows_in_epoch):
+            self._validate()
+
+    def on_epoch_end(self, finished_epoch: int) -> None:
+        if self.validator is not None and self.validator.due_at_epoch_end(finished_epoch):
+            self._validate()
+
+    def _sample(self) -> None:
+        if self.sampler is None or not self.s.accelerator.is_main_process:
+            return
+        components = replace(
+            self.s.model,
+            unet=self.s.accelerator.unwrap_model(self.s.model.unet),
+            text_encoder=self.s.accelerator.unwrap_model(self.s.model.text_encoder),
+        )
+        paths = self.sampler.generate(components, self.s.state.global_step, self.s.metrics, ema=self.s.ema)
+        log.info("wrote %d sample image(s) at step %d", len(paths), self.s.state.global_step)
+
+    def _validate(self) -> None:
+        if self.validator is None or not self.validator.enabled:
+            return
+        results = self.validator.run(self.s.state.global_step, self.s.metrics)
+        val = results.get("val")
+        if val is not None:
+            self.last_val = val
+            self.best_val = val if self.best_val is None else min(self.best_val, val)
+        log.info("validation at step %d: %s", self.s.state.global_step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in results.items()))

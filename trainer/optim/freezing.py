@@ -1,0 +1,112 @@
+"""Text-encoder freezing: which CLIP parts train, decided purely, then applied as requires_grad.
+
+EveryDream2 only left frozen parameters out of the optimizer; they kept requires_grad=True, so
+autograd still computed (and never freed) their gradients. Here frozen means
+requires_grad=False, set before the optimizer is built.
+
+Rules (ED2-compatible, with ED2's `0` rejection removed):
+* default: every layer, the embeddings and the final layer norm train;
+* `freeze_front_n_layers` k > 0 freezes the first k layers; k < 0 keeps only the last |k|
+  trainable (deprecated in ED2, still honoured);
+* `unfreeze_last_n_layers` n keeps the last n layers trainable (0 = all layers frozen) and
+  wins over `freeze_front_n_layers`; when n < the layer count the embeddings are frozen by
+  default (as in ED2);
+* `freeze_embeddings` / `freeze_final_layer_norm` true/false override those defaults;
+* clip_skip k > 1 reads hidden_states[-k], so the last k-1 layers never affect the loss: they
+  are frozen too and reported. final_layer_norm is still applied to the chosen hidden state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.optim.schema import FreezingConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """The outcome of the freezing rules for an encoder with `num_layers` layers."""
+
+    num_layers: int
+    frozen_layers: tuple[int, ...]  # by the freezing config
+    unused_layers: tuple[int, ...]  # never reached because of clip_skip
+    freeze_embeddings: bool
+    freeze_final_layer_norm: bool
+
+    @property
+    def trainable_layers(self) -> tuple[int, ...]:
+        frozen = set(self.frozen_layers) | set(self.unused_layers)
+        return tuple(i for i in range(self.num_layers) if i not in frozen)
+
+    def describe(self) -> str:
+        parts = [f"layers trainable {list(self.trainable_layers)} of {self.num_layers}"]
+        if self.unused_layers:
+            parts.append(f"frozen as unused by clip_skip: {list(self.unused_layers)}")
+        parts.append("embeddings " + ("frozen" if self.freeze_embeddings else "trainable"))
+        parts.append("final_layer_norm " + ("frozen" if self.freeze_final_layer_norm else "trainable"))
+        return "; ".join(parts)
+
+
+def plan_text_encoder_freeze(cfg: FreezingConfig, num_layers: int, clip_skip: int = 0) -> FreezePlan:
+    """Apply the rules in the module docstring. Pure: no model needed."""
+    trainable_from = 0  # index of the first trainable layer
+    embeddings_default = False
+    if cfg.unfreeze_last_n_layers is not None:
+        n = cfg.unfreeze_last_n_layers
+        if n < 0:
+            raise ConfigError(f"text_encoder_freezing.unfreeze_last_n_layers: must be >= 0, got {n}")
+        if cfg.freeze_front_n_layers is not None:
+            logger.warning("text_encoder_freezing: unfreeze_last_n_layers overrides freeze_front_n_layers")
+        trainable_from = max(0, num_layers - n)
+        embeddings_default = n < num_layers
+    elif cfg.freeze_front_n_layers is not None:
+        k = cfg.freeze_front_n_layers
+        trainable_from = k if k >= 0 else num_layers + k
+        trainable_from = min(max(trainable_from, 0), num_layers)
+    if clip_skip > num_layers:
+        raise ConfigError(f"clip_skip {clip_skip} exceeds the text encoder's {num_layers} layers")
+    unused_from = num_layers - (clip_skip - 1) if clip_skip > 1 else num_layers
+    return FreezePlan(
+        num_layers=num_layers,
+        frozen_layers=tuple(range(trainable_from)),
+        unused_layers=tuple(range(max(unused_from, trainable_from), num_layers)),
+        freeze_embeddings=embeddings_default if cfg.freeze_embeddings is None else cfg.freeze_embeddings,
+        freeze_final_layer_norm=bool(cfg.freeze_final_layer_norm),
+    )
+
+
+def _text_transformer(text_encoder: nn.Module) -> nn.Module:
+    """CLIPTextModel wraps `text_model` in transformers 4.x; 5.x exposes the parts directly."""
+    core = getattr(text_encoder, "text_model", text_encoder)
+    for part in ("embeddings", "encoder", "final_layer_norm"):
+        if not hasattr(core, part):
+            raise ConfigError(
+                f"text_encoder_freezing: the text encoder ({type(text_encoder).__name__}) has no '{part}'; "
+                "freezing needs a CLIP text model"
+            )
+    return core
+
+
+def text_encoder_num_layers(text_encoder: nn.Module) -> int:
+    return len(_text_transformer(text_encoder).encoder.layers)
+
+
+def apply_text_encoder_freeze(text_encoder: nn.Module, plan: FreezePlan) -> None:
+    """Set requires_grad on every text-encoder parameter according to `plan`."""
+    core = _text_transformer(text_encoder)
+    text_encoder.requires_grad_(True)
+    frozen_modules: list[nn.Module] = [
+        core.encoder.layers[i] for i in (*plan.frozen_layers, *plan.unused_layers)
+    ]
+    if plan.freeze_embeddings:
+        frozen_modules.append(core.embeddings)
+    if plan.freeze_final_layer_norm:
+        frozen_modules.append(core.final_layer_norm)
+    for module in frozen_modules:
+        module.requires_grad_(False)

@@ -1,0 +1,262 @@
+"""optimizer.json: EveryDream2's schema, parsed strictly.
+
+The file keeps ED2's layout (`base`, `text_encoder_overrides`, `text_encoder_lr_scale`,
+`text_encoder_freezing`, `apply_grad_scaler_step_tweaks`, `log_grad_norm`, an ignored `doc`).
+Unlike ED2, an unknown or misspelled key is an error naming the key path and the closest
+valid key, a key the chosen optimizer does not take is an error listing the keys it does take,
+and a missing file is an error rather than a TypeError. `None` for the path (no
+`optimizer_config`) means the documented defaults: adamw8bit, betas (0.9, 0.999), weight decay
+0.01, epsilon 1e-8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+
+from trainer.errors import ConfigError
+from trainer.optim.registry import ED2_ALWAYS_PRESENT_KEYS, closest_key, get_spec, normalize_name
+from trainer.optim.schedules import SCHEDULER_NAMES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPTIMIZER = "adamw8bit"
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class SectionConfig(BaseModel):
+    """One optimizer section (`base` or `text_encoder_overrides`). null / absent = unset."""
+
+    model_config = _STRICT
+
+    optimizer: str | None = None
+    lr: float | None = None
+    lr_scheduler: str | None = None
+    lr_warmup_steps: int | None = None
+    lr_decay_steps: int | None = None
+    lr_scheduler_num_cycles: int | None = None
+    lr_scheduler_power: float | None = None
+    betas: tuple[float, ...] | None = None
+    epsilon: float | None = None
+    weight_decay: float | None = None
+    # torch / bitsandbytes options
+    amsgrad: bool | None = None
+    maximize: bool | None = None
+    foreach: bool | None = None
+    fused: bool | None = None
+    capturable: bool | None = None
+    lr_decay: float | None = None
+    initial_accumulator_value: float | None = None
+    alpha: float | None = None
+    momentum: float | None = None
+    centered: bool | None = None
+    dampening: float | None = None
+    nesterov: bool | None = None
+    bias_correction: bool | None = None
+    adam_w_mode: bool | None = None
+    max_unorm: float | None = None
+    min_8bit_size: int | None = None
+    is_paged: bool | None = None
+    # lion-pytorch
+    use_triton: bool | None = None
+    decoupled_weight_decay: bool | None = None
+    # D-Adaptation / Prodigy
+    d0: float | None = None
+    d_coef: float | None = None
+    growth_rate: float | None = None
+    decouple: bool | None = None
+    use_bias_correction: bool | None = None
+    safeguard_warmup: bool | None = None
+    beta3: float | None = None
+    slice_p: int | None = None
+    log_every: int | None = None
+    no_prox: bool | None = None
+    # Adafactor
+    eps2: float | None = None
+    clip_threshold: float | None = None
+    decay_rate: float | None = None
+    beta1: float | None = None
+    relative_step: bool | None = None
+    scale_parameter: bool | None = None
+    warmup_init: bool | None = None
+
+    def set_values(self) -> dict[str, Any]:
+        """The keys the user set to a non-null value."""
+        return self.model_dump(exclude_none=True)
+
+
+class FreezingConfig(BaseModel):
+    """`text_encoder_freezing`: which CLIP text-encoder parts stay trainable (see freezing.py)."""
+
+    model_config = _STRICT
+
+    unfreeze_last_n_layers: int | None = None
+    freeze_front_n_layers: int | None = None
+    freeze_embeddings: bool | None = None
+    freeze_final_layer_norm: bool | None = None
+
+
+class OptimizerFile(BaseModel):
+    """A validated optimizer.json. `source` names the file in every later error message."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    doc: Any = None
+    base: SectionConfig = SectionConfig()
+    text_encoder_overrides: SectionConfig | None = None
+    text_encoder_lr_scale: float | None = None
+    text_encoder_freezing: FreezingConfig = FreezingConfig()
+    apply_grad_scaler_step_tweaks: bool = True
+    log_grad_norm: bool = True
+    _source: str = PrivateAttr(default="optimizer.json")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def as_dict(self) -> dict[str, Any]:
+        """The effective file in ED2's schema, defaults filled in, for the run folder.
+
+        Loading this dict again gives the same settings. Per-run resolution (train lr, auto
+        warmup/decay) is in `OptimizerSet.resolved_config()`.
+        """
+        base = self.base.set_values()
+        base.setdefault("optimizer", DEFAULT_OPTIMIZER)
+        te = self.text_encoder_overrides.set_values() if self.text_encoder_overrides else None
+        return {
+            "base": base,
+            "text_encoder_overrides": te,
+            "text_encoder_lr_scale": self.text_encoder_lr_scale,
+            "text_encoder_freezing": self.text_encoder_freezing.model_dump(),
+            "apply_grad_scaler_step_tweaks": self.apply_grad_scaler_step_tweaks,
+            "log_grad_norm": self.log_grad_norm,
+        }
+
+
+# What "no optimizer_config" means (ED2 docs): adamw8bit, betas (0.9, 0.999), wd 0.01, eps 1e-8.
+DEFAULT_BASE = {"optimizer": DEFAULT_OPTIMIZER, "betas": (0.9, 0.999), "epsilon": 1e-8, "weight_decay": 0.01}
+
+
+def default_optimizer_file() -> OptimizerFile:
+    opt_file = OptimizerFile(base=SectionConfig(**DEFAULT_BASE))
+    opt_file._source = "<default optimizer settings>"
+    return opt_file
+
+
+def load_optimizer_file(path: str | Path | None) -> OptimizerFile:
+    """Read and validate an optimizer.json; `None` gives the documented defaults."""
+    if path is None:
+        return default_optimizer_file()
+    path = Path(path)
+    label = str(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{label}: optimizer config file not found. Fix `optimizer_config` (train.json or "
+            f"--optimizer_config), or set it to null to use the defaults ({DEFAULT_OPTIMIZER})."
+        )
+    text = path.read_text(encoding="utf-8")
+    return parse_optimizer_json(text, label)
+
+
+def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerFile:
+    """Validate optimizer.json text; every error names `label` and the key path."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
+    if raw is None:
+        return default_optimizer_file()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: expected a JSON object at the top level, got {type(raw).__name__}")
+    try:
+        parsed = OptimizerFile.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, label)) from exc
+    parsed._source = label
+    validate_sections(parsed)
+    return parsed
+
+
+_MODELS_BY_PATH = {
+    (): OptimizerFile,
+    ("base",): SectionConfig,
+    ("text_encoder_overrides",): SectionConfig,
+    ("text_encoder_freezing",): FreezingConfig,
+}
+
+
+def _format_validation_error(exc: ValidationError, label: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        path = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            model = _MODELS_BY_PATH.get(loc[:-1])
+            fields = list(model.model_fields) if model else []
+            close = closest_key(loc[-1], fields)
+            hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(fields)}"
+            lines.append(f"{label}: {path}: unknown key{hint}")
+        else:
+            lines.append(f"{label}: {path}: {err['msg']} (got {err['input']!r})")
+    return "\n".join(lines)
+
+
+def check_section_keys(section: dict[str, Any], optimizer: str, where: str) -> dict[str, Any]:
+    """Check that every set key is one `optimizer` takes; return the keys to use.
+
+    ED2 files always carry betas/epsilon (ED2 crashed without them), so a non-null value of
+    those that the optimizer does not use is dropped with a warning; any other foreign key is
+    an error listing what the optimizer accepts.
+    """
+    spec = get_spec(optimizer, f"{where}.optimizer")
+    accepted = spec.accepted_keys
+    kept: dict[str, Any] = {}
+    for key, value in section.items():
+        if key in accepted:
+            kept[key] = value
+        elif key in ED2_ALWAYS_PRESENT_KEYS:
+            logger.warning("%s.%s: optimizer '%s' does not use %s; ignored", where, key, spec.name, key)
+        else:
+            raise ConfigError(
+                f"{where}.{key}: optimizer '{spec.name}' does not take '{key}'. "
+                f"Keys it takes: {', '.join(accepted)}."
+            )
+    if "betas" in kept and len(kept["betas"]) != spec.betas_len:
+        raise ConfigError(
+            f"{where}.betas: optimizer '{spec.name}' needs {spec.betas_len} values, got {kept['betas']}"
+        )
+    sched = kept.get("lr_scheduler")
+    if sched is not None and sched not in SCHEDULER_NAMES:
+        close = closest_key(sched, SCHEDULER_NAMES)
+        hint = f" Did you mean '{close}'?" if close else ""
+        raise ConfigError(
+            f"{where}.lr_scheduler: unknown scheduler '{sched}'.{hint} Known: {', '.join(SCHEDULER_NAMES)}."
+        )
+    for key in ("lr_warmup_steps", "lr_scheduler_num_cycles"):
+        if kept.get(key, 0) < 0:
+            raise ConfigError(f"{where}.{key}: must be >= 0, got {kept[key]}")
+    if kept.get("lr", 0.0) < 0:
+        raise ConfigError(f"{where}.lr: must be >= 0, got {kept['lr']}")
+    return kept
+
+
+def validate_sections(opt_file: OptimizerFile) -> None:
+    """Fail at load time, naming the file, for bad names and foreign keys in either section."""
+    label = opt_file.source
+    base = opt_file.base.set_values()
+    base_opt = normalize_name(base.get("optimizer", DEFAULT_OPTIMIZER))
+    check_section_keys(base, base_opt, f"{label}: base")
+    if opt_file.text_encoder_overrides is not None:
+        te = opt_file.text_encoder_overrides.set_values()
+        te_opt = normalize_name(te.get("optimizer", base_opt))
+        check_section_keys(te, te_opt, f"{label}: text_encoder_overrides")
+    if opt_file.text_encoder_lr_scale is not None and opt_file.text_encoder_lr_scale < 0:
+        raise ConfigError(
+            f"{label}: text_encoder_lr_scale: must be >= 0, got {opt_file.text_encoder_lr_scale}"
+        )

@@ -1,0 +1,111 @@
+"""What goes into a checkpoint directory, and when a save is due.
+
+Contents: `pipeline/` (diffusers StableDiffusionPipeline folder of the live weights),
+`pipeline_ema/` when EMA is on, `<name>.safetensors` (+ `-ema`) in the original single-file
+layout unless `no_save_ckpt`, and `training_state.pt` when `save_optimizer` (resumable).
+The directory mechanics (temporary name, manifest last, rename) are `checkpoint.py`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from trainer.checkpoint import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
+from trainer.models import save_pipeline, save_single_file
+from trainer.session import PIPELINE_DIR, Session, config_hash, gather_rng_states, training_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_name(project: str, epoch: int, step: int) -> str:
+    return f"{project}-ep{epoch:03d}-gs{step:06d}"
+
+
+def save_checkpoint(session: Session, reason: str) -> Path | None:
+    """Save a checkpoint (collective: every rank calls; rank 0 writes). Returns its path on rank 0."""
+    all_rng = gather_rng_states(session.accelerator)
+    if not session.accelerator.is_main_process:
+        session.accelerator.wait_for_everyone()
+        return None
+    cfg, st = session.cfg, session.state
+    name = checkpoint_name(cfg.project_name, st.epoch, st.global_step)
+    started = time.monotonic()
+
+    def write(tmp: Path) -> None:
+        components = _unwrapped_components(session)
+        save_pipeline(components, tmp / PIPELINE_DIR)
+        if not cfg.no_save_ckpt:
+            save_single_file(components, tmp / f"{name}.safetensors", half=not cfg.save_full_precision)
+        if session.ema is not None:
+            with session.ema.swapped_in({"unet": components.unet, "text_encoder": components.text_encoder}):
+                save_pipeline(components, tmp / f"{PIPELINE_DIR}_ema")
+                if not cfg.no_save_ckpt:
+                    save_single_file(
+                        components, tmp / f"{name}-ema.safetensors", half=not cfg.save_full_precision
+                    )
+        if cfg.save_optimizer:
+            save_training_state(tmp / TRAINING_STATE, training_state_dict(session, all_rng))
+
+    manifest = {
+        "project_name": cfg.project_name,
+        "global_step": st.global_step,
+        "epoch": st.epoch,
+        "batch_in_epoch": st.batch_in_epoch,
+        "samples_seen": st.samples_seen,
+        "reason": reason,
+        "config_hash": config_hash(cfg),
+        "model_family": session.model.family,
+        "world_size": session.accelerator.num_processes,
+    }
+    path = write_checkpoint(session.run.checkpoints, name, write, manifest)
+    removed = apply_retention(session.run.checkpoints, cfg.keep_last_checkpoints)
+    log.info(
+        "saved checkpoint %s (%s, %.1fs)%s",
+        path,
+        reason,
+        time.monotonic() - started,
+        f", removed {len(removed)} old" if removed else "",
+    )
+    session.accelerator.wait_for_everyone()
+    return path
+
+
+def _unwrapped_components(session: Session):
+    acc = session.accelerator
+    m = session.model
+    return replace(m, unet=acc.unwrap_model(m.unet), text_encoder=acc.unwrap_model(m.text_encoder))
+
+
+@dataclass
+class SavePolicy:
+    """Decides when periodic saves are due (epochs, minutes); the loop asks, this answers."""
+
+    every_n_epochs: int | None
+    every_n_minutes: float | None
+    from_epoch: int = 0
+    _last_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._last_time = time.monotonic()
+
+    def epoch_end_due(self, finished_epoch: int, max_epochs: int) -> bool:
+        """After epoch index `finished_epoch` completes (the final save covers the last epoch)."""
+        n = finished_epoch + 1
+        return (
+            self.every_n_epochs is not None
+            and n < max_epochs
+            and n % self.every_n_epochs == 0
+            and n >= self.from_epoch
+        )
+
+    def time_due(self) -> bool:
+        return (
+            self.every_n_minutes is not None
+            and time.monotonic() - self._last_time >= self.every_n_minutes * 60
+        )
+
+    def saved(self) -> None:
+        self._last_time = time.monotonic()

@@ -1,0 +1,390 @@
+"""Build everything a run needs from its config: the one place that wires components together.
+
+`build_session` resolves the model source (including `findlast` and resuming from a checkpoint
+of this trainer), loads the model, data, optimizers, EMA and precision settings, restores the
+training state when resuming, and returns a `Session` the loop runs. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from trainer.checkpoint import TRAINING_STATE, CheckpointInfo, find_last, load_training_state, read_checkpoint
+from trainer.config import TrainConfig, config_to_json
+from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
+from trainer.data.validation_split import load_validation_config
+from trainer.diffusion import NoiseSchedule
+from trainer.ema import EMA, decay_from_strength_target
+from trainer.errors import CheckpointError
+from trainer.logging import Metrics
+from trainer.models import SDComponents, load_model
+from trainer.observe import Observers
+from trainer.optim import (
+    OptimizerFile,
+    OptimizerSet,
+    TrainOptimSettings,
+    build_optimizers,
+    load_optimizer_file,
+)
+from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+from trainer.run import RunFolder, attach_file_log, new_run_folder, run_folder_of_checkpoint, write_json
+from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
+from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
+from trainer.step import StepSettings, TrainingStep
+from trainer.validation import Validator
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DIR = "pipeline"
+
+
+@dataclass
+class Session:
+    """Everything the loop touches. Owned objects expose state_dict()/load_state_dict()."""
+
+    cfg: TrainConfig
+    opt_file: OptimizerFile
+    accelerator: Accelerator
+    run: RunFolder
+    model: SDComponents
+    data: DataPlan
+    step: TrainingStep
+    optim: OptimizerSet
+    scaler: torch.amp.GradScaler | None
+    ema: EMA | None
+    metrics: Metrics
+    state: TrainingState
+    total_optimizer_steps: int
+    latent_cache: LatentCache | None = None
+    resumed_from: Path | None = None
+    observers: Observers | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def resume_guard(self) -> dict:
+        """Settings that must not change across an exact resume."""
+        return {
+            "batch_size": self.cfg.batch_size,
+            "grad_accum": self.cfg.grad_accum,
+            "seed": self.cfg.seed,
+            "world_size": self.accelerator.num_processes,
+            "data": self.data.fingerprint(),
+            "resolution": self.cfg.resolution,
+        }
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        return {k: m for k, m in mods.items() if any(p.requires_grad for p in m.parameters())}
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(config_to_json(cfg).encode()).hexdigest()[:16]
+
+
+def resolve_resume(cfg: TrainConfig) -> tuple[str, CheckpointInfo | None]:
+    """Map `resume_ckpt` to a model spec, plus the checkpoint when it is one of ours."""
+    spec = cfg.resume_ckpt
+    if spec == "findlast":
+        info = find_last(Path(cfg.logdir), cfg.project_name)
+        log.info("findlast: resuming from %s (step %d)", info.path, info.step)
+        return str(info.path / PIPELINE_DIR), info
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").exists():
+        info = read_checkpoint(path)
+        return str(path / PIPELINE_DIR), info
+    if path.is_dir() and path.name.startswith(".tmp-"):
+        raise CheckpointError(f"'{path}' is an incomplete checkpoint (interrupted save); it cannot be loaded")
+    return spec, None
+
+
+def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
+    accelerator = accelerator or Accelerator()
+    spec, ckpt = resolve_resume(cfg)
+    resuming = ckpt is not None and ckpt.resumable
+    seed_everything(cfg.seed)
+    # Load and validate everything before a run folder exists, so bad input leaves no empty runs.
+    opt_file = load_optimizer_file(cfg.optimizer_config)
+    model = load_model(spec, vae=cfg.vae, prediction_type=cfg.prediction_type)
+    log.info("model: %s (%s)", model.source, model.family)
+    data = load_data(_data_settings(cfg, accelerator))
+    run = run_folder_of_checkpoint(ckpt.path) if resuming else None
+    if run is None:
+        run = new_run_folder(cfg.logdir, cfg.project_name) if accelerator.is_main_process else None
+        run = _broadcast_run_folder(accelerator, run)
+    if accelerator.is_main_process:
+        attach_file_log(run)
+        log.info("model: %s (%s)", model.source, model.family)
+    log.info("%s", data.summary())
+
+    device = accelerator.device
+    autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
+    optim, total_steps = _build_optim(cfg, opt_file, model, data)
+    _place_models(cfg, model, device, autocast_dtype)
+    schedule = NoiseSchedule.from_scheduler_config(
+        model.scheduler_config,
+        zero_terminal_snr=cfg.enable_zero_terminal_snr,
+        prediction_type=cfg.prediction_type,
+    )
+    step = TrainingStep(
+        unet=model.unet,
+        text_encoder=model.text_encoder,
+        vae=model.vae,
+        tokenizer=model.tokenizer,
+        schedule=schedule,
+        settings=_step_settings(cfg),
+        device=device,
+        autocast_dtype=autocast_dtype,
+    )
+    state = TrainingState()
+    state.generator.manual_seed(cfg.seed)
+    session = Session(
+        cfg=cfg,
+        opt_file=opt_file,
+        accelerator=accelerator,
+        run=run,
+        model=model,
+        data=data,
+        step=step,
+        optim=optim,
+        scaler=make_grad_scaler(autocast_dtype, device),
+        ema=_build_ema(cfg, model, total_steps),
+        metrics=None,  # set below, after the resume step is known
+        state=state,
+        total_optimizer_steps=total_steps,
+    )
+    if resuming:
+        _restore(session, ckpt)
+    session.metrics = Metrics(
+        run.path,
+        enabled=accelerator.is_main_process,
+        purge_step=state.global_step + 1 if resuming else None,
+        wandb_cfg={"project": cfg.project_name, "name": cfg.run_name, "config": cfg.model_dump()}
+        if cfg.wandb
+        else None,
+    )
+    if cfg.cache_latents:
+        # Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights.
+        session.latent_cache = LatentCache(Path(cfg.logdir) / ".cache" / "latents", _vae_fingerprint(model))
+        eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
+        for items in (None, eval_items):  # None = the training items
+            if items != []:
+                fill_latent_cache(data, session.latent_cache, step.encode_latents, batch_size=cfg.batch_size, items=items)
+    session.observers = _build_observers(session, autocast_dtype)
+    if accelerator.is_main_process:
+        write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
+        write_json(run.path / "optimizer_effective.json", opt_file.as_dict())
+    log.info("\n%s", optim.summary_table())
+    return session
+
+
+def _broadcast_run_folder(accelerator: Accelerator, run: RunFolder | None) -> RunFolder:
+    """Rank 0 names the run folder; other ranks learn it (they never create one)."""
+    if accelerator.num_processes == 1:
+        return run
+    from accelerate.utils import broadcast_object_list
+
+    holder = [str(run.path) if run is not None else None]
+    broadcast_object_list(holder, from_process=0)
+    return RunFolder(Path(holder[0]))
+
+
+def _data_settings(cfg: TrainConfig, accelerator: Accelerator) -> DataSettings:
+    workers = (
+        cfg.num_workers if cfg.num_workers is not None else min(4, max(0, (torch.get_num_threads() // 2)))
+    )
+    return DataSettings(
+        data_root=cfg.data_root,
+        resolution=cfg.resolution,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=cfg.seed,
+        flip_p=cfg.flip_p,
+        shuffle_tags=cfg.shuffle_tags,
+        keep_tags=cfg.keep_tags,
+        cond_dropout=cfg.cond_dropout,
+        crop_jitter=0.0 if cfg.cache_latents else 0.02,
+        validation_config=cfg.validation_config,
+        num_workers=workers,
+        scan_cache=Path(cfg.logdir) / ".cache" / "scan.json",
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+
+
+def _step_settings(cfg: TrainConfig) -> StepSettings:
+    return StepSettings(
+        zero_frequency_noise_ratio=cfg.zero_frequency_noise_ratio,
+        pyramid_noise_discount=cfg.pyramid_noise_discount or 0.0,
+        timestep_start=cfg.timestep_start,
+        timestep_end=cfg.timestep_end,
+        min_snr_gamma=cfg.min_snr_gamma,
+        loss_type=cfg.loss_type,
+        clip_skip=cfg.clip_skip,
+        max_token_length=cfg.max_token_length,
+        embedding_perturbation=cfg.embedding_perturbation,
+    )
+
+
+def _build_optim(cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents, data: DataPlan):
+    total = data.windows_per_epoch() * cfg.max_epochs
+    settings = TrainOptimSettings(
+        lr=cfg.lr,
+        lr_scheduler=cfg.lr_scheduler,
+        lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_decay_steps=cfg.lr_decay_steps,
+        clip_grad_norm=cfg.clip_grad_norm,
+        disable_unet_training=cfg.disable_unet_training,
+        disable_textenc_training=cfg.disable_textenc_training,
+        clip_skip=cfg.clip_skip,
+        log_step=cfg.log_step,
+    )
+    model.vae.requires_grad_(False)
+    optim = build_optimizers(
+        opt_file, settings, unet=model.unet, text_encoder=model.text_encoder, total_optimizer_steps=total
+    )
+    return optim, total
+
+
+def _place_models(cfg: TrainConfig, model: SDComponents, device: torch.device, autocast_dtype) -> None:
+    """Move models to the device; frozen parts in half precision on GPU; checkpointing if asked."""
+    frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
+    model.vae.to(device).eval()
+    te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
+    model.text_encoder.to(device)
+    if frozen_dtype != torch.float32:
+        model.vae.to(dtype=frozen_dtype)
+        if not te_trainable:
+            model.text_encoder.to(dtype=frozen_dtype)
+    model.unet.to(device)
+    model.unet.train()
+    model.text_encoder.train(te_trainable)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if te_trainable:
+            model.text_encoder.gradient_checkpointing_enable()
+
+
+def _build_ema(cfg: TrainConfig, model: SDComponents, total_steps: int) -> EMA | None:
+    if not cfg.ema_enabled:
+        return None
+    decay = cfg.ema_decay_rate
+    if decay is None:
+        decay = decay_from_strength_target(
+            cfg.ema_strength_target, max(1, total_steps // cfg.ema_update_interval)
+        )
+    modules = {"unet": model.unet}
+    if any(p.requires_grad for p in model.text_encoder.parameters()):
+        modules["text_encoder"] = model.text_encoder
+    device = "cpu" if cfg.ema_device == "cpu" else model.unet.device
+    return EMA(modules, decay=decay, update_interval=cfg.ema_update_interval, device=device)
+
+
+def _vae_fingerprint(model: SDComponents) -> str:
+    h = hashlib.sha256(model.source.encode())
+    for name, tensor in sorted(model.vae.state_dict().items())[:8]:
+        h.update(name.encode())
+        h.update(tensor.float().flatten()[:64].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _restore(session: Session, ckpt: CheckpointInfo) -> None:
+    """Restore optimizer, scheduler, scaler, EMA, counters and RNG; refuse unsafe changes."""
+    state = load_training_state(ckpt.path / TRAINING_STATE)
+    current = session.resume_guard()
+    changed = {k: (state["guard"].get(k), v) for k, v in current.items() if state["guard"].get(k) != v}
+    if changed:
+        details = "; ".join(f"{k}: checkpoint {old!r} -> now {new!r}" for k, (old, new) in changed.items())
+        raise CheckpointError(
+            f"cannot resume '{ckpt.path}' exactly because settings changed ({details}). Restore them, or "
+            f"start a new run from its weights with --resume_ckpt {ckpt.path / PIPELINE_DIR}"
+        )
+    session.optim.load_state_dict(state["optimizers"])
+    if session.scaler is not None and state.get("scaler"):
+        session.scaler.load_state_dict(state["scaler"])
+    if session.ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"'{ckpt.path}' has no EMA state but EMA is enabled now")
+        session.ema.load_state_dict(state["ema"])
+    session.state.load_state_dict(state["progress"])
+    restore_global_rng(state["rng"][session.accelerator.process_index])
+    session.resumed_from = ckpt.path
+    log.info(
+        "resumed %s at epoch %d, batch %d, step %d",
+        ckpt.path,
+        session.state.epoch,
+        session.state.batch_in_epoch,
+        session.state.global_step,
+    )
+
+
+def training_state_dict(session: Session, all_rng: list[dict]) -> dict:
+    return {
+        "guard": session.resume_guard(),
+        "optimizers": session.optim.state_dict(),
+        "scaler": session.scaler.state_dict() if session.scaler is not None else None,
+        "ema": session.ema.state_dict() if session.ema is not None else None,
+        "progress": session.state.state_dict(),
+        "rng": all_rng,
+    }
+
+
+def gather_rng_states(accelerator: Accelerator) -> list[dict]:
+    """Every rank's global RNG state, indexed by rank (collective: all ranks must call)."""
+    mine = capture_global_rng()
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return gather_object([mine])
+
+
+def _build_observers(session: Session, autocast_dtype) -> Observers:
+    """Sample generator and validator, each only when configured."""
+    cfg, model = session.cfg, session.model
+    sampler, sample_at_start = None, cfg.sample_at_start
+    if cfg.sample_prompts:
+        captions = [it.caption.text for it in session.data.train_items[:64]]
+        jobs, spec = load_sample_jobs(
+            cfg.sample_prompts, resolution=cfg.resolution, default_seed=cfg.seed, fallback_captions=captions
+        )
+        sample_at_start = sample_at_start and spec.generate_pretrain_samples
+        variants = sample_variants(
+            ema_enabled=session.ema is not None,
+            sample_ema=cfg.ema_sample_ema_model,
+            sample_live=cfg.ema_sample_nonema_model,
+        )
+        sampler = SampleGenerator(
+            jobs,
+            session.run.samples,
+            variants=variants,
+            zero_terminal_snr=cfg.enable_zero_terminal_snr,
+            autocast_dtype=autocast_dtype,
+        )
+    validator = None
+    val_cfg = load_validation_config(cfg.validation_config)
+    if val_cfg is not None:
+        acc = session.accelerator
+        # Validation runs the unwrapped modules: no DDP collectives, so ranks never wait on each other.
+        eval_step = TrainingStep(
+            unet=acc.unwrap_model(model.unet),
+            text_encoder=acc.unwrap_model(model.text_encoder),
+            vae=model.vae,
+            tokenizer=model.tokenizer,
+            schedule=session.step.schedule,
+            settings=replace(session.step.settings, embedding_perturbation=0.0),
+            device=session.device,
+            autocast_dtype=autocast_dtype,
+        )
+        validator = Validator(
+            session.data, val_cfg, eval_step, acc, batch_size=cfg.batch_size, latent_cache=session.latent_cache
+        )
+    return Observers(session, sampler=sampler, validator=validator, sample_at_start=sample_at_start)

@@ -1,0 +1,187 @@
+"""One micro-batch of training: latents, noise, timesteps, text, UNet, per-sample loss.
+
+The loop owns backward, gradient accumulation and the optimizer; this module only turns a batch
+into a per-sample loss with the graph attached. One `torch.Generator` drives every random draw,
+always in this order (docs/TRAINING_STEP.md):
+
+  1. VAE latent sample (only when the batch has "pixel_values", not cached "latents")
+  2. noise: base or pyramid noise, then offset noise
+  3. timesteps
+  4. embedding perturbation (only when embedding_perturbation > 0)
+
+so saving `generator.get_state()` at a step boundary makes resume bitwise exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trainer import diffusion
+from trainer.errors import ConfigError
+from trainer.text import ALLOWED_MAX_TOKEN_LENGTHS, encode_captions, perturb_embeddings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The train.json keys that shape a training step (same names as EveryDream2)."""
+
+    zero_frequency_noise_ratio: float = 0.0
+    pyramid_noise_discount: float = 0.0
+    timestep_start: int = 0
+    timestep_end: int = 1000
+    min_snr_gamma: float | None = None
+    loss_type: str = "mse"
+    clip_skip: int = 0
+    max_token_length: int = 75
+    embedding_perturbation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.zero_frequency_noise_ratio < 0:
+            raise ConfigError(f"zero_frequency_noise_ratio={self.zero_frequency_noise_ratio}: must be >= 0.")
+        if self.pyramid_noise_discount < 0:
+            raise ConfigError(f"pyramid_noise_discount={self.pyramid_noise_discount}: must be >= 0.")
+        if not 0 <= self.timestep_start < self.timestep_end:
+            raise ConfigError(
+                f"timestep_start={self.timestep_start}, timestep_end={self.timestep_end}: "
+                "need 0 <= timestep_start < timestep_end."
+            )
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"min_snr_gamma={self.min_snr_gamma}: must be > 0, or null to disable.")
+        if self.loss_type not in diffusion.LOSS_TYPES:
+            raise ConfigError(f"loss_type={self.loss_type!r}: use one of {', '.join(diffusion.LOSS_TYPES)}.")
+        if self.clip_skip < 0:
+            raise ConfigError(f"clip_skip={self.clip_skip}: must be >= 0.")
+        if self.max_token_length not in ALLOWED_MAX_TOKEN_LENGTHS:
+            raise ConfigError(
+                f"max_token_length={self.max_token_length}: use one of "
+                f"{', '.join(map(str, ALLOWED_MAX_TOKEN_LENGTHS))}."
+            )
+        if self.embedding_perturbation < 0:
+            raise ConfigError(f"embedding_perturbation={self.embedding_perturbation}: must be >= 0.")
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # per-sample weighted loss, shape [B], float32, graph attached
+    timesteps: Tensor  # [B], long
+
+
+def _requires_grad(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class TrainingStep:
+    """Computes the per-sample loss of one micro-batch; holds models and settings, no RNG state."""
+
+    def __init__(
+        self,
+        *,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        vae: nn.Module | None,
+        tokenizer,
+        schedule: diffusion.NoiseSchedule,
+        settings: StepSettings,
+        device: torch.device | str,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if settings.timestep_end > schedule.num_train_timesteps:
+            raise ConfigError(
+                f"timestep_end={settings.timestep_end} exceeds the scheduler's "
+                f"num_train_timesteps={schedule.num_train_timesteps}."
+            )
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.schedule = schedule.to(self.device)
+        self.settings = settings
+        self.autocast_dtype = autocast_dtype
+        # Read from the VAE config, not hard-coded (ED2 uses 0.18215 whatever the VAE).
+        self.scaling_factor = float(vae.config.scaling_factor) if vae is not None else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def encode_latents(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """VAE-encode images in [-1, 1] to scaled latents (float32), without gradients.
+
+        With a generator the latent is sampled from the VAE posterior (as ED2 does each step);
+        without one the posterior mean is used, which is what a latent cache stores (a cache that
+        stored one sample would freeze that sample's noise for the whole run).
+        """
+        if self.vae is None:
+            raise ConfigError("batch has pixel_values but the training step was built without a VAE.")
+        pixels = pixel_values.to(device=self.device, dtype=self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator=generator)
+        return latents.float() * self.scaling_factor
+
+    def _text_embeddings(self, captions: list[str], generator: torch.Generator) -> Tensor:
+        grad = torch.enable_grad() if _requires_grad(self.text_encoder) else torch.no_grad()
+        with grad, self._autocast():
+            emb = encode_captions(
+                self.text_encoder,
+                self.tokenizer,
+                captions,
+                clip_skip=self.settings.clip_skip,
+                max_token_length=self.settings.max_token_length,
+                device=self.device,
+            )
+        return perturb_embeddings(emb, self.settings.embedding_perturbation, generator)
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> StepOutput:
+        """Per-sample loss of `batch` ("pixel_values" or "latents", "captions", "loss_scale")."""
+        s = self.settings
+        if "latents" in batch:
+            latents = batch["latents"].to(device=self.device, dtype=torch.float32)
+        elif "pixel_values" in batch:
+            latents = self.encode_latents(batch["pixel_values"], generator)
+        else:
+            raise KeyError("batch needs 'latents' or 'pixel_values'")
+        bsz = latents.shape[0]
+        noise = diffusion.sample_noise(
+            tuple(latents.shape),
+            generator=generator,
+            device=self.device,
+            zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
+            pyramid_noise_discount=s.pyramid_noise_discount,
+        )
+        timesteps = diffusion.sample_timesteps(
+            bsz, start=s.timestep_start, end=s.timestep_end, generator=generator, device=self.device
+        )
+        embeddings = self._text_embeddings(list(batch["captions"]), generator)
+
+        noisy = diffusion.add_noise(self.schedule, latents, noise, timesteps)
+        target = diffusion.prediction_target(self.schedule, latents, noise, timesteps)
+        unet_dtype = next(self.unet.parameters()).dtype
+        with self._autocast():
+            pred = self.unet(noisy.to(unet_dtype), timesteps, embeddings.to(unet_dtype)).sample
+
+        per_sample = diffusion.per_sample_loss(
+            pred,
+            target,
+            timesteps,
+            loss_type=s.loss_type,
+            num_train_timesteps=self.schedule.num_train_timesteps,
+        )
+        weights = None
+        if s.min_snr_gamma is not None:
+            weights = diffusion.min_snr_weight(
+                diffusion.snr(self.schedule, timesteps), s.min_snr_gamma, self.schedule.prediction_type
+            )
+        loss_scale = torch.as_tensor(batch["loss_scale"], dtype=torch.float32).to(self.device)
+        loss_scale = loss_scale.expand(bsz) if loss_scale.ndim == 0 else loss_scale
+        loss = diffusion.weighted_loss(per_sample, loss_scale=loss_scale, weights=weights)
+        return StepOutput(loss=loss, timesteps=timesteps)
