@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,6 +156,9 @@ class TrainConfig(BaseModel):
     )
     no_save_ckpt: bool = Field(False, description="Skip the single-file .safetensors export.")
     keep_last_checkpoints: int | None = Field(None, ge=1, description="Retention: keep the newest N.")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="Stop with a resumable checkpoint after this optimizer step (schedule unchanged)."
+    )
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many non-finite steps in a row.")
 
     # --- logging and samples --------------------------------------------------------------
@@ -283,8 +287,8 @@ def build_config(json_values: dict[str, Any], cli_values: dict[str, Any], *, sou
                 continue
             if key not in FIELDS:
                 raise ConfigError(_unknown_key_message(key, origin))
-            if value is None and FIELDS[key].default is not None:
-                merged.pop(key, None)  # ED2 writes null for "use the default"
+            if value is None and not _accepts_none(key):
+                merged.pop(key, None)  # ED2 ships null for keys that need a value: use the default
                 continue
             merged[key] = value
             origins[key] = origin
@@ -292,6 +296,10 @@ def build_config(json_values: dict[str, Any], cli_values: dict[str, Any], *, sou
         return TrainConfig(**merged)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, merged, origins, source)) from exc
+
+
+def _accepts_none(key: str) -> bool:
+    return type(None) in typing.get_args(FIELDS[key].annotation)
 
 
 def _allowed(key: str) -> str:

@@ -73,6 +73,8 @@ def train(s: Session) -> RunSummary:
                 _optimizer_step(s, tracker, window_paths)
                 s.observers.after_step(window_of_end[batch["batch_index"]], len(plan.windows))
                 window_paths = []
+                if cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step:
+                    stop.requested = stop.requested or "stop_at_step"
                 if stop.requested or policy.time_due():
                     saved.append(save_checkpoint(s, "interrupted" if stop.requested else "timed"))
                     policy.saved()

@@ -1,0 +1,77 @@
+"""Shared helpers for the end-to-end tests: run the trainer and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "shapes"
+
+
+def base_args(tmp_path: Path, **overrides) -> list[str]:
+    """CLI overrides for a small, fast run on the bundled data in an isolated logdir."""
+    values = {
+        "data_root": str(DATA),
+        "logdir": str(tmp_path / "logs"),
+        "optimizer_config": str(ROOT / "optimizer.json"),
+        "sample_prompts": None,
+        "validation_config": None,
+        "max_epochs": 1,
+        "batch_size": 4,
+        "log_step": 1,
+        "num_workers": 0,
+    }
+    values.update(overrides)
+    args = []
+    for key, value in values.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return args
+
+
+def run_train(args: list[str], *, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run train.py in a subprocess with the default train.json plus `args`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "train.json"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_process(tmp_path: Path, **overrides):
+    """Run a whole training in this process; returns (summary, session)."""
+    from trainer.config import load_config
+    from trainer.loop import train
+    from trainer.session import build_session
+
+    cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **overrides))
+    session = build_session(cfg)
+    return train(session), session
+
+
+def run_folders(logdir: Path) -> list[Path]:
+    return sorted(p for p in Path(logdir).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def checkpoint_dirs(run_folder: Path) -> list[Path]:
+    ckpts = run_folder / "checkpoints"
+    return sorted(p for p in ckpts.iterdir() if p.is_dir() and not p.name.startswith(".")) if ckpts.exists() else []
+
+
+def pipeline_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """UNet + text-encoder tensors of a checkpoint's diffusers folder, keyed by component/name."""
+    out = {}
+    for comp, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        for key, tensor in load_file(str(checkpoint / "pipeline" / comp / fname)).items():
+            out[f"{comp}/{key}"] = tensor
+    return out
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

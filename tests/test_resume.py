@@ -1,0 +1,81 @@
+"""Exact resume: N steps straight == k steps + resume + N-k steps, bitwise, on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import assert_bitwise_equal, checkpoint_dirs, train_in_process
+from trainer.errors import CheckpointError
+
+OPTIMIZERS = {
+    "adamw": {"optimizer": "adamw", "lr": 2e-4},
+    "adamw8bit": {"optimizer": "adamw8bit", "lr": 2e-4},
+    "dadapt_adam": {"optimizer": "dadapt_adam", "lr": 1.0, "decouple": True},
+}
+
+# grad_accum 2 and batch 3 on 60 images: 20 batches = 10 optimizer steps per epoch; stopping
+# at step 3 resumes in the middle of epoch 0, at batch 6.
+RUN = dict(
+    max_epochs=1,
+    batch_size=3,
+    grad_accum=2,
+    lr=None,
+    ema_decay_rate=0.9,
+    ema_update_interval=1,
+    cond_dropout=0.2,
+    shuffle_tags=True,
+    flip_p=0.5,
+)
+
+
+def optimizer_file(tmp_path, spec: dict) -> str:
+    path = tmp_path / "optimizer.json"
+    path.write_text(json.dumps({"base": spec, "text_encoder_overrides": None}))
+    return str(path)
+
+
+def final_checkpoint(session):
+    return checkpoint_dirs(session.run.path)[-1]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_resume_is_bitwise_exact(tmp_path, name):
+    opt = optimizer_file(tmp_path, OPTIMIZERS[name])
+    straight, s_session = train_in_process(tmp_path, project_name="straight", optimizer_config=opt, **RUN)
+    assert straight.status == "finished" and straight.global_step == 10
+
+    first, _ = train_in_process(tmp_path, project_name="resumed", optimizer_config=opt, stop_at_step=3, **RUN)
+    assert first.status == "interrupted" and first.global_step == 3
+    second, r_session = train_in_process(
+        tmp_path, project_name="resumed", optimizer_config=opt, resume_ckpt="findlast", **RUN
+    )
+    assert second.status == "finished" and second.global_step == 10
+    assert r_session.resumed_from is not None and r_session.run.path == first.checkpoints[0].parent.parent
+
+    a, b = final_checkpoint(s_session), final_checkpoint(r_session)
+    assert_bitwise_equal(_weights(a, "pipeline"), _weights(b, "pipeline"))
+    assert_bitwise_equal(_weights(a, "pipeline_ema"), _weights(b, "pipeline_ema"))
+
+
+def _weights(checkpoint, folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for comp, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        out.update({f"{comp}/{k}": v for k, v in load_file(str(checkpoint / folder / comp / fname)).items()})
+    return out
+
+
+def test_resume_refuses_changed_batch_size(tmp_path):
+    opt = optimizer_file(tmp_path, OPTIMIZERS["adamw"])
+    train_in_process(tmp_path, project_name="p", optimizer_config=opt, stop_at_step=1, **RUN)
+    changed = {**RUN, "batch_size": 2}
+    with pytest.raises(CheckpointError, match=r"batch_size: checkpoint 3 -> now 2"):
+        train_in_process(tmp_path, project_name="p", optimizer_config=opt, resume_ckpt="findlast", **changed)
+
+
+def test_findlast_without_checkpoint_names_project(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete resumable checkpoint of project 'ghost'"):
+        train_in_process(tmp_path, project_name="ghost", resume_ckpt="findlast")
