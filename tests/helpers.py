@@ -59,13 +59,20 @@ def run_folders(logdir: Path) -> list[Path]:
 
 def checkpoint_dirs(run_folder: Path) -> list[Path]:
     ckpts = run_folder / "checkpoints"
-    return sorted(p for p in ckpts.iterdir() if p.is_dir() and not p.name.startswith(".")) if ckpts.exists() else []
+    return (
+        sorted(p for p in ckpts.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if ckpts.exists()
+        else []
+    )
 
 
 def pipeline_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """UNet + text-encoder tensors of a checkpoint's diffusers folder, keyed by component/name."""
     out = {}
-    for comp, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+    for comp, fname in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
         for key, tensor in load_file(str(checkpoint / "pipeline" / comp / fname)).items():
             out[f"{comp}/{key}"] = tensor
     return out

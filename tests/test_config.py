@@ -64,7 +64,9 @@ def test_cross_field_rules():
 
 
 def test_bare_flag_booleans_lists_and_zero():
-    cfg = load_config(None, ["--gradient_checkpointing", "--shuffle_tags", "false", "--data_root", "a", "b", "--lr", "0"])
+    cfg = load_config(
+        None, ["--gradient_checkpointing", "--shuffle_tags", "false", "--data_root", "a", "b", "--lr", "0"]
+    )
     assert cfg.gradient_checkpointing is True
     assert cfg.shuffle_tags is False
     assert cfg.data_root == ["a", "b"]
@@ -73,7 +75,9 @@ def test_bare_flag_booleans_lists_and_zero():
 
 
 def test_ed2_nulls_mean_default_and_dead_keys_warn(tmp_path, caplog):
-    path = write(tmp_path, {"ema_device": None, "ema_update_interval": None, "amp": True, "useadam8bit": True})
+    path = write(
+        tmp_path, {"ema_device": None, "ema_update_interval": None, "amp": True, "useadam8bit": True}
+    )
     cfg = load_config(path, [])
     assert cfg.ema_device == "cpu" and cfg.ema_update_interval == 500
     warned = [r.getMessage() for r in caplog.records]

@@ -63,7 +63,10 @@ def _weights(checkpoint, folder):
     from safetensors.torch import load_file
 
     out = {}
-    for comp, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+    for comp, fname in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
         out.update({f"{comp}/{k}": v for k, v in load_file(str(checkpoint / folder / comp / fname)).items()})
     return out
 

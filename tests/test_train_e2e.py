@@ -39,7 +39,9 @@ def test_train_py_runs_saves_and_checkpoint_generates(tmp_path):
     (ckpt,) = checkpoint_dirs(run)
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["global_step"] == 4
-    assert {"training_state.pt", f"{ckpt.name}.safetensors", "pipeline/model_index.json"} <= set(manifest["files"])
+    assert {"training_state.pt", f"{ckpt.name}.safetensors", "pipeline/model_index.json"} <= set(
+        manifest["files"]
+    )
 
     from trainer.models import load_model
 
@@ -47,7 +49,11 @@ def test_train_py_runs_saves_and_checkpoint_generates(tmp_path):
     trained = pipeline_weights(ckpt)
     for comp, module in (("unet", start.unet), ("text_encoder", start.text_encoder)):
         before = module.state_dict()
-        changed = [k for k, t in trained.items() if k.startswith(comp) and not torch.equal(t, before[k.split("/", 1)[1]])]
+        changed = [
+            k
+            for k, t in trained.items()
+            if k.startswith(comp) and not torch.equal(t, before[k.split("/", 1)[1]])
+        ]
         assert changed, f"no {comp} weight changed"
 
     from diffusers import StableDiffusionPipeline

@@ -157,7 +157,9 @@ class TrainConfig(BaseModel):
     no_save_ckpt: bool = Field(False, description="Skip the single-file .safetensors export.")
     keep_last_checkpoints: int | None = Field(None, ge=1, description="Retention: keep the newest N.")
     stop_at_step: int | None = Field(
-        None, ge=1, description="Stop with a resumable checkpoint after this optimizer step (schedule unchanged)."
+        None,
+        ge=1,
+        description="Stop with a resumable checkpoint after this optimizer step (schedule unchanged).",
     )
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many non-finite steps in a row.")
 

@@ -59,5 +59,8 @@ class Observers:
         if val is not None:
             self.last_val = val
             self.best_val = val if self.best_val is None else min(self.best_val, val)
-        log.info("validation at step %d: %s", self.s.state.global_step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        log.info(
+            "validation at step %d: %s",
+            self.s.state.global_step,
+            ", ".join(f"{k}={v:.4f}" for k, v in results.items()),
+        )

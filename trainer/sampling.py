@@ -60,13 +60,15 @@ class SampleJob:
     steps: int
 
 
-def load_sample_jobs(path: str | Path, *, resolution: int, default_seed: int, fallback_captions: list[str]) -> tuple[
-    list[SampleJob], SampleFile
-]:
+def load_sample_jobs(
+    path: str | Path, *, resolution: int, default_seed: int, fallback_captions: list[str]
+) -> tuple[list[SampleJob], SampleFile]:
     """Read the prompts file into concrete jobs. Empty prompts take a training caption (ED2 rule)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"sample_prompts: file '{path}' does not exist (set sample_prompts to null to disable)")
+        raise ConfigError(
+            f"sample_prompts: file '{path}' does not exist (set sample_prompts to null to disable)"
+        )
     if path.suffix.lower() == ".json":
         try:
             spec = SampleFile.model_validate_json(path.read_text(encoding="utf-8-sig"))
@@ -125,7 +127,9 @@ class SampleGenerator:
             modules = {"unet": components.unet, "text_encoder": components.text_encoder}
             swap = ema.swapped_in(modules) if variant == "ema" else contextlib.nullcontext()
             device_type = components.unet.device.type
-            amp = torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            amp = torch.autocast(
+                device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            )
             with swap, amp, torch.random.fork_rng(devices=_cuda_devices()):
                 written += self._render(components, step, metrics, variant)
         return written

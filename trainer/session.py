@@ -177,7 +177,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
         for items in (None, eval_items):  # None = the training items
             if items != []:
-                fill_latent_cache(data, session.latent_cache, step.encode_latents, batch_size=cfg.batch_size, items=items)
+                fill_latent_cache(
+                    data, session.latent_cache, step.encode_latents, batch_size=cfg.batch_size, items=items
+                )
     session.observers = _build_observers(session, autocast_dtype)
     if accelerator.is_main_process:
         write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
@@ -385,6 +387,11 @@ def _build_observers(session: Session, autocast_dtype) -> Observers:
             autocast_dtype=autocast_dtype,
         )
         validator = Validator(
-            session.data, val_cfg, eval_step, acc, batch_size=cfg.batch_size, latent_cache=session.latent_cache
+            session.data,
+            val_cfg,
+            eval_step,
+            acc,
+            batch_size=cfg.batch_size,
+            latent_cache=session.latent_cache,
         )
     return Observers(session, sampler=sampler, validator=validator, sample_at_start=sample_at_start)

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class Validator:
-    def __init__(self, plan, cfg: ValidationConfig, step_fn, accelerator, *, batch_size: int, latent_cache=None):
+    def __init__(
+        self, plan, cfg: ValidationConfig, step_fn, accelerator, *, batch_size: int, latent_cache=None
+    ):
         self.plan = plan
         self.cfg = cfg
         self.step_fn = step_fn  # a TrainingStep over the unwrapped modules (no DDP collectives)
