@@ -1,0 +1,140 @@
+"""Crash safety: SIGKILL mid-save leaves the previous checkpoint loadable; SIGINT saves and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import (
+    DATA,
+    ROOT,
+    assert_bitwise_equal,
+    base_args,
+    checkpoint_dirs,
+    pipeline_weights,
+    run_folders,
+    run_train,
+)
+from trainer.checkpoint import find_last, list_checkpoints
+
+RUN = dict(batch_size=6, save_every_n_epochs=1, cond_dropout=0.1, flip_p=0.5)
+STEPS_PER_EPOCH = 2  # 12 images at batch 6: saves come often, so the kill lands in one quickly
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    """12 of the bundled images (with captions)."""
+    dest = tmp_path / "data"
+    dest.mkdir()
+    for image in sorted(DATA.glob("*.png"))[:12]:
+        shutil.copy(image, dest / image.name)
+        shutil.copy(image.with_suffix(".txt"), dest / image.with_suffix(".txt").name)
+    return str(dest)
+
+
+def start_train(args, log_path):
+    """Start train.py; its output goes to a file (a full pipe would block the trainer)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "train.json"), *args]
+    out = open(log_path, "w")  # noqa: SIM115 - closed by the OS when the child exits
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    return proc
+
+
+def wait_for(predicate, proc, timeout=240.0, poll=0.002):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"trainer exited early ({proc.returncode}): {proc.log_path.read_text()[-2000:]}"
+            )
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path, small_data):
+    logdir = tmp_path / "logs"
+    proc = start_train(
+        base_args(tmp_path, max_epochs=30, project_name="crash", **RUN, data_root=small_data),
+        tmp_path / "crash.log",
+    )
+
+    def saving_after_a_complete_one():
+        for run in logdir.glob("crash-*"):
+            ckpts = run / "checkpoints"
+            if ckpts.exists() and list_checkpoints(ckpts) and list(ckpts.glob(".tmp-*")):
+                return run
+        return None
+
+    run = wait_for(saving_after_a_complete_one, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((run / "checkpoints").glob(".tmp-*")), "the kill should have hit a save in progress"
+
+    last = find_last(logdir, "crash")
+    assert last.path.parent == run / "checkpoints" and not last.path.name.startswith(".")
+    resumed = run_train(
+        base_args(
+            tmp_path,
+            max_epochs=last.manifest["epoch"] + 1,
+            project_name="crash",
+            resume_ckpt="findlast",
+            **RUN,
+            data_root=small_data,
+        )
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {last.path}" in resumed.stderr
+
+
+def test_sigint_saves_and_the_checkpoint_resumes_exactly(tmp_path, small_data):
+    epochs = 6
+    straight = run_train(
+        base_args(tmp_path, max_epochs=epochs, project_name="straight", **RUN, data_root=small_data)
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    logdir = tmp_path / "logs"
+    proc = start_train(
+        base_args(tmp_path, max_epochs=epochs, project_name="stopped", **RUN, data_root=small_data),
+        tmp_path / "s.log",
+    )
+    wait_for(lambda: any(checkpoint_dirs(r) for r in logdir.glob("stopped-*")), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    stderr = proc.log_path.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "SIGINT received" in stderr
+    last = find_last(logdir, "stopped")
+    assert last.manifest["reason"] == "interrupted"
+    assert last.step < epochs * STEPS_PER_EPOCH, "the interrupt should land before the end of the run"
+
+    resumed = run_train(
+        base_args(
+            tmp_path,
+            max_epochs=epochs,
+            project_name="stopped",
+            resume_ckpt="findlast",
+            **RUN,
+            data_root=small_data,
+        )
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    straight_run = next(r for r in run_folders(logdir) if r.name.startswith("straight-"))
+    final_a = checkpoint_dirs(straight_run)[-1]
+    final_b = find_last(logdir, "stopped").path
+    assert json.loads((final_b / "manifest.json").read_text())["global_step"] == epochs * STEPS_PER_EPOCH
+    assert_bitwise_equal(pipeline_weights(final_a), pipeline_weights(final_b))
