@@ -84,6 +84,8 @@ def _report(summary, session) -> None:
         else "final train loss: n/a",
         f"run folder: {session.run.path}",
     ]
+    if summary.final_val_loss is not None:
+        lines.append(f"validation loss: final {summary.final_val_loss:.4f}, best {summary.best_val_loss:.4f}")
     lines += [f"checkpoint: {p}" for p in summary.checkpoints]
     if summary.nonfinite_steps:
         lines.append(f"non-finite steps skipped: {summary.nonfinite_steps}")

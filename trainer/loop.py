@@ -86,7 +86,7 @@ def train(s: Session) -> RunSummary:
                     )
                     return _summary(s, "interrupted", started, tracker, saved)
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-            tracker.epoch_end(st.global_step, s.optim.learning_rates(), st.epoch)
+            tracker.epoch_end(st.global_step, _lr_values(s), st.epoch)
             s.observers.on_epoch_end(st.epoch - 1)
             if policy.epoch_end_due(st.epoch - 1, cfg.max_epochs):
                 saved.append(save_checkpoint(s, "epoch"))
@@ -140,7 +140,17 @@ def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str]) -
             s.ema.maybe_update(st.global_step)
     if s.scaler is not None and s.opt_file.apply_grad_scaler_step_tweaks:
         apply_grad_scaler_tweak(s.scaler, st.global_step)
-    tracker.optimizer_step(st.global_step, result.grad_norms, s.optim.learning_rates, st.epoch)
+    norms = result.grad_norms if s.optim.log_grad_norm else {}
+    tracker.optimizer_step(st.global_step, norms, lambda: _lr_values(s), st.epoch)
+
+
+def _lr_values(s: Session) -> dict[str, float]:
+    """Nominal LR per component (lr/...), effective LR (d*lr for adaptive optimizers), grad scale."""
+    values = dict(s.optim.nominal_learning_rates())
+    values.update({f"lr_effective/{k}": v for k, v in s.optim.learning_rates().items()})
+    if s.scaler is not None:
+        values["precision/grad_scale"] = float(s.scaler.get_scale())
+    return values
 
 
 def _summary(s: Session, status: str, started: float, tracker: StepTracker, saved: list) -> RunSummary:

@@ -69,7 +69,7 @@ class StepTracker:
             "performance/seconds_per_step": elapsed / max(self._steps, 1),
             "progress/epoch": epoch,
         }
-        values.update({f"lr/{name}": lr for name, lr in lrs.items()})
+        values.update({name if "/" in name else f"lr/{name}": lr for name, lr in lrs.items()})
         values.update(
             {f"grad_norm/{name}": float(n) / max(self._steps, 1) for name, n in self._norms.items()}
         )
@@ -83,7 +83,7 @@ class StepTracker:
         self._epoch_sum += loss * self._count
         self._epoch_count += self._count
         self.last_loss = loss
-        lr_text = ", ".join(f"{k}={v:.2e}" for k, v in lrs.items())
+        lr_text = ", ".join(f"{k}={v:.2e}" for k, v in lrs.items() if "/" not in k)
         self.bar.set_postfix_str(
             f"loss={loss:.4f} {lr_text} img/s={values['performance/images_per_second']:.1f}"
         )

@@ -184,7 +184,16 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     if accelerator.is_main_process:
         write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
         write_json(run.path / "optimizer_effective.json", opt_file.as_dict())
-    log.info("\n%s", optim.summary_table())
+    log.info(
+        "device %s (%d process(es)), precision %s%s, %d optimizer steps (%d per epoch x %d epochs)",
+        device,
+        accelerator.num_processes,
+        "fp32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+        " + GradScaler" if session.scaler is not None else "",
+        total_steps,
+        data.windows_per_epoch(),
+        cfg.max_epochs,
+    )
     return session
 
 

@@ -1,0 +1,419 @@
+"""Benchmark the real training step: seconds/step, images/s, peak memory, FLOPs/image, MFU.
+
+    python bench/step.py --model builtin:tiny-sd1 --resolution 128 --batch_size 4
+    python bench/step.py --model builtin:sd15-arch --resolution 512 --batch_size 8 \
+        --precision bf16 --optimizer adamw --cache_latents --cache_text --peak_tflops 989
+    python bench/step.py ... --json out.json
+
+The step is built as the trainer builds it: `load_model`, `build_optimizers` (from a minimal
+optimizer.json holding only `--optimizer` and `--lr`), `TrainingStep` with default
+StepSettings, models placed like `trainer.session` does (frozen parts in the autocast dtype on
+GPU), loss = per-sample loss summed / batch size, backward, `OptimizerSet.step()`. Batches are
+synthetic (random pixels in [-1, 1], captions from a pool): this measures the step, not the
+data pipeline (see bench/data_throughput.py for that).
+
+* `--cache_latents`: batches carry VAE latents (posterior mean, as the latent cache stores)
+  instead of pixels, so the VAE encode leaves the step.
+* `--cache_text`: text encoder frozen and its outputs served by `TextEmbeddingCache`, filled
+  before timing (steady state from the second epoch on). `--freeze_text_encoder` alone freezes
+  it without the cache (the baseline for the cache).
+* `--fused_backward`: per-parameter optimizer step inside the backward (trainer/optim/fused_backward.py).
+* `--bf16_weights`: UNet (and trained TE) weights stored in bf16, updated with stochastic rounding.
+
+FLOPs are counted with torch.utils.flop_counter.FlopCounterMode over one forward+backward (no
+optimizer step) in eager mode *before* gradient checkpointing and compile are applied, so they
+are model FLOPs (recomputation is not counted: the MFU is MFU, not hardware FLOPs utilisation).
+The counter counts matmuls, convolutions and attention, not element-wise ops.
+MFU = FLOPs/image x images/s / (peak_tflops x 1e12).
+
+Peak memory: on CUDA, torch.cuda max allocated / reserved over the timed steps. On CPU, the
+process's peak RSS (VmHWM) over the timed steps, after resetting it through
+/proc/self/clear_refs; where that reset is not possible the scope says "process".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+
+from trainer.diffusion import NoiseSchedule
+from trainer.models import SDComponents, load_model
+from trainer.optim import OptimizerSet, TrainOptimSettings, build_optimizers, parse_optimizer_json
+from trainer.optim.fused_backward import FusedBackward, fused_backward_from_optimizer_set
+from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+from trainer.step import StepSettings, TrainingStep
+from trainer.stochastic_rounding import step_with_stochastic_rounding
+from trainer.text import encode_captions
+from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
+
+log = logging.getLogger("bench.step")
+
+CAPTIONS = [
+    "a photo of a red circle on a white background",
+    "a yellow square, flat colours, centred",
+    "black triangle, high contrast, simple shape",
+    "purple cross on grey, studio lighting",
+    "a small green star in the corner of the image",
+    "an orange hexagon with a thin blue outline",
+    "two white circles side by side, minimalist",
+    "a pink heart shape, soft shadow, pastel",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="builtin:tiny-sd1", help="any model spec load_model accepts")
+    p.add_argument("--resolution", type=int, default=128, help="square image side in pixels")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
+    p.add_argument("--optimizer", default="adamw8bit", help="optimizer name from trainer.optim's registry")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--cache_latents", action="store_true", help="feed latents (no VAE encode in the step)")
+    p.add_argument("--freeze_text_encoder", action="store_true", help="train the UNet only")
+    p.add_argument("--cache_text", action="store_true", help="frozen TE + TextEmbeddingCache")
+    p.add_argument("--channels_last", action="store_true", help="UNet and latents in channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (module.compile())")
+    p.add_argument("--fused_backward", action="store_true", help="optimizer step inside backward")
+    p.add_argument("--bf16_weights", action="store_true", help="bf16 weights + stochastic rounding")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, allocator)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--peak_tflops", type=float, default=None, help="device peak for MFU, e.g. 989 (H100 bf16)"
+    )
+    p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    return p
+
+
+@dataclass
+class Bench:
+    """One built configuration: model, step, optimizer (or fused hooks) and synthetic batches."""
+
+    args: argparse.Namespace
+    model: SDComponents
+    step: TrainingStep
+    optim: OptimizerSet
+    fused: dict[str, FusedBackward] | None
+    scaler: torch.amp.GradScaler | None
+    batches: list[dict]
+    generator: torch.Generator
+    sr_generator: torch.Generator | None
+
+    def run_step(self, index: int) -> None:
+        batch = self.batches[index % len(self.batches)]
+        out = self.step(batch, self.generator)
+        loss = out.loss.sum() / len(batch["captions"])
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.fused is not None:
+            return  # stepped inside backward
+        if self.sr_generator is not None:
+            self._step_bf16()
+        else:
+            self.optim.step(self.scaler)
+
+    def _step_bf16(self) -> None:
+        for comp in self.optim.components.values():
+            step_with_stochastic_rounding(comp.optimizer, self.sr_generator)
+            comp.lr_scheduler.step()
+            comp.optimizer.zero_grad(set_to_none=True)
+
+
+class _CachedTextStep(TrainingStep):
+    """TrainingStep whose frozen text encoder is served from a TextEmbeddingCache.
+
+    Stand-in until TrainingStep takes a cache itself: it replaces only the encode call, and
+    keeps embedding perturbation on the cached output.
+    """
+
+    text_cache: TextEmbeddingCache
+
+    def _text_embeddings(self, captions, generator):
+        from trainer.text import perturb_embeddings
+
+        def encode(texts):
+            with self._autocast():
+                return encode_captions(
+                    self.text_encoder,
+                    self.tokenizer,
+                    texts,
+                    clip_skip=self.settings.clip_skip,
+                    max_token_length=self.settings.max_token_length,
+                    device=self.device,
+                )
+
+        emb = self.text_cache.encode(captions, encode)
+        return perturb_embeddings(emb, self.settings.embedding_perturbation, generator)
+
+
+def _place(model: SDComponents, device: torch.device, autocast_dtype, te_trainable: bool) -> None:
+    """As trainer.session._place_models: frozen parts in the autocast dtype on GPU only."""
+    frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
+    model.vae.to(device=device, dtype=frozen_dtype).eval()
+    model.text_encoder.to(device)
+    if not te_trainable:
+        model.text_encoder.to(dtype=frozen_dtype)
+    model.unet.to(device).train()
+    model.text_encoder.train(te_trainable)
+
+
+def build(args: argparse.Namespace) -> Bench:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    freeze_te = args.freeze_text_encoder or args.cache_text
+    model = load_model(args.model)
+    autocast_dtype = resolve_autocast_dtype(args.precision, False, device)
+    opt_file = parse_optimizer_json(
+        json.dumps({"base": {"optimizer": args.optimizer, "lr": args.lr}}),
+        f"bench --optimizer {args.optimizer}",
+    )
+    settings = TrainOptimSettings(lr=args.lr, disable_textenc_training=freeze_te)
+    model.vae.requires_grad_(False)
+    if args.bf16_weights:
+        model.unet.to(torch.bfloat16)
+        if not freeze_te:
+            model.text_encoder.to(torch.bfloat16)
+    total = args.warmup + args.steps + 1
+    optim = build_optimizers(
+        opt_file, settings, unet=model.unet, text_encoder=model.text_encoder, total_optimizer_steps=total
+    )
+    _place(model, device, autocast_dtype, te_trainable=not freeze_te)
+    if args.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    schedule = NoiseSchedule.from_scheduler_config(model.scheduler_config)
+    step_cls = _CachedTextStep if args.cache_text else TrainingStep
+    step = step_cls(
+        unet=model.unet,
+        text_encoder=model.text_encoder,
+        vae=model.vae,
+        tokenizer=model.tokenizer,
+        schedule=schedule,
+        settings=StepSettings(),
+        device=device,
+        autocast_dtype=autocast_dtype,
+    )
+    if args.cache_text:
+        step.text_cache = TextEmbeddingCache(text_encoder_fingerprint(model.text_encoder, model.source))
+    batches = _batches(args, step, device)
+    if args.cache_text:  # steady state: every caption seen in an earlier epoch
+        for b in batches:
+            step._text_embeddings(b["captions"], torch.Generator(device))
+    return Bench(
+        args=args,
+        model=model,
+        step=step,
+        optim=optim,
+        fused=None,
+        scaler=make_grad_scaler(autocast_dtype, device),
+        batches=batches,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        sr_generator=torch.Generator(device).manual_seed(args.seed + 1) if args.bf16_weights else None,
+    )
+
+
+def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device) -> list[dict]:
+    """A few distinct batches, already on the device (pinned-memory transfer is the loader's job)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    out = []
+    for i in range(4):
+        pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=gen) * 2 - 1
+        captions = [CAPTIONS[(i * args.batch_size + k) % len(CAPTIONS)] for k in range(args.batch_size)]
+        batch = {"captions": captions, "loss_scale": torch.ones(args.batch_size)}
+        if args.cache_latents:
+            latents = step.encode_latents(pixels.to(device))
+            if args.channels_last:
+                latents = latents.contiguous(memory_format=torch.channels_last)
+            batch["latents"] = latents
+        else:
+            batch["pixel_values"] = pixels.to(device)
+        out.append(batch)
+    return out
+
+
+def count_flops(bench: Bench) -> int:
+    """Model FLOPs of one forward+backward (eager, before checkpointing/compile/hooks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = bench.step(bench.batches[0], torch.Generator(bench.step.device).manual_seed(0))
+        (out.loss.sum() / len(bench.batches[0]["captions"])).backward()
+    for comp in bench.optim.components.values():
+        comp.optimizer.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def finish_setup(bench: Bench) -> None:
+    """Options applied after the FLOP count: checkpointing, compile, fused backward."""
+    args, model = bench.args, bench.model
+    te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if te_trainable:
+            model.text_encoder.gradient_checkpointing_enable()
+    if args.compile:
+        model.unet.compile()
+    if args.fused_backward:
+        step_fn = None
+        if bench.sr_generator is not None:
+
+            def step_fn(opt, gen=bench.sr_generator):
+                step_with_stochastic_rounding(opt, gen)
+
+        bench.fused = fused_backward_from_optimizer_set(
+            bench.optim, uses_grad_scaler=bench.scaler is not None, step_fn=step_fn
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> str:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return "timed steps"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError as exc:
+        log.warning("cannot reset peak RSS (%s); reporting the process lifetime peak", exc)
+        return "process"
+    return "timed steps"
+
+
+def _proc_status_kb(field: str) -> int | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def _memory(device: torch.device, scope: str) -> dict:
+    if device.type == "cuda":
+        return {
+            "cuda_peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "cuda_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3),
+        }
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is None:
+        import resource
+
+        hwm, scope = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "process"
+    return {"peak_rss_mib": round(hwm / 1024, 1), "peak_rss_scope": scope}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Build, count FLOPs, warm up, time `args.steps` optimizer steps; return the result dict."""
+    bench = build(args)
+    device = bench.step.device
+    flops = None if args.no_flops else count_flops(bench)
+    finish_setup(bench)
+    for i in range(args.warmup):
+        bench.run_step(i)
+    _sync(device)
+    scope = _reset_peak(device)
+    times = []
+    for i in range(args.steps):
+        started = time.perf_counter()
+        bench.run_step(args.warmup + i)
+        _sync(device)  # only the benchmark syncs: the time must include the queued GPU work
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    images_per_s = args.batch_size / median
+    flops_per_image = flops / args.batch_size if flops is not None else None
+    mfu = None
+    if flops_per_image is not None and args.peak_tflops:
+        mfu = flops_per_image * images_per_s / (args.peak_tflops * 1e12)
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seconds_per_step_median": round(median, 5),
+        "seconds_per_step_min": round(min(times), 5),
+        "seconds_per_step_max": round(max(times), 5),
+        "seconds_per_step_all": [round(t, 5) for t in times],
+        "images_per_s": round(images_per_s, 3),
+        "model_flops_per_image": flops_per_image,
+        "model_tflops_per_image": round(flops_per_image / 1e12, 6) if flops_per_image is not None else None,
+        "achieved_tflops": flops_per_image * images_per_s / 1e12 if flops_per_image else None,
+        "mfu": mfu,
+        "peak_tflops": args.peak_tflops,
+        "memory": _memory(device, scope),
+        "trained": {name: c.trainable_count for name, c in bench.optim.components.items()},
+        "attention": sorted({type(p).__name__ for p in bench.model.unet.attn_processors.values()}),
+        "machine": machine_info(device),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_result(r: dict) -> str:
+    mem = r["memory"]
+    mem_text = (
+        f"peak RSS {mem['peak_rss_mib']} MiB ({mem['peak_rss_scope']})"
+        if "peak_rss_mib" in mem
+        else f"CUDA peak {mem['cuda_peak_allocated_gib']} GiB allocated / {mem['cuda_peak_reserved_gib']} GiB reserved"
+    )
+    flops = r["model_tflops_per_image"]
+    lines = [
+        f"seconds/step {r['seconds_per_step_median']:.4f} (median of {len(r['seconds_per_step_all'])}, "
+        f"min {r['seconds_per_step_min']:.4f}, max {r['seconds_per_step_max']:.4f})",
+        f"images/s     {r['images_per_s']:.2f}",
+        f"memory       {mem_text}",
+        f"FLOPs/image  {flops * 1e3:.3f} GFLOP (fwd+bwd, counted)"
+        if flops is not None
+        else "FLOPs/image  (skipped)",
+        f"achieved     {r['achieved_tflops']:.4f} TFLOP/s" if r["achieved_tflops"] else "achieved     -",
+        f"MFU          {r['mfu'] * 100:.2f} % of {r['peak_tflops']} TFLOP/s"
+        if r["mfu"] is not None
+        else "MFU          - (pass --peak_tflops)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = run_benchmark(args)
+    print(format_result(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Smoke test of bench/step.py and bench/compare.py on tiny-sd1 (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_bench_writes_all_figures(tmp_path, builtin_cache):
+    out = tmp_path / "step.json"
+    argv = ["--model", "builtin:tiny-sd1", "--resolution", "64", "--batch_size", "2", "--optimizer", "adamw"]
+    argv += ["--warmup", "1", "--steps", "1", "--peak_tflops", "1.0", "--json", str(out), "--device", "cpu"]
+    assert _load("step").main(argv) == 0
+    result = json.loads(out.read_text())
+    for key in (
+        "seconds_per_step_median",
+        "images_per_s",
+        "model_flops_per_image",
+        "mfu",
+        "memory",
+        "machine",
+        "date",
+        "config",
+    ):
+        assert key in result, key
+    assert result["seconds_per_step_median"] > 0
+    assert math.isclose(result["images_per_s"], 2 / result["seconds_per_step_median"], rel_tol=1e-3)
+    assert result["model_flops_per_image"] > 1e8  # tiny UNet + TE + VAE encode at 64 px: ~0.5 GFLOP
+    expected_mfu = result["model_flops_per_image"] * result["images_per_s"] / 1e12
+    assert math.isclose(result["mfu"], expected_mfu, rel_tol=1e-2)
+    assert result["memory"]["peak_rss_mib"] > 0
+    assert set(result["trained"]) == {"unet", "text_encoder"}
+
+
+def test_compare_runs_variants_with_ratios(tmp_path, builtin_cache, capsys):
+    out = tmp_path / "cmp.json"
+    argv = ["--resolution", "64", "--warmup", "0", "--steps", "1", "--device", "cpu", "--json", str(out)]
+    argv += ["--optimizer", "adamw", "--no_flops"]
+    argv += ["--variant", "base=--freeze_text_encoder", "--variant", "cached=--cache_latents --cache_text"]
+    assert _load("compare").main(argv) == 0
+    results = json.loads(out.read_text())
+    assert list(results) == ["base", "cached"]
+    assert results["cached"]["trained"] == {"unet": results["base"]["trained"]["unet"]}
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and " 1.00x " in printed  # the first variant is the reference

@@ -1,0 +1,125 @@
+"""Optimizer step fused into backward: same result as a normal step, gradients freed, guards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.optim import OptimizerFile, SectionConfig, TrainOptimSettings, build_optimizers
+from trainer.optim.fused_backward import attach_fused_backward, fused_backward_from_optimizer_set
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def _loss(net: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(5, 6, generator=gen)
+    return net(x).pow(2).mean()
+
+
+def _warmup_schedule(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+
+
+def test_matches_a_normal_adamw_step_and_frees_gradients():
+    ref, fused_net = _net(), _net()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = _warmup_schedule(opt)
+    fused = attach_fused_backward(
+        list(fused_net.named_parameters()),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lr_scheduler_factory=_warmup_schedule,
+    )
+    for step in range(4):
+        _loss(ref, step).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        _loss(fused_net, step).backward()
+        assert all(p.grad is None for p in fused_net.parameters())
+    for a, b in zip(ref.parameters(), fused_net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert set(fused.learning_rates().values()) == {opt.param_groups[0]["lr"]}
+
+
+def test_state_dict_round_trip_resumes_identically():
+    def make(ps):
+        return torch.optim.AdamW(ps, lr=1e-2)
+
+    straight = _net()
+    attach_fused_backward(list(straight.named_parameters()), make, lr_scheduler_factory=_warmup_schedule)
+    for step in range(3):
+        _loss(straight, step).backward()
+
+    first = _net()
+    fused = attach_fused_backward(list(first.named_parameters()), make, lr_scheduler_factory=_warmup_schedule)
+    _loss(first, 0).backward()
+    saved_weights, saved_state = copy.deepcopy(first.state_dict()), copy.deepcopy(fused.state_dict())
+
+    resumed = _net()
+    resumed.load_state_dict(saved_weights)
+    fused = attach_fused_backward(
+        list(resumed.named_parameters()), make, lr_scheduler_factory=_warmup_schedule
+    )
+    fused.load_state_dict(saved_state)
+    for step in (1, 2):
+        _loss(resumed, step).backward()
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grad_accum": 2}, "grad_accum=2"),
+        ({"clip_grad_norm": 1.0}, "clip_grad_norm"),
+        ({"uses_grad_scaler": True}, "GradScaler"),
+        ({"world_size": 2}, "2 processes"),
+        ({"optimizer_name": "prodigy"}, "prodigy"),
+    ],
+)
+def test_refuses_settings_it_cannot_honour(kwargs, message):
+    net = _net()
+    with pytest.raises(ConfigError, match=message):
+        attach_fused_backward(
+            net.parameters(), lambda ps: torch.optim.AdamW(ps), lr_scheduler_factory=None, **kwargs
+        )
+    assert all(not p._post_accumulate_grad_hooks for p in net.parameters())
+
+
+def test_from_optimizer_set_uses_the_resolved_settings():
+    """Same optimizer, LR and cosine schedule as OptimizerSet.step (text encoder frozen here)."""
+    ref_unet, unet = _net(), _net()
+    opt_file = OptimizerFile(base=SectionConfig(optimizer="adamw", lr=1e-2, lr_scheduler="cosine"))
+    settings = TrainOptimSettings(disable_textenc_training=True)
+    ref = build_optimizers(
+        opt_file, settings, unet=ref_unet, text_encoder=nn.Linear(2, 2), total_optimizer_steps=4
+    )
+    opt_set = build_optimizers(
+        opt_file, settings, unet=unet, text_encoder=nn.Linear(2, 2), total_optimizer_steps=4
+    )
+    fused = fused_backward_from_optimizer_set(opt_set)
+    assert list(fused) == ["unet"]
+    for step in range(3):
+        _loss(ref_unet, step).backward()
+        ref.step()
+        _loss(unet, step).backward()
+    for a, b in zip(ref_unet.parameters(), unet.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert fused["unet"].learning_rates()["0.weight"] == pytest.approx(ref.nominal_learning_rates()["unet"])
+    with pytest.raises(ConfigError, match="clip_grad_norm"):
+        clipped = build_optimizers(
+            opt_file,
+            TrainOptimSettings(disable_textenc_training=True, clip_grad_norm=1.0),
+            unet=_net(),
+            text_encoder=nn.Linear(2, 2),
+            total_optimizer_steps=4,
+        )
+        fused_backward_from_optimizer_set(clipped)
