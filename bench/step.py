@@ -353,7 +353,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "seconds_per_step_min": round(min(times), 5),
         "seconds_per_step_max": round(max(times), 5),
         "seconds_per_step_all": [round(t, 5) for t in times],
-        "images_per_s": round(images_per_s, 3),
+        "images_per_s": images_per_s,
         "model_flops_per_image": flops_per_image,
         "model_tflops_per_image": round(flops_per_image / 1e12, 6) if flops_per_image is not None else None,
         "achieved_tflops": flops_per_image * images_per_s / 1e12 if flops_per_image else None,

@@ -7,6 +7,7 @@ Exit codes: 0 finished, 2 bad input (config, data, model, checkpoint), 3 stopped
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import sys
 
@@ -37,7 +38,10 @@ def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def setup_console_logging(level: int = logging.INFO) -> None:
+def setup_console_logging(level: int | None = None) -> None:
+    """INFO on the main process; other ranks of a distributed run only warn (no duplicate lines)."""
+    if level is None:
+        level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("PIL", "urllib3", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

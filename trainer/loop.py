@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from trainer.data import make_loader
 from trainer.errors import TrainingStopped
 from trainer.optim import apply_grad_scaler_tweak
@@ -45,6 +47,9 @@ def train(s: Session) -> RunSummary:
     policy = SavePolicy(cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes, cfg.save_ckpts_from_n_epochs)
     tracker = StepTracker(
         s.metrics,
+        reduce_sum=(lambda t: s.accelerator.reduce(t, reduction="sum"))
+        if s.accelerator.num_processes > 1
+        else None,
         log_step=cfg.log_step,
         total_steps=s.total_optimizer_steps,
         start_step=st.global_step,
@@ -75,7 +80,10 @@ def train(s: Session) -> RunSummary:
                 window_paths = []
                 if cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step:
                     stop.requested = stop.requested or "stop_at_step"
-                if stop.requested or policy.time_due():
+                stop_now, time_due = _agree(s, bool(stop.requested), policy.time_due())
+                if stop_now and not stop.requested:
+                    stop.requested = "another process's stop request"
+                if stop.requested or time_due:
                     saved.append(save_checkpoint(s, "interrupted" if stop.requested else "timed"))
                     policy.saved()
                 if stop.requested:
@@ -142,6 +150,14 @@ def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str]) -
         apply_grad_scaler_tweak(s.scaler, st.global_step)
     norms = result.grad_norms if s.optim.log_grad_norm else {}
     tracker.optimizer_step(st.global_step, norms, lambda: _lr_values(s), st.epoch)
+
+
+def _agree(s: Session, *flags: bool) -> tuple[bool, ...]:
+    """Flags true on any rank are true on all (signals and clocks differ between processes)."""
+    if s.accelerator.num_processes == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=s.device)
+    return tuple(bool(v) for v in s.accelerator.reduce(t, reduction="sum") > 0)
 
 
 def _lr_values(s: Session) -> dict[str, float]:

@@ -16,10 +16,21 @@ BAND_EDGES = (0, 250, 500, 750, 1000)
 
 class StepTracker:
     def __init__(
-        self, metrics, *, log_step: int, total_steps: int, start_step: int, batch_size: int, enabled: bool
+        self,
+        metrics,
+        *,
+        log_step: int,
+        total_steps: int,
+        start_step: int,
+        batch_size: int,
+        enabled: bool,
+        reduce_sum=None,
     ):
+        """`reduce_sum(tensor)` sums across processes (None in a single process); flush calls it
+        on every rank at the same steps, so logged losses cover all ranks' samples."""
         self.metrics = metrics
         self.log_step = log_step
+        self.reduce_sum = reduce_sum
         self.bar = tqdm(
             total=total_steps, initial=start_step, unit="step", disable=not enabled, dynamic_ncols=True
         )
@@ -62,7 +73,11 @@ class StepTracker:
         if self._count == 0:
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        loss = float(self._loss_sum) / self._count
+        loss_sum, count = self._loss_sum, torch.tensor(float(self._count), device=self._loss_sum.device)
+        if self.reduce_sum is not None:
+            loss_sum, count = self.reduce_sum(loss_sum), self.reduce_sum(count)
+            self._images = int(count)
+        loss = float(loss_sum) / float(count)
         values = {
             "loss/train": loss,
             "performance/images_per_second": self._images / elapsed,

@@ -65,6 +65,7 @@ class Session:
     latent_cache: LatentCache | None = None
     resumed_from: Path | None = None
     observers: Observers | None = None
+    wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
 
     @property
     def device(self) -> torch.device:
@@ -82,8 +83,8 @@ class Session:
         }
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
-        return {k: m for k, m in mods.items() if any(p.requires_grad for p in m.parameters())}
+        """The trained modules as the step calls them (DDP-wrapped when distributed)."""
+        return dict(self.wrapped or {})
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -107,7 +108,8 @@ def resolve_resume(cfg: TrainConfig) -> tuple[str, CheckpointInfo | None]:
 
 
 def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
-    accelerator = accelerator or Accelerator()
+    # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
+    accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     spec, ckpt = resolve_resume(cfg)
     resuming = ckpt is not None and ckpt.resumable
     seed_everything(cfg.seed)
@@ -129,14 +131,15 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
     optim, total_steps = _build_optim(cfg, opt_file, model, data)
     _place_models(cfg, model, device, autocast_dtype)
+    wrapped = _prepare_for_ddp(accelerator, model)
     schedule = NoiseSchedule.from_scheduler_config(
         model.scheduler_config,
         zero_terminal_snr=cfg.enable_zero_terminal_snr,
         prediction_type=cfg.prediction_type,
     )
     step = TrainingStep(
-        unet=model.unet,
-        text_encoder=model.text_encoder,
+        unet=wrapped.get("unet", model.unet),
+        text_encoder=wrapped.get("text_encoder", model.text_encoder),
         vae=model.vae,
         tokenizer=model.tokenizer,
         schedule=schedule,
@@ -160,6 +163,7 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         metrics=None,  # set below, after the resume step is known
         state=state,
         total_optimizer_steps=total_steps,
+        wrapped=wrapped,
     )
     if resuming:
         _restore(session, ckpt)
@@ -175,8 +179,10 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         # Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights.
         session.latent_cache = LatentCache(Path(cfg.logdir) / ".cache" / "latents", _vae_fingerprint(model))
         eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
-        for items in (None, eval_items):  # None = the training items
-            if items != []:
+        with accelerator.main_process_first():  # rank 0 fills the shared cache; the others reuse it
+            for items in (None, eval_items):  # None = the training items
+                if items == []:
+                    continue
                 fill_latent_cache(
                     data, session.latent_cache, step.encode_latents, batch_size=cfg.batch_size, items=items
                 )
@@ -282,6 +288,20 @@ def _place_models(cfg: TrainConfig, model: SDComponents, device: torch.device, a
         model.unet.enable_gradient_checkpointing()
         if te_trainable:
             model.text_encoder.gradient_checkpointing_enable()
+
+
+def _prepare_for_ddp(accelerator: Accelerator, model: SDComponents) -> dict[str, torch.nn.Module]:
+    """Wrap each trained module with accelerate (DDP when distributed; unchanged otherwise).
+
+    Optimizers are built on the unwrapped parameters (the same tensors) and EMA / saving use the
+    unwrapped modules, so checkpoints never carry a `module.` prefix.
+    """
+    wrapped = {}
+    for name in ("unet", "text_encoder"):
+        module = getattr(model, name)
+        if any(p.requires_grad for p in module.parameters()):
+            wrapped[name] = accelerator.prepare_model(module, device_placement=False)
+    return wrapped
 
 
 def _build_ema(cfg: TrainConfig, model: SDComponents, total_steps: int) -> EMA | None:

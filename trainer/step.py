@@ -128,7 +128,7 @@ class TrainingStep:
         latents = dist.mean if generator is None else dist.sample(generator=generator)
         return latents.float() * self.scaling_factor
 
-    def _text_embeddings(self, captions: list[str], generator: torch.Generator) -> Tensor:
+    def _text_embeddings(self, captions: list[str], generator) -> Tensor:
         grad = torch.enable_grad() if _requires_grad(self.text_encoder) else torch.no_grad()
         with grad, self._autocast():
             emb = encode_captions(
@@ -139,29 +139,68 @@ class TrainingStep:
                 max_token_length=self.settings.max_token_length,
                 device=self.device,
             )
-        return perturb_embeddings(emb, self.settings.embedding_perturbation, generator)
+        gamma = self.settings.embedding_perturbation
+        if not isinstance(generator, list):
+            return perturb_embeddings(emb, gamma, generator)
+        return torch.cat([perturb_embeddings(emb[i : i + 1], gamma, g) for i, g in enumerate(generator)])
 
     def __call__(self, batch: dict, generator: torch.Generator) -> StepOutput:
-        """Per-sample loss of `batch` ("pixel_values" or "latents", "captions", "loss_scale")."""
-        s = self.settings
-        if "latents" in batch:
-            latents = batch["latents"].to(device=self.device, dtype=torch.float32)
-        elif "pixel_values" in batch:
-            latents = self.encode_latents(batch["pixel_values"], generator)
+        """Per-sample loss of `batch` ("pixel_values" or "latents", "captions", "loss_scale").
+
+        With "sample_seeds" in the batch (the training loader sets them), each sample's random
+        draws come from its own generator, in the documented order, so a sample's noise does not
+        depend on its batch, rank or process count; `generator` is then unused. Without them,
+        `generator` drives the whole batch.
+        """
+        seeds = batch.get("sample_seeds")
+        if seeds is None:
+            latents = self._latents(batch, generator)
+            noise, timesteps = self._noise_and_timesteps(latents.shape, generator)
+            embeddings = self._text_embeddings(list(batch["captions"]), generator)
         else:
+            gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+            latents = self._latents(batch, gens)
+            draws = [self._noise_and_timesteps((1, *latents.shape[1:]), g) for g in gens]
+            noise = torch.cat([n for n, _ in draws])
+            timesteps = torch.cat([t for _, t in draws])
+            embeddings = self._text_embeddings(list(batch["captions"]), gens)
+        return self._loss(batch, latents, noise, timesteps, embeddings)
+
+    def _latents(self, batch: dict, generator) -> Tensor:
+        """Batch latents: cached, or VAE-encoded with a posterior sample from `generator`
+        (one generator for the batch, or a list with one per sample)."""
+        if "latents" in batch:
+            return batch["latents"].to(device=self.device, dtype=torch.float32)
+        if "pixel_values" not in batch:
             raise KeyError("batch needs 'latents' or 'pixel_values'")
-        bsz = latents.shape[0]
+        if not isinstance(generator, list):
+            return self.encode_latents(batch["pixel_values"], generator)
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device=self.device, dtype=self.vae.dtype)
+            dist = self.vae.encode(pixels).latent_dist
+            eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generator])
+            latents = dist.mean + dist.std * eps.to(device=dist.mean.device, dtype=dist.mean.dtype)
+        return latents.float() * self.scaling_factor
+
+    def _noise_and_timesteps(self, shape, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        s = self.settings
         noise = diffusion.sample_noise(
-            tuple(latents.shape),
+            tuple(shape),
             generator=generator,
             device=self.device,
             zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
             pyramid_noise_discount=s.pyramid_noise_discount,
         )
         timesteps = diffusion.sample_timesteps(
-            bsz, start=s.timestep_start, end=s.timestep_end, generator=generator, device=self.device
+            shape[0], start=s.timestep_start, end=s.timestep_end, generator=generator, device=self.device
         )
-        embeddings = self._text_embeddings(list(batch["captions"]), generator)
+        return noise, timesteps
+
+    def _loss(
+        self, batch: dict, latents: Tensor, noise: Tensor, timesteps: Tensor, embeddings: Tensor
+    ) -> StepOutput:
+        s = self.settings
+        bsz = latents.shape[0]
 
         noisy = diffusion.add_noise(self.schedule, latents, noise, timesteps)
         target = diffusion.prediction_target(self.schedule, latents, noise, timesteps)

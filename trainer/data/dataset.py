@@ -141,6 +141,9 @@ class PlanBatchDataset(Dataset):
             "captions": captions,
             "loss_scale": torch.tensor(scales, dtype=torch.float32),
             "paths": paths,
+            # Noise and timestep seeds per sample: the same sample gets the same draws whatever
+            # the number of processes, workers or resumes (see TrainingStep).
+            "sample_seeds": [sample_rng(ref, "noise").getrandbits(63) for ref in refs],
             "batch_index": batch_index,
             "window_samples": self.epoch_plan.window_samples(batch_index),
             "global_window_samples": self.epoch_plan.global_window_samples(batch_index),

@@ -1,0 +1,126 @@
+"""Data-parallel training with torchrun on CPU (gloo): two processes, one run, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import (
+    DATA,
+    ROOT,
+    assert_bitwise_equal,
+    base_args,
+    checkpoint_dirs,
+    pipeline_weights,
+    run_train,
+)
+
+WORKER = ROOT / "tests" / "ddp_worker.py"
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    """12 images in one bucket: at batch 3, 4 batches = 2 global windows of 2 batches."""
+    dest = tmp_path / "data"
+    dest.mkdir()
+    for image in sorted(DATA.glob("*.png"))[:12]:
+        shutil.copy(image, dest / image.name)
+        shutil.copy(image.with_suffix(".txt"), dest / image.with_suffix(".txt").name)
+    return str(dest)
+
+
+def torchrun(tmp_path, out, args, nproc=2):
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        str(WORKER),
+        str(out),
+        *args,
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+RUN = dict(batch_size=3, max_epochs=3, cond_dropout=0.2, flip_p=0.5, shuffle_tags=True, lr=None)
+
+
+def optimizer_file(tmp_path):
+    path = tmp_path / "adamw.json"
+    path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 3e-4}, "text_encoder_overrides": None}))
+    return str(path)
+
+
+def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path, small_data):
+    opt = optimizer_file(tmp_path)
+    ranks = torchrun(
+        tmp_path,
+        tmp_path / "ddp",
+        base_args(
+            tmp_path, project_name="ddp", data_root=small_data, optimizer_config=opt, grad_accum=1, **RUN
+        ),
+    )
+    assert ranks[0]["unet"] == ranks[1]["unet"] and ranks[0]["text_encoder"] == ranks[1]["text_encoder"]
+    assert ranks[0]["global_step"] == 6
+    logdir = tmp_path / "logs"
+    runs = [p for p in logdir.iterdir() if p.name.startswith("ddp-")]
+    assert len(runs) == 1 and len(checkpoint_dirs(runs[0])) == 1
+
+    # One process, the same global batches: each window of 2 batches becomes one accumulation window.
+    single = run_train(
+        base_args(
+            tmp_path, project_name="single", data_root=small_data, optimizer_config=opt, grad_accum=2, **RUN
+        )
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_run = next(p for p in logdir.iterdir() if p.name.startswith("single-"))
+    a = pipeline_weights(checkpoint_dirs(runs[0])[-1])
+    b = pipeline_weights(checkpoint_dirs(single_run)[-1])
+    import torch
+
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    assert any(not torch.equal(a[k], pipeline_weights_start()[k]) for k in a)
+
+
+def pipeline_weights_start():
+    from trainer.models import load_model
+
+    m = load_model("builtin:tiny-sd1")
+    out = {f"unet/{k}": v for k, v in m.unet.state_dict().items()}
+    out.update({f"text_encoder/{k}": v for k, v in m.text_encoder.state_dict().items()})
+    return out
+
+
+def test_two_process_run_resumes_exactly(tmp_path, small_data):
+    opt = optimizer_file(tmp_path)
+    common = dict(data_root=small_data, optimizer_config=opt, grad_accum=1, **RUN)
+    straight = torchrun(tmp_path, tmp_path / "a", base_args(tmp_path, project_name="straight", **common))
+    first = torchrun(
+        tmp_path, tmp_path / "b", base_args(tmp_path, project_name="resumed", stop_at_step=3, **common)
+    )
+    assert first[0]["status"] == "interrupted" and first[0]["global_step"] == 3
+    second = torchrun(
+        tmp_path,
+        tmp_path / "c",
+        base_args(tmp_path, project_name="resumed", resume_ckpt="findlast", **common),
+    )
+    assert second[0]["global_step"] == 6 and second[0]["run"] == first[0]["run"]
+    assert second[0]["unet"] == second[1]["unet"] == straight[0]["unet"]
+    assert second[0]["text_encoder"] == straight[0]["text_encoder"]
+    assert_bitwise_equal(
+        pipeline_weights(checkpoint_dirs(tmp_path / "logs" / os.path.basename(straight[0]["run"]))[-1]),
+        pipeline_weights(checkpoint_dirs(tmp_path / "logs" / os.path.basename(second[0]["run"]))[-1]),
+    )
