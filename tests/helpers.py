@@ -50,7 +50,10 @@ def train_in_process(tmp_path: Path, **overrides):
 
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **overrides))
     session = build_session(cfg)
-    return train(session), session
+    try:
+        return train(session), session
+    finally:
+        session.close()
 
 
 def run_folders(logdir: Path) -> list[Path]:

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     setup_console_logging()
+    session = None
     try:
         config_path, overrides = split_config_arg(argv)
         cfg = resolve_seed(load_config(config_path, overrides))
@@ -70,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
         session = build_session(cfg)
         summary = train(session)
+        _report(summary, session)
+        return 0 if summary.status == "finished" else 130
     except TrainerError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    _report(summary, session)
-    return 0 if summary.status == "finished" else 130
+    finally:
+        if session is not None:
+            session.close()  # after the summary / error is in train.log
 
 
 def _report(summary, session) -> None:

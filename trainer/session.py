@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from trainer.attention import configure_attention
 from trainer.checkpoint import TRAINING_STATE, CheckpointInfo, find_last, load_training_state, read_checkpoint
 from trainer.config import TrainConfig, config_to_json
 from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
@@ -65,7 +66,16 @@ class Session:
     latent_cache: LatentCache | None = None
     resumed_from: Path | None = None
     observers: Observers | None = None
+    log_handler: logging.Handler | None = None  # this run's train.log on the root logger
     wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
+
+    def close(self) -> None:
+        """Detach this run's train.log from the root logger. Call when the run is over (after
+        its summary is logged); otherwise later runs in the same process also write into it."""
+        if self.log_handler is not None:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
 
     @property
     def device(self) -> torch.device:
@@ -117,14 +127,17 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     opt_file = load_optimizer_file(cfg.optimizer_config)
     model = load_model(spec, vae=cfg.vae, prediction_type=cfg.prediction_type)
     log.info("model: %s (%s)", model.source, model.family)
+    attention = configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)
     data = load_data(_data_settings(cfg, accelerator))
     run = run_folder_of_checkpoint(ckpt.path) if resuming else None
     if run is None:
         run = new_run_folder(cfg.logdir, cfg.project_name) if accelerator.is_main_process else None
         run = _broadcast_run_folder(accelerator, run)
+    log_handler = None
     if accelerator.is_main_process:
-        attach_file_log(run)
+        log_handler = attach_file_log(run)
         log.info("model: %s (%s)", model.source, model.family)
+        log.info("attention: %s", attention)
     log.info("%s", data.summary())
 
     device = accelerator.device
@@ -163,6 +176,7 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         metrics=None,  # set below, after the resume step is known
         state=state,
         total_optimizer_steps=total_steps,
+        log_handler=log_handler,
         wrapped=wrapped,
     )
     if resuming:
