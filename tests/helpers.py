@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,15 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "shapes"
+
+
+def copy_images(dest: Path, count: int) -> str:
+    """The first `count` bundled images with their captions, in `dest` (a small dataset)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for image in sorted(DATA.glob("*.png"))[:count]:
+        shutil.copy(image, dest / image.name)
+        shutil.copy(image.with_suffix(".txt"), dest / image.with_suffix(".txt").name)
+    return str(dest)
 
 
 def base_args(tmp_path: Path, **overrides) -> list[str]:

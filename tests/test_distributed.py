@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.helpers import (
-    DATA,
     ROOT,
     assert_bitwise_equal,
     base_args,
     checkpoint_dirs,
+    copy_images,
     pipeline_weights,
     run_train,
 )
@@ -26,12 +25,7 @@ WORKER = ROOT / "tests" / "ddp_worker.py"
 @pytest.fixture
 def small_data(tmp_path):
     """12 images in one bucket: at batch 3, 4 batches = 2 global windows of 2 batches."""
-    dest = tmp_path / "data"
-    dest.mkdir()
-    for image in sorted(DATA.glob("*.png"))[:12]:
-        shutil.copy(image, dest / image.name)
-        shutil.copy(image.with_suffix(".txt"), dest / image.with_suffix(".txt").name)
-    return str(dest)
+    return copy_images(tmp_path / "data", 12)
 
 
 def torchrun(tmp_path, out, args, nproc=2):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +12,11 @@ import time
 import pytest
 
 from tests.helpers import (
-    DATA,
     ROOT,
     assert_bitwise_equal,
     base_args,
     checkpoint_dirs,
+    copy_images,
     pipeline_weights,
     run_folders,
     run_train,
@@ -31,12 +30,7 @@ STEPS_PER_EPOCH = 2  # 12 images at batch 6: saves come often, so the kill lands
 @pytest.fixture
 def small_data(tmp_path):
     """12 of the bundled images (with captions)."""
-    dest = tmp_path / "data"
-    dest.mkdir()
-    for image in sorted(DATA.glob("*.png"))[:12]:
-        shutil.copy(image, dest / image.name)
-        shutil.copy(image.with_suffix(".txt"), dest / image.with_suffix(".txt").name)
-    return str(dest)
+    return copy_images(tmp_path / "data", 12)
 
 
 def start_train(args, log_path):

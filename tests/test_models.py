@@ -22,14 +22,6 @@ CROSS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 CROSS_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
 
 
-@pytest.fixture(scope="session", autouse=True)
-def sdtrainer_cache(tmp_path_factory):
-    """A session-wide built-in model cache: tests/conftest.py's if it set one, else our own."""
-    if not os.environ.get("SDTRAINER_CACHE"):
-        os.environ["SDTRAINER_CACHE"] = str(tmp_path_factory.getbasetemp() / "sdtrainer-cache")
-    return Path(os.environ["SDTRAINER_CACHE"])
-
-
 @pytest.fixture(scope="module")
 def tiny_sd1():
     return load_model("builtin:tiny-sd1")

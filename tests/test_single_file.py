@@ -20,14 +20,6 @@ from trainer.models import convert_file, load_model, save_pipeline, save_single_
 from trainer.models.convert import main as convert_main  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def sdtrainer_cache(tmp_path_factory):
-    """A session-wide built-in model cache: tests/conftest.py's if it set one, else our own."""
-    if not os.environ.get("SDTRAINER_CACHE"):
-        os.environ["SDTRAINER_CACHE"] = str(tmp_path_factory.getbasetemp() / "sdtrainer-cache")
-    return Path(os.environ["SDTRAINER_CACHE"])
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """tiny-sd1 / tiny-sd2: components, their pipeline folder and an fp32 single file."""

@@ -1,6 +1,5 @@
 """trainer/text.py: caption encoding (clip_skip, 75-token chunks) and embedding perturbation."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,9 @@ from trainer.text import chunked_input_ids, encode_captions, perturb_embeddings,
 BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "trainer" / "models" / "tokenizer"
 
 
-def make_tokenizer(tmp_dir: Path) -> CLIPTokenizer:
-    """The bundled real CLIP vocab when present, else a byte-level vocab without merges."""
-    if (BUNDLED_TOKENIZER / "vocab.json").is_file() and (BUNDLED_TOKENIZER / "merges.txt").is_file():
-        return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), model_max_length=77)
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (tmp_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_dir / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(tmp_dir), model_max_length=77)
+def make_tokenizer(_tmp_dir: Path | None = None) -> CLIPTokenizer:
+    """The bundled offline CLIP tokenizer (trainer/models/tokenizer)."""
+    return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), model_max_length=77)
 
 
 def make_text_encoder(tokenizer, layers: int = 3) -> CLIPTextModel:
