@@ -54,6 +54,7 @@ from trainer.models import SDComponents, load_model
 from trainer.optim import OptimizerSet, TrainOptimSettings, build_optimizers, parse_optimizer_json
 from trainer.optim.fused_backward import FusedBackward, fused_backward_from_optimizer_set
 from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+from trainer.session import enable_gradient_checkpointing, place_models
 from trainer.step import StepSettings, TrainingStep
 from trainer.stochastic_rounding import step_with_stochastic_rounding
 from trainer.text import encode_captions
@@ -162,17 +163,6 @@ class _CachedTextStep(TrainingStep):
         return perturb_embeddings(emb, self.settings.embedding_perturbation, generator)
 
 
-def _place(model: SDComponents, device: torch.device, autocast_dtype, te_trainable: bool) -> None:
-    """As trainer.session._place_models: frozen parts in the autocast dtype on GPU only."""
-    frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
-    model.vae.to(device=device, dtype=frozen_dtype).eval()
-    model.text_encoder.to(device)
-    if not te_trainable:
-        model.text_encoder.to(dtype=frozen_dtype)
-    model.unet.to(device).train()
-    model.text_encoder.train(te_trainable)
-
-
 def build(args: argparse.Namespace) -> Bench:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +185,7 @@ def build(args: argparse.Namespace) -> Bench:
     optim = build_optimizers(
         opt_file, settings, unet=model.unet, text_encoder=model.text_encoder, total_optimizer_steps=total
     )
-    _place(model, device, autocast_dtype, te_trainable=not freeze_te)
+    place_models(model, device, autocast_dtype)
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
     schedule = NoiseSchedule.from_scheduler_config(model.scheduler_config)
@@ -264,11 +254,8 @@ def count_flops(bench: Bench) -> int:
 def finish_setup(bench: Bench) -> None:
     """Options applied after the FLOP count: checkpointing, compile, fused backward."""
     args, model = bench.args, bench.model
-    te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
     if args.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        if te_trainable:
-            model.text_encoder.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     if args.compile:
         model.unet.compile()
     if args.fused_backward:

@@ -143,7 +143,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     device = accelerator.device
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
     optim, total_steps = _build_optim(cfg, opt_file, model, data)
-    _place_models(cfg, model, device, autocast_dtype)
+    place_models(model, device, autocast_dtype)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     wrapped = _prepare_for_ddp(accelerator, model)
     schedule = NoiseSchedule.from_scheduler_config(
         model.scheduler_config,
@@ -285,8 +287,8 @@ def _build_optim(cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents,
     return optim, total
 
 
-def _place_models(cfg: TrainConfig, model: SDComponents, device: torch.device, autocast_dtype) -> None:
-    """Move models to the device; frozen parts in half precision on GPU; checkpointing if asked."""
+def place_models(model: SDComponents, device: torch.device, autocast_dtype) -> None:
+    """Move models to the device (after freezing); frozen parts in half precision on GPU only."""
     frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
     model.vae.to(device).eval()
     te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
@@ -298,10 +300,13 @@ def _place_models(cfg: TrainConfig, model: SDComponents, device: torch.device, a
     model.unet.to(device)
     model.unet.train()
     model.text_encoder.train(te_trainable)
-    if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        if te_trainable:
-            model.text_encoder.gradient_checkpointing_enable()
+
+
+def enable_gradient_checkpointing(model: SDComponents) -> None:
+    """Activation checkpointing for the UNet, and for the text encoder when it trains."""
+    model.unet.enable_gradient_checkpointing()
+    if any(p.requires_grad for p in model.text_encoder.parameters()):
+        model.text_encoder.gradient_checkpointing_enable()
 
 
 def _prepare_for_ddp(accelerator: Accelerator, model: SDComponents) -> dict[str, torch.nn.Module]:

@@ -26,10 +26,7 @@ from trainer.data.items import CaptionSpec, Problem
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CAPTION_LENGTH = 2048
-SETTING_KEYS = (
-    "main_prompt",
-    "tags",
-    "caption",
+_SCALARS = (
     "multiply",
     "cond_dropout",
     "flip_p",
@@ -37,8 +34,8 @@ SETTING_KEYS = (
     "batch_id",
     "loss_scale",
     "max_caption_length",
-    "rating",
 )
+SETTING_KEYS = ("main_prompt", "tags", "caption", *_SCALARS, "rating")
 # Encodings tried in order: utf-8 (a BOM is dropped), then the legacy Windows and ISO encodings
 # EveryDream2 also accepts. latin-1 decodes any byte string, so the chain always ends.
 TEXT_ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
@@ -87,17 +84,6 @@ class Settings:
     batch_id: str | None = None
     loss_scale: float | None = None
     max_caption_length: int | None = None
-
-
-_SCALARS = (
-    "multiply",
-    "cond_dropout",
-    "flip_p",
-    "shuffle_tags",
-    "batch_id",
-    "loss_scale",
-    "max_caption_length",
-)
 
 
 def merge(base: Settings, override: Settings) -> Settings:
