@@ -51,13 +51,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from trainer.diffusion import NoiseSchedule
 from trainer.models import SDComponents, load_model
-from trainer.optim import OptimizerSet, TrainOptimSettings, build_optimizers, parse_optimizer_json
-from trainer.optim.fused_backward import FusedBackward, fused_backward_from_optimizer_set
+from trainer.optim import (
+    FusedOptimizerSet,
+    OptimizerSet,
+    TrainOptimSettings,
+    build_optimizers,
+    parse_optimizer_json,
+)
 from trainer.precision import make_grad_scaler, resolve_autocast_dtype
-from trainer.session import enable_gradient_checkpointing, place_models
+from trainer.session import compile_unet, enable_gradient_checkpointing, place_models, wrap_optimizer_set
 from trainer.step import StepSettings, TrainingStep
-from trainer.stochastic_rounding import step_with_stochastic_rounding
-from trainer.text import encode_captions
 from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 
 log = logging.getLogger("bench.step")
@@ -86,11 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--cache_latents", action="store_true", help="feed latents (no VAE encode in the step)")
     p.add_argument("--freeze_text_encoder", action="store_true", help="train the UNet only")
-    p.add_argument("--cache_text", action="store_true", help="frozen TE + TextEmbeddingCache")
+    p.add_argument(
+        "--cache_text",
+        "--cache_text_encoder_outputs",
+        dest="cache_text",
+        action="store_true",
+        help="frozen TE + TextEmbeddingCache",
+    )
     p.add_argument("--channels_last", action="store_true", help="UNet and latents in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (module.compile())")
-    p.add_argument("--fused_backward", action="store_true", help="optimizer step inside backward")
-    p.add_argument("--bf16_weights", action="store_true", help="bf16 weights + stochastic rounding")
+    p.add_argument(
+        "--fused_backward",
+        "--fused_back_pass",
+        dest="fused_backward",
+        action="store_true",
+        help="optimizer step inside backward (train.json fused_back_pass)",
+    )
+    p.add_argument(
+        "--bf16_weights",
+        action="store_true",
+        help="bf16 weights + stochastic rounding (train.json weight_dtype bf16)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, allocator)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -105,62 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Bench:
-    """One built configuration: model, step, optimizer (or fused hooks) and synthetic batches."""
+    """One built configuration: model, step, optimizer set and synthetic batches."""
 
     args: argparse.Namespace
     model: SDComponents
     step: TrainingStep
-    optim: OptimizerSet
-    fused: dict[str, FusedBackward] | None
+    optim: OptimizerSet | FusedOptimizerSet
     scaler: torch.amp.GradScaler | None
     batches: list[dict]
     generator: torch.Generator
-    sr_generator: torch.Generator | None
 
     def run_step(self, index: int) -> None:
+        """One optimizer step as the training loop takes it (grad_accum 1)."""
         batch = self.batches[index % len(self.batches)]
         out = self.step(batch, self.generator)
         loss = out.loss.sum() / len(batch["captions"])
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if self.fused is not None:
-            return  # stepped inside backward
-        if self.sr_generator is not None:
-            self._step_bf16()
-        else:
-            self.optim.step(self.scaler)
-
-    def _step_bf16(self) -> None:
-        for comp in self.optim.components.values():
-            step_with_stochastic_rounding(comp.optimizer, self.sr_generator)
-            comp.lr_scheduler.step()
-            comp.optimizer.zero_grad(set_to_none=True)
-
-
-class _CachedTextStep(TrainingStep):
-    """TrainingStep whose frozen text encoder is served from a TextEmbeddingCache.
-
-    Stand-in until TrainingStep takes a cache itself: it replaces only the encode call, and
-    keeps embedding perturbation on the cached output.
-    """
-
-    text_cache: TextEmbeddingCache
-
-    def _text_embeddings(self, captions, generator):
-        from trainer.text import perturb_embeddings
-
-        def encode(texts):
-            with self._autocast():
-                return encode_captions(
-                    self.text_encoder,
-                    self.tokenizer,
-                    texts,
-                    clip_skip=self.settings.clip_skip,
-                    max_token_length=self.settings.max_token_length,
-                    device=self.device,
-                )
-
-        emb = self.text_cache.encode(captions, encode)
-        return perturb_embeddings(emb, self.settings.embedding_perturbation, generator)
+        if self.optim.should_backward(loss):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.optim.step(self.scaler)
 
 
 def build(args: argparse.Namespace) -> Bench:
@@ -177,33 +158,31 @@ def build(args: argparse.Namespace) -> Bench:
     )
     settings = TrainOptimSettings(lr=args.lr, disable_textenc_training=freeze_te)
     model.vae.requires_grad_(False)
-    if args.bf16_weights:
-        model.unet.to(torch.bfloat16)
-        if not freeze_te:
-            model.text_encoder.to(torch.bfloat16)
     total = args.warmup + args.steps + 1
     optim = build_optimizers(
         opt_file, settings, unet=model.unet, text_encoder=model.text_encoder, total_optimizer_steps=total
     )
-    place_models(model, device, autocast_dtype)
+    weight_dtype = torch.bfloat16 if args.bf16_weights else torch.float32
+    place_models(model, device, autocast_dtype, weight_dtype=weight_dtype)
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
-    schedule = NoiseSchedule.from_scheduler_config(model.scheduler_config)
-    step_cls = _CachedTextStep if args.cache_text else TrainingStep
-    step = step_cls(
+    text_cache = None
+    if args.cache_text:
+        text_cache = TextEmbeddingCache(text_encoder_fingerprint(model.text_encoder, model.source))
+    step = TrainingStep(
         unet=model.unet,
         text_encoder=model.text_encoder,
         vae=model.vae,
         tokenizer=model.tokenizer,
-        schedule=schedule,
+        schedule=NoiseSchedule.from_scheduler_config(model.scheduler_config),
         settings=StepSettings(),
         device=device,
         autocast_dtype=autocast_dtype,
+        text_cache=text_cache,
+        channels_last=args.channels_last,
     )
-    if args.cache_text:
-        step.text_cache = TextEmbeddingCache(text_encoder_fingerprint(model.text_encoder, model.source))
     batches = _batches(args, step, device)
-    if args.cache_text:  # steady state: every caption seen in an earlier epoch
+    if text_cache is not None:  # steady state: every caption seen in an earlier epoch
         for b in batches:
             step._text_embeddings(b["captions"], torch.Generator(device))
     return Bench(
@@ -211,11 +190,9 @@ def build(args: argparse.Namespace) -> Bench:
         model=model,
         step=step,
         optim=optim,
-        fused=None,
         scaler=make_grad_scaler(autocast_dtype, device),
         batches=batches,
         generator=torch.Generator(device).manual_seed(args.seed),
-        sr_generator=torch.Generator(device).manual_seed(args.seed + 1) if args.bf16_weights else None,
     )
 
 
@@ -228,10 +205,7 @@ def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device)
         captions = [CAPTIONS[(i * args.batch_size + k) % len(CAPTIONS)] for k in range(args.batch_size)]
         batch = {"captions": captions, "loss_scale": torch.ones(args.batch_size)}
         if args.cache_latents:
-            latents = step.encode_latents(pixels.to(device))
-            if args.channels_last:
-                latents = latents.contiguous(memory_format=torch.channels_last)
-            batch["latents"] = latents
+            batch["latents"] = step.encode_latents(pixels.to(device))
         else:
             batch["pixel_values"] = pixels.to(device)
         out.append(batch)
@@ -252,22 +226,22 @@ def count_flops(bench: Bench) -> int:
 
 
 def finish_setup(bench: Bench) -> None:
-    """Options applied after the FLOP count: checkpointing, compile, fused backward."""
+    """Options applied after the FLOP count, in the trainer's order: checkpointing, compile,
+    then stochastic rounding / fused back pass around the optimizer set (fused hooks attached
+    before the count would step the optimizer during it)."""
     args, model = bench.args, bench.model
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if args.compile:
-        model.unet.compile()
-    if args.fused_backward:
-        step_fn = None
-        if bench.sr_generator is not None:
-
-            def step_fn(opt, gen=bench.sr_generator):
-                step_with_stochastic_rounding(opt, gen)
-
-        bench.fused = fused_backward_from_optimizer_set(
-            bench.optim, uses_grad_scaler=bench.scaler is not None, step_fn=step_fn
-        )
+        compile_unet(model.unet, backend="inductor", mode="default")
+    bench.optim = wrap_optimizer_set(
+        bench.optim,
+        weight_dtype="bf16" if args.bf16_weights else "fp32",
+        fused_back_pass=args.fused_backward,
+        uses_grad_scaler=bench.scaler is not None,
+        device=bench.step.device,
+        seed=args.seed + 1,
+    )
 
 
 def _sync(device: torch.device) -> None:

@@ -129,3 +129,17 @@ def test_copy_to_another_module():
     assert torch.equal(target.lin.weight, torch.full_like(target.lin.weight, 5.0))
     with pytest.raises(KeyError, match="unet"):
         ema.copy_to("vae", target)
+
+
+def test_bf16_weights_get_fp32_shadows_that_accumulate_small_updates():
+    """With decay 0.999 each update moves the shadow by 0.1 % of the gap: invisible to bf16."""
+    model = make().to(torch.bfloat16)
+    ema = EMA({"unet": model}, decay=0.999, update_interval=1)
+    assert ema.shadow["unet"]["lin.weight"].dtype == torch.float32
+    start = ema.shadow["unet"]["lin.weight"].clone()
+    with torch.no_grad():
+        model.lin.weight.add_(0.01)
+    for _ in range(10):
+        ema.update()
+    moved = ema.shadow["unet"]["lin.weight"] - start
+    torch.testing.assert_close(moved, (model.lin.weight.float() - start) * (1 - 0.999**10))

@@ -82,3 +82,48 @@ def test_resume_refuses_changed_batch_size(tmp_path):
 def test_findlast_without_checkpoint_names_project(tmp_path):
     with pytest.raises(CheckpointError, match="no complete resumable checkpoint of project 'ghost'"):
         train_in_process(tmp_path, project_name="ghost", resume_ckpt="findlast")
+
+
+SPEED_RUN = dict(
+    max_epochs=1, batch_size=4, resolution=64, lr=None, cond_dropout=0.2, flip_p=0.5, no_save_ckpt=True
+)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fused_back_pass": True},
+        {"weight_dtype": "bf16", "ema_decay_rate": 0.9, "ema_update_interval": 1},
+        {"weight_dtype": "bf16", "fused_back_pass": True},
+        {"cache_text_encoder_outputs": True, "disable_textenc_training": True},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items() if not k.startswith("ema")),
+)
+def test_resume_is_bitwise_exact_with_speed_options(tmp_path, options):
+    """Per-parameter optimizer state, the stochastic-rounding stream and a cache that starts
+    empty after the restart must all continue exactly."""
+    opt = optimizer_file(tmp_path, OPTIMIZERS["adamw"])
+    run = {**SPEED_RUN, **options, "optimizer_config": opt}
+    _, straight = train_in_process(tmp_path, project_name="straight", stop_at_step=4, **run)
+    train_in_process(tmp_path, project_name="resumed", stop_at_step=2, **run)
+    summary, resumed = train_in_process(
+        tmp_path, project_name="resumed", stop_at_step=4, resume_ckpt="findlast", **run
+    )
+    assert summary.global_step == 4 and resumed.resumed_from is not None
+    assert_bitwise_equal(
+        _weights(final_checkpoint(straight), "pipeline"), _weights(final_checkpoint(resumed), "pipeline")
+    )
+
+
+def test_fused_and_plain_optimizer_states_are_not_interchangeable(tmp_path):
+    opt = optimizer_file(tmp_path, OPTIMIZERS["adamw"])
+    train_in_process(tmp_path, project_name="p", optimizer_config=opt, stop_at_step=1, **SPEED_RUN)
+    with pytest.raises(CheckpointError, match="resume it with fused_back_pass: false"):
+        train_in_process(
+            tmp_path,
+            project_name="p",
+            optimizer_config=opt,
+            resume_ckpt="findlast",
+            fused_back_pass=True,
+            **SPEED_RUN,
+        )

@@ -41,14 +41,17 @@ def test_cached_equals_direct_and_encodes_misses_only(model):
     encode = _encoder(model, calls, clip_skip=2)
     cache = TextEmbeddingCache(text_encoder_fingerprint(model.text_encoder), clip_skip=2)
     first = cache.encode(["a cat", "a dog", "a cat"], encode)
-    assert calls == [["a cat", "a dog"]]  # duplicates within a batch are encoded once
+    # duplicates within a batch are encoded once, each miss on its own (batch-independent entries)
+    assert calls == [["a cat"], ["a dog"]]
     second = cache.encode(["a dog", "", "a cat"], encode)
-    assert calls[1:] == [[""]]  # only the new variant (a dropped caption) is encoded
+    assert calls[2:] == [[""]]  # only the new variant (a dropped caption) is encoded
     direct = encode_captions(
         model.text_encoder, model.tokenizer, ["a dog", "", "a cat"], clip_skip=2, device="cpu"
     )
     torch.testing.assert_close(second, direct, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(first[0], first[2])
+    alone = TextEmbeddingCache(text_encoder_fingerprint(model.text_encoder), clip_skip=2)
+    assert torch.equal(alone.encode(["a dog"], encode)[0], first[1])  # same bits whatever the batch
     assert (cache.hits, cache.misses, len(cache)) == (2, 4, 3)
 
 

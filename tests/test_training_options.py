@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import DATA, ROOT, base_args, checkpoint_dirs, pipeline_weights, train_in_process
+from tests.helpers import (
+    DATA,
+    ROOT,
+    base_args,
+    checkpoint_dirs,
+    copy_images,
+    pipeline_weights,
+    train_in_process,
+)
 from trainer import diffusion
 from trainer.errors import TrainingStopped
 from trainer.optim.optimizer_set import OptimizerSet
@@ -113,6 +121,7 @@ def baseline(tmp_path_factory, fast):
     return {
         "weights": weights(session),
         "loss": scalars(session.run.path, "loss/train"),
+        "grad_norm": scalars(session.run.path, "grad_norm/unet"),
         "final_loss": summary.final_loss,
     }
 
@@ -321,3 +330,138 @@ def test_in_process_runs_leave_no_log_handlers_behind(tmp_path, fast):
     assert root.handlers == before
     run(tmp_path / "b", fast, stop_at_step=1)
     assert (first.run.path / "train.log").read_text().count("stopped by stop_at_step") == 1
+
+
+# --- speed and memory options (docs/PERFORMANCE.md) -----------------------------------------
+
+
+def relative_change(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+) -> float:
+    """Mean |a - b| over the mean training update |b - start|: ~0 for two runs of the same maths
+    (Adam turns rounding-level gradient differences into a few lr-sized flips), ~1 for unrelated runs."""
+    diff = sum(float((a[k] - b[k]).abs().sum()) for k in a)
+    moved = sum(float((b[k] - start[k]).abs().sum()) for k in b)
+    return diff / moved
+
+
+def test_fused_back_pass_is_the_same_update_without_keeping_gradients(tmp_path, fast, baseline):
+    summary, session = run(tmp_path, fast, fused_back_pass=True)
+    assert summary.global_step == 2 and session.optim.steps_in_backward
+    # Per-parameter AdamW inside backward is the same update as one AdamW after it: bitwise.
+    assert max_diff(weights(session), baseline["weights"]) == 0.0
+    assert all(p.grad is None for p in session.model.unet.parameters())  # freed inside backward
+    norms = scalars(session.run.path, "grad_norm/unet")
+    assert [s for s, _ in norms] == [1, 2]
+    for (_, fused), (_, plain) in zip(norms, baseline["grad_norm"], strict=True):
+        assert fused == pytest.approx(plain, rel=1e-4)
+
+
+def test_fused_back_pass_skips_a_nonfinite_loss_before_touching_weights(tmp_path, fast, monkeypatch):
+    _poison(monkeypatch, {1})
+    summary, session = run(tmp_path, fast, fused_back_pass=True, stop_at_step=3)
+    assert summary.global_step == 3 and summary.nonfinite_steps == 1
+    # Two finite steps reached the per-parameter optimizers; the poisoned one never did.
+    steps = {
+        int(o.state[p]["step"])
+        for o, p in zip(
+            session.optim.fused["unet"].optimizers, session.optim.fused["unet"].params, strict=True
+        )
+    }
+    assert steps == {2}
+    assert all_finite(weights(session))
+
+
+def test_fused_back_pass_refuses_settings_it_cannot_honour(tmp_path, fast):
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+    from trainer.session import build_session
+
+    with pytest.raises(ConfigError, match="fused_back_pass needs grad_accum 1"):
+        load_config(
+            str(ROOT / "train.json"),
+            base_args(tmp_path, **{**fast, "fused_back_pass": True, "grad_accum": 2}),
+        )
+    opt = tmp_path / "dadapt.json"
+    opt.write_text(json.dumps({"base": {"optimizer": "dadapt_adam", "lr": 1.0}}))
+    cfg = load_config(
+        str(ROOT / "train.json"),
+        base_args(tmp_path, **{**fast, "fused_back_pass": True, "optimizer_config": str(opt)}),
+    )
+    with pytest.raises(ConfigError, match="optimizer 'dadapt_adam'"):
+        build_session(cfg)
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())  # no empty run
+
+
+def test_text_encoder_cache_trains_like_the_frozen_encoder(tmp_path, fast):
+    """8 images, batch 4, 4 steps = 2 epochs: the second epoch is served from the cache."""
+    data = copy_images(tmp_path / "data", 8)
+    common = {**fast, "data_root": data, "disable_textenc_training": True, "stop_at_step": 4, "max_epochs": 2}
+    _, plain = run(tmp_path / "plain", fast, **common)
+    _, cached = run(tmp_path / "cached", fast, **common, cache_text_encoder_outputs=True)
+    cache = cached.step.text_cache
+    assert cache is not None and cache.hits >= 4 and cache.misses <= 10
+    loss_plain, loss_cached = scalars(plain.run.path, "loss/train"), scalars(cached.run.path, "loss/train")
+    assert [s for s, _ in loss_cached] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(loss_plain, loss_cached, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert relative_change(weights(cached), weights(plain), start_weights()) < 0.05
+
+
+def test_text_encoder_cache_needs_a_frozen_text_encoder(tmp_path, fast):
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cache_text_encoder_outputs needs disable_textenc_training: true"):
+        load_config(
+            str(ROOT / "train.json"), base_args(tmp_path, **{**fast, "cache_text_encoder_outputs": True})
+        )
+
+
+def test_bf16_weights_train_with_fp32_optimizer_state_ema_and_samples(tmp_path, fast):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"num_inference_steps": 2, "samples": [{"prompt": "a red circle"}]}))
+    summary, session = run(
+        tmp_path,
+        fast,
+        weight_dtype="bf16",
+        ema_decay_rate=0.9,
+        ema_update_interval=1,
+        ema_sample_ema_model=True,
+        sample_prompts=str(prompts),
+        sample_steps=2,
+    )
+    assert session.model.unet.dtype == torch.bfloat16 and session.model.text_encoder.dtype == torch.bfloat16
+    assert session.model.vae.dtype == torch.float32
+    trained = weights(session)
+    assert all_finite(trained) and math.isfinite(summary.final_loss)
+    assert max_diff(trained, start_weights()) > 100 * SAME_TOL
+    unet_opt = session.optim.components["unet"].optimizer
+    assert {s["exp_avg"].dtype for s in unet_opt.state.values()} == {torch.float32}
+    assert all(t.dtype == torch.float32 for t in session.ema.shadow["unet"].values())
+    names = sorted(p.name for p in session.run.samples.glob("*.png"))
+    assert [n.split("-")[:2] for n in names] == [["gs000000", "ema"], ["gs000002", "ema"]]
+
+
+def test_compile_with_gradient_checkpointing_trains_like_eager(tmp_path, fast, baseline):
+    """aot_eager runs torch.compile's tracing and AOT autograd (the parts that meet checkpointing)
+    without inductor's C++ build, which would dominate a CPU test."""
+    summary, session = run(
+        tmp_path, fast, compile=True, compile_backend="aot_eager", gradient_checkpointing=True
+    )
+    assert summary.global_step == 2
+    assert session.model.unet._compiled_call_impl is not None
+    assert not any("_orig_mod" in k for k in session.model.unet.state_dict())  # checkpoints unchanged
+    loss = scalars(session.run.path, "loss/train")
+    for (_, a), (_, b) in zip(loss, baseline["loss"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert relative_change(weights(session), baseline["weights"], start_weights()) < 0.05
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path, fast, baseline):
+    summary, session = run(tmp_path, fast, channels_last=True)
+    assert session.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    loss = scalars(session.run.path, "loss/train")
+    for (_, a), (_, b) in zip(loss, baseline["loss"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert relative_change(weights(session), baseline["weights"], start_weights()) < 0.05

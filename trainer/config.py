@@ -113,6 +113,29 @@ class TrainConfig(BaseModel):
     )
     seed: int = Field(555, ge=-1, description="-1 picks a random seed (recorded in the run folder).")
 
+    # --- speed and memory (docs/PERFORMANCE.md) ---------------------------------------------
+    cache_text_encoder_outputs: bool = Field(
+        False,
+        description="Encode each distinct caption once and reuse the output; needs a frozen text "
+        "encoder (disable_textenc_training).",
+    )
+    compile: bool = Field(False, description="torch.compile the UNet (works with gradient_checkpointing).")
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend when compile is true."
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when compile is true."
+    )
+    channels_last: bool = Field(False, description="UNet weights and inputs in channels_last memory format.")
+    fused_back_pass: bool = Field(
+        False,
+        description="Step the optimizer per parameter inside backward so all gradients never coexist "
+        "(needs grad_accum 1, no clip_grad_norm, no fp16, one process).",
+    )
+    weight_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Storage of trained weights; bf16 updates them with stochastic rounding."
+    )
+
     # --- diffusion maths ------------------------------------------------------------------
     loss_type: Literal["mse", "huber", "smooth_l1", "mse_huber", "huber_mse"] = Field(
         "mse", description="Loss: mse, huber, smooth_l1, or a timestep blend (docs/TRAINING_STEP.md)."
@@ -192,6 +215,32 @@ class TrainConfig(BaseModel):
             )
         if self.ema_decay_rate is not None and self.ema_strength_target is not None:
             raise ValueError("set ema_decay_rate or ema_strength_target, not both")
+        if self.fused_back_pass and self.grad_accum != 1:
+            raise ValueError(
+                f"fused_back_pass needs grad_accum 1 (got {self.grad_accum}): each backward updates the "
+                "weights, so gradients cannot accumulate. Set grad_accum to 1 or fused_back_pass to false"
+            )
+        if self.fused_back_pass and self.clip_grad_norm is not None:
+            raise ValueError(
+                f"fused_back_pass cannot clip gradients (clip_grad_norm={self.clip_grad_norm}): clipping "
+                "needs every gradient before the first update. Set clip_grad_norm to null or fused_back_pass "
+                "to false"
+            )
+        if self.cache_text_encoder_outputs and not self.disable_textenc_training:
+            raise ValueError(
+                "cache_text_encoder_outputs needs disable_textenc_training: true (a text encoder that "
+                "trains gives new outputs every step, so they cannot be cached)"
+            )
+        if self.compile and self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ValueError(
+                f"compile_mode {self.compile_mode!r} only applies to compile_backend 'inductor' "
+                f"(got {self.compile_backend!r}); set compile_mode to 'default' or the backend to 'inductor'"
+            )
+        if self.weight_dtype == "bf16" and self.mixed_precision == "fp16" and not self.disable_amp:
+            raise ValueError(
+                "weight_dtype bf16 with mixed_precision fp16 would compute in fp16 on bf16 weights; "
+                "use mixed_precision bf16 (or no)"
+            )
         return self
 
     @property

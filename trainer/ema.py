@@ -43,6 +43,10 @@ def _trainable(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def _shadow_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _chunks(tensors: list[Tensor]) -> Iterator[slice]:
     start, size = 0, 0
     for i, t in enumerate(tensors):
@@ -79,8 +83,10 @@ class EMA:
         self.buffers: dict[str, dict[str, Tensor]] = {}
         with torch.no_grad():
             for name, module in self._modules.items():
+                # At least fp32 even for bf16 weights: (1 - decay) * delta is far below bf16's resolution.
                 self.shadow[name] = {
-                    n: p.detach().to(self.device, copy=True) for n, p in _trainable(module).items()
+                    n: p.detach().to(self.device, dtype=_shadow_dtype(p.dtype), copy=True)
+                    for n, p in _trainable(module).items()
                 }
                 self.buffers[name] = {
                     n: b.detach().to(self.device, copy=True) for n, b in module.named_buffers()

@@ -115,7 +115,8 @@ def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) ->
         out = s.step(batch, s.state.generator)
         # Every sample of the window (across all ranks) weighs the same; DDP averages over ranks.
         loss = out.loss.sum() * s.accelerator.num_processes / batch["global_window_samples"]
-        (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
+        if s.optim.should_backward(loss):  # false only for a non-finite loss under fused_back_pass
+            (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
     tracker.micro_batch(out.loss, out.timesteps)
     s.state.batch_in_epoch += 1
     s.state.samples_seen += len(batch["captions"]) * s.accelerator.num_processes

@@ -34,6 +34,7 @@ class StepTracker:
         self.bar = tqdm(
             total=total_steps, initial=start_step, unit="step", disable=not enabled, dynamic_ncols=True
         )
+        self._edges: dict[torch.device, torch.Tensor] = {}
         self._reset_window()
         self._epoch_sum = 0.0
         self._epoch_count = 0
@@ -42,8 +43,8 @@ class StepTracker:
     def _reset_window(self) -> None:
         self._loss_sum = None
         self._count = 0
-        self._band_sum = torch.zeros(len(BAND_EDGES) - 1, dtype=torch.float64)
-        self._band_count = torch.zeros(len(BAND_EDGES) - 1, dtype=torch.float64)
+        self._band_sum: torch.Tensor | None = None  # on the loss's device, like _loss_sum
+        self._band_count: torch.Tensor | None = None
         self._norms: dict[str, torch.Tensor] = {}
         self._steps = 0
         self._images = 0
@@ -55,9 +56,15 @@ class StepTracker:
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._count += detached.numel()
         self._images += detached.numel()
-        bands = torch.bucketize(timesteps.detach().cpu(), torch.tensor(BAND_EDGES[1:-1]), right=True)
-        self._band_sum.index_add_(0, bands, detached.cpu().double())
-        self._band_count.index_add_(0, bands, torch.ones_like(bands, dtype=torch.float64))
+        if self._band_sum is None:
+            self._band_sum = torch.zeros(len(BAND_EDGES) - 1, device=detached.device)
+            self._band_count = torch.zeros_like(self._band_sum)
+        edges = self._edges.get(detached.device)
+        if edges is None:
+            edges = self._edges[detached.device] = torch.tensor(BAND_EDGES[1:-1], device=detached.device)
+        bands = torch.bucketize(timesteps.detach().to(detached.device), edges, right=True)
+        self._band_sum.index_add_(0, bands, detached)
+        self._band_count.index_add_(0, bands, torch.ones_like(detached))
 
     def optimizer_step(
         self, global_step: int, grad_norms: dict[str, torch.Tensor], lrs_fn, epoch: int
@@ -88,10 +95,11 @@ class StepTracker:
         values.update(
             {f"grad_norm/{name}": float(n) / max(self._steps, 1) for name, n in self._norms.items()}
         )
+        band_sum, band_count = self._band_sum.tolist(), self._band_count.tolist()
         for i in range(len(BAND_EDGES) - 1):
-            if self._band_count[i] > 0:
+            if band_count[i] > 0:
                 band = f"loss_by_timestep/{BAND_EDGES[i]:03d}-{BAND_EDGES[i + 1]:03d}"
-                values[band] = float(self._band_sum[i] / self._band_count[i])
+                values[band] = band_sum[i] / band_count[i]
         if torch.cuda.is_available():
             values.update(_cuda_memory())
         self.metrics.scalars(values, global_step)

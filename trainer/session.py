@@ -28,6 +28,7 @@ from trainer.logging import Metrics
 from trainer.models import SDComponents, load_model
 from trainer.observe import Observers
 from trainer.optim import (
+    FusedOptimizerSet,
     OptimizerFile,
     OptimizerSet,
     TrainOptimSettings,
@@ -39,6 +40,8 @@ from trainer.run import RunFolder, attach_file_log, new_run_folder, run_folder_o
 from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
 from trainer.step import StepSettings, TrainingStep
+from trainer.stochastic_rounding import StochasticRounding
+from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 from trainer.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ class Session:
     model: SDComponents
     data: DataPlan
     step: TrainingStep
-    optim: OptimizerSet
+    optim: OptimizerSet | FusedOptimizerSet
     scaler: torch.amp.GradScaler | None
     ema: EMA | None
     metrics: Metrics
@@ -129,6 +132,19 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     log.info("model: %s (%s)", model.source, model.family)
     attention = configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)
     data = load_data(_data_settings(cfg, accelerator))
+    device = accelerator.device
+    autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
+    scaler = make_grad_scaler(autocast_dtype, device)
+    optim, total_steps = _build_optim(cfg, opt_file, model, data)
+    optim = wrap_optimizer_set(
+        optim,
+        weight_dtype=cfg.weight_dtype,
+        fused_back_pass=cfg.fused_back_pass,
+        uses_grad_scaler=scaler is not None,
+        device=device,
+        seed=cfg.seed + accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
     run = run_folder_of_checkpoint(ckpt.path) if resuming else None
     if run is None:
         run = new_run_folder(cfg.logdir, cfg.project_name) if accelerator.is_main_process else None
@@ -139,13 +155,15 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         log.info("model: %s (%s)", model.source, model.family)
         log.info("attention: %s", attention)
     log.info("%s", data.summary())
+    log.info("optimizer settings (%s):\n%s", opt_file.source, optim.summary_table())
 
-    device = accelerator.device
-    autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
-    optim, total_steps = _build_optim(cfg, opt_file, model, data)
-    place_models(model, device, autocast_dtype)
+    place_models(model, device, autocast_dtype, weight_dtype=_WEIGHT_DTYPES[cfg.weight_dtype])
+    if cfg.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.compile:
+        compile_unet(model.unet, backend=cfg.compile_backend, mode=cfg.compile_mode)
     wrapped = _prepare_for_ddp(accelerator, model)
     schedule = NoiseSchedule.from_scheduler_config(
         model.scheduler_config,
@@ -161,6 +179,8 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         settings=_step_settings(cfg),
         device=device,
         autocast_dtype=autocast_dtype,
+        text_cache=_text_cache(cfg, model),
+        channels_last=cfg.channels_last,
     )
     state = TrainingState()
     state.generator.manual_seed(cfg.seed)
@@ -173,7 +193,7 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         data=data,
         step=step,
         optim=optim,
-        scaler=make_grad_scaler(autocast_dtype, device),
+        scaler=scaler,
         ema=_build_ema(cfg, model, total_steps),
         metrics=None,  # set below, after the resume step is known
         state=state,
@@ -287,19 +307,72 @@ def _build_optim(cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents,
     return optim, total
 
 
-def place_models(model: SDComponents, device: torch.device, autocast_dtype) -> None:
-    """Move models to the device (after freezing); frozen parts in half precision on GPU only."""
+_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def place_models(
+    model: SDComponents, device: torch.device, autocast_dtype, *, weight_dtype: torch.dtype = torch.float32
+) -> None:
+    """Move models to the device (after freezing). Frozen parts go to half precision on GPU only
+    (on CPU half-precision kernels are slow or missing); trained modules to `weight_dtype`.
+    Parameters keep their identity, so optimizers built before this still hold them."""
     frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
     model.vae.to(device).eval()
     te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
+    unet_trainable = any(p.requires_grad for p in model.unet.parameters())
     model.text_encoder.to(device)
+    model.unet.to(device)
     if frozen_dtype != torch.float32:
         model.vae.to(dtype=frozen_dtype)
-        if not te_trainable:
-            model.text_encoder.to(dtype=frozen_dtype)
-    model.unet.to(device)
+    for module, trainable in ((model.text_encoder, te_trainable), (model.unet, unet_trainable)):
+        dtype = weight_dtype if trainable else frozen_dtype
+        if dtype != torch.float32:
+            # nn.Module.to: diffusers' override warns about fp32-only modules, which SD models lack.
+            torch.nn.Module.to(module, dtype=dtype)
     model.unet.train()
     model.text_encoder.train(te_trainable)
+
+
+def compile_unet(unet: torch.nn.Module, *, backend: str, mode: str) -> None:
+    """`torch.compile` the UNet in place (`module.compile()`), so state_dict keys, saving, EMA and
+    DDP see the same module. Works with gradient checkpointing (diffusers uses the non-reentrant
+    variant, which dynamo traces). Each new input shape (aspect bucket, short last batch)
+    recompiles once; after the second, dynamic shapes are used."""
+    unet.compile(backend=backend, mode=None if mode == "default" else mode)
+    log.info("torch.compile: UNet with backend %s, mode %s (first steps compile)", backend, mode)
+
+
+def wrap_optimizer_set(
+    optim: OptimizerSet,
+    *,
+    weight_dtype: str,
+    fused_back_pass: bool,
+    uses_grad_scaler: bool,
+    device: torch.device,
+    seed: int,
+    world_size: int = 1,
+) -> OptimizerSet | FusedOptimizerSet:
+    """bf16 stochastic rounding (`weight_dtype` "bf16") and the fused back pass around a built
+    OptimizerSet; ConfigError when the fused back pass is impossible (fused_backward.py)."""
+    rounding = None
+    if weight_dtype == "bf16":
+        rounding = StochasticRounding(device, seed=seed)
+        optim.rounding = rounding
+    if not fused_back_pass:
+        return optim
+    return FusedOptimizerSet(
+        optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size, rounding=rounding
+    )
+
+
+def _text_cache(cfg: TrainConfig, model: SDComponents) -> TextEmbeddingCache | None:
+    """In-memory text-encoder output cache (host memory: ~118-236 KB per distinct SD1.5 caption)."""
+    if not cfg.cache_text_encoder_outputs:
+        return None
+    fingerprint = text_encoder_fingerprint(model.text_encoder, model.source)
+    return TextEmbeddingCache(
+        fingerprint, clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length, storage_device="cpu"
+    )
 
 
 def enable_gradient_checkpointing(model: SDComponents) -> None:
@@ -407,6 +480,9 @@ def _build_observers(session: Session, autocast_dtype) -> Observers:
             cfg.sample_prompts, resolution=cfg.resolution, default_seed=cfg.seed, fallback_captions=captions
         )
         sample_at_start = sample_at_start and spec.generate_pretrain_samples
+        sample_dtype = autocast_dtype
+        if sample_dtype is None and cfg.weight_dtype == "bf16":
+            sample_dtype = torch.bfloat16  # bf16 weights next to an fp32 VAE: the pipeline must autocast
         variants = sample_variants(
             ema_enabled=session.ema is not None,
             sample_ema=cfg.ema_sample_ema_model,
@@ -417,7 +493,7 @@ def _build_observers(session: Session, autocast_dtype) -> Observers:
             session.run.samples,
             variants=variants,
             zero_terminal_snr=cfg.enable_zero_terminal_snr,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=sample_dtype,
         )
     validator = None
     val_cfg = load_validation_config(cfg.validation_config)
@@ -433,6 +509,7 @@ def _build_observers(session: Session, autocast_dtype) -> Observers:
             settings=replace(session.step.settings, embedding_perturbation=0.0),
             device=session.device,
             autocast_dtype=autocast_dtype,
+            text_cache=session.step.text_cache,  # outputs depend only on the caption: safe to share
         )
         validator = Validator(
             session.data,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from trainer import diffusion
 from trainer.errors import ConfigError
 from trainer.text import ALLOWED_MAX_TOKEN_LENGTHS, encode_captions, perturb_embeddings
+from trainer.text_cache import TextEmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,11 @@ class TrainingStep:
         settings: StepSettings,
         device: torch.device | str,
         autocast_dtype: torch.dtype | None = None,
+        text_cache: TextEmbeddingCache | None = None,
+        channels_last: bool = False,
     ) -> None:
+        """`text_cache` serves a frozen text encoder's outputs (refused for a trainable one);
+        `channels_last` feeds the UNet channels_last inputs (convert its weights too)."""
         if settings.timestep_end > schedule.num_train_timesteps:
             raise ConfigError(
                 f"timestep_end={settings.timestep_end} exceeds the scheduler's "
@@ -105,6 +110,13 @@ class TrainingStep:
         self.schedule = schedule.to(self.device)
         self.settings = settings
         self.autocast_dtype = autocast_dtype
+        if text_cache is not None and _requires_grad(text_encoder):
+            raise ConfigError(
+                "cache_text_encoder_outputs needs a frozen text encoder, but it trains; set "
+                "disable_textenc_training: true (or freeze every layer with text_encoder_freezing)."
+            )
+        self.text_cache = text_cache
+        self.channels_last = channels_last
         # Read from the VAE config, not hard-coded (ED2 uses 0.18215 whatever the VAE).
         self.scaling_factor = float(vae.config.scaling_factor) if vae is not None else None
 
@@ -123,15 +135,15 @@ class TrainingStep:
         """
         if self.vae is None:
             raise ConfigError("batch has pixel_values but the training step was built without a VAE.")
-        pixels = pixel_values.to(device=self.device, dtype=self.vae.dtype)
+        pixels = pixel_values.to(device=self.device, non_blocking=True).to(self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
         latents = dist.mean if generator is None else dist.sample(generator=generator)
         return latents.float() * self.scaling_factor
 
-    def _text_embeddings(self, captions: list[str], generator) -> Tensor:
+    def _encode_text(self, captions: list[str]) -> Tensor:
         grad = torch.enable_grad() if _requires_grad(self.text_encoder) else torch.no_grad()
         with grad, self._autocast():
-            emb = encode_captions(
+            return encode_captions(
                 self.text_encoder,
                 self.tokenizer,
                 captions,
@@ -139,6 +151,12 @@ class TrainingStep:
                 max_token_length=self.settings.max_token_length,
                 device=self.device,
             )
+
+    def _text_embeddings(self, captions: list[str], generator) -> Tensor:
+        if self.text_cache is None:
+            emb = self._encode_text(captions)
+        else:
+            emb = self.text_cache.encode(captions, self._encode_text)
         gamma = self.settings.embedding_perturbation
         if not isinstance(generator, list):
             return perturb_embeddings(emb, gamma, generator)
@@ -170,13 +188,13 @@ class TrainingStep:
         """Batch latents: cached, or VAE-encoded with a posterior sample from `generator`
         (one generator for the batch, or a list with one per sample)."""
         if "latents" in batch:
-            return batch["latents"].to(device=self.device, dtype=torch.float32)
+            return batch["latents"].to(device=self.device, non_blocking=True).float()
         if "pixel_values" not in batch:
             raise KeyError("batch needs 'latents' or 'pixel_values'")
         if not isinstance(generator, list):
             return self.encode_latents(batch["pixel_values"], generator)
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(device=self.device, dtype=self.vae.dtype)
+            pixels = batch["pixel_values"].to(device=self.device, non_blocking=True).to(self.vae.dtype)
             dist = self.vae.encode(pixels).latent_dist
             eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generator])
             latents = dist.mean + dist.std * eps.to(device=dist.mean.device, dtype=dist.mean.dtype)
@@ -205,8 +223,11 @@ class TrainingStep:
         noisy = diffusion.add_noise(self.schedule, latents, noise, timesteps)
         target = diffusion.prediction_target(self.schedule, latents, noise, timesteps)
         unet_dtype = next(self.unet.parameters()).dtype
+        noisy = noisy.to(unet_dtype)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            pred = self.unet(noisy.to(unet_dtype), timesteps, embeddings.to(unet_dtype)).sample
+            pred = self.unet(noisy, timesteps, embeddings.to(unet_dtype)).sample
 
         per_sample = diffusion.per_sample_loss(
             pred,
@@ -220,7 +241,9 @@ class TrainingStep:
             weights = diffusion.min_snr_weight(
                 diffusion.snr(self.schedule, timesteps), s.min_snr_gamma, self.schedule.prediction_type
             )
-        loss_scale = torch.as_tensor(batch["loss_scale"], dtype=torch.float32).to(self.device)
+        loss_scale = torch.as_tensor(batch["loss_scale"], dtype=torch.float32).to(
+            self.device, non_blocking=True
+        )
         loss_scale = loss_scale.expand(bsz) if loss_scale.ndim == 0 else loss_scale
         loss = diffusion.weighted_loss(per_sample, loss_scale=loss_scale, weights=weights)
         return StepOutput(loss=loss, timesteps=timesteps)

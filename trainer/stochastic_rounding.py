@@ -17,6 +17,9 @@ backward step (trainer/optim/fused_backward.py, one parameter at a time) it is o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -76,3 +79,44 @@ def step_with_stochastic_rounding(
         p.grad = None
         p.data = low
         p.grad = low_grad
+
+
+class StochasticRounding:
+    """The random bits of bf16 stochastic rounding as resumable state (one generator per run).
+
+    Its generator lives on the weights' device, so rounding draws no host-side randomness and a
+    resumed run continues the same stream (`state_dict` / `load_state_dict`).
+    """
+
+    def __init__(self, device: torch.device | str, seed: int) -> None:
+        self.generator = torch.Generator(torch.device(device)).manual_seed(int(seed))
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        step_with_stochastic_rounding(optimizer, self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@contextmanager
+def fp32_params(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Show bf16 parameters as fp32 (uninitialised placeholders) inside the block.
+
+    For `optimizer.load_state_dict`: torch casts loaded state tensors to their parameter's dtype,
+    which would round fp32 moments to bf16 (breaking exact resume and the fp32 step). Only the
+    dtype matters there, so the placeholders are never filled.
+    """
+    swapped = []
+    with torch.no_grad():
+        for p in params:
+            if p.dtype == torch.bfloat16:
+                swapped.append((p, p.data))
+                p.data = torch.empty_like(p.data, dtype=torch.float32)
+    try:
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data

@@ -2,8 +2,7 @@
 
 When the text encoder does not train, its output for a caption never changes, so encoding the
 same caption every epoch is wasted work (a CLIP forward per sample per step). This cache keeps
-the hidden states of every caption it has seen, in memory, and encodes only the misses of a
-batch, in one call.
+the hidden states of every caption it has seen, in memory, and encodes only the misses.
 
 When it applies, and when it does not:
 
@@ -20,12 +19,16 @@ When it applies, and when it does not:
 * `embedding_perturbation` must be applied to the cached output, not inside `encode_fn`
   (it draws fresh noise every step).
 
+Misses are encoded **one caption at a time**, so an entry is a function of its caption alone,
+not of which other captions shared its batch (batched matmuls are not bit-identical across batch
+sizes). That keeps a resumed run, whose cache starts empty, bitwise equal to an uninterrupted
+one. The cost is paid once per distinct caption.
+
 Long captions (max_token_length 150/225) are encoded as k chunks of 77 tokens, where k is set by
 the longest caption of the *batch*; a shorter caption is padded with empty chunks (BOS, EOS,
 padding), whose encoding does not depend on the caption. The cache therefore stores each caption
-at its own length (misses are encoded one at a time in that mode) and pads with the cached
-encoding of "" (exactly one empty chunk) when a batch mixes lengths. With the default
-max_token_length 75 every caption is one chunk and misses are encoded in one batched call.
+at its own length and pads with the cached encoding of "" (exactly one empty chunk) when a batch
+mixes lengths.
 
 Memory: 77 x hidden_size values per caption (SD1.5 fp32: 236 KB; fp16: 118 KB), so 10k distinct
 captions take ~1.2-2.4 GB; pass `storage_device="cpu"` to keep entries in host memory.
@@ -121,9 +124,7 @@ class TextEmbeddingCache:
         return out if self.storage_device is None else out.to(self._out_device, non_blocking=True)
 
     def _fill(self, captions: list[str], encode_fn: EncodeFn) -> None:
-        # One chunk per caption can only happen at 75 tokens; longer settings need exact lengths.
-        groups = [captions] if self.max_token_length <= CHUNK_TOKENS else [[c] for c in captions]
-        for group in groups:
+        for group in ([c] for c in captions):  # one at a time: see the module docstring
             with torch.no_grad():
                 out = encode_fn(group)
             if out.requires_grad:

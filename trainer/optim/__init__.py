@@ -5,6 +5,7 @@ Optional packages are imported only when their optimizer is built.
 """
 
 from trainer.optim.freezing import FreezePlan, apply_text_encoder_freeze, plan_text_encoder_freeze
+from trainer.optim.fused_backward import FusedOptimizerSet
 from trainer.optim.grad_scaler import apply_grad_scaler_tweak, grad_scaler_tweak
 from trainer.optim.optimizer_set import ComponentOptimizer, OptimizerSet, StepResult, build_optimizers
 from trainer.optim.registry import REGISTRY, OptimizerSpec, OptionalDependencyError, get_spec
@@ -24,6 +25,7 @@ __all__ = [
     "ComponentOptimizer",
     "FreezePlan",
     "FreezingConfig",
+    "FusedOptimizerSet",
     "OptimizerFile",
     "OptimizerSet",
     "OptimizerSpec",

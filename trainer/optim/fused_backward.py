@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from trainer.errors import CheckpointError, ConfigError
+from trainer.optim.optimizer_set import StepResult, load_rounding_state
 from trainer.optim.registry import build_optimizer, get_spec
 from trainer.optim.schedules import build_lr_scheduler
+from trainer.stochastic_rounding import fp32_params
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class FusedBackward:
         make_optimizer: MakeOptimizer,
         lr_scheduler_factory: MakeScheduler,
         step_fn: StepFn | None = None,
+        track_grad_norm: bool = False,
     ) -> None:
         if not named_params:
             raise ConfigError("fused backward: no trainable parameters were given")
@@ -93,6 +96,8 @@ class FusedBackward:
         self.optimizers = [make_optimizer([p]) for p in self.params]
         self.schedulers = [lr_scheduler_factory(o) if lr_scheduler_factory else None for o in self.optimizers]
         self._step_fn = step_fn or (lambda opt: opt.step())
+        self._track_grad_norm = track_grad_norm
+        self._grad_sq: torch.Tensor | None = None  # sum of squared gradients since take_grad_norm
         self._handles = []
         for index, p in enumerate(self.params):
             if not p.requires_grad:
@@ -103,6 +108,9 @@ class FusedBackward:
         optimizer, scheduler = self.optimizers[index], self.schedulers[index]
 
         def step_and_free(param: torch.Tensor) -> None:
+            if self._track_grad_norm:  # stays on the device: no sync
+                sq = param.grad.detach().float().square().sum()
+                self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
             self._step_fn(optimizer)
             if scheduler is not None:
                 with warnings.catch_warnings():
@@ -111,6 +119,19 @@ class FusedBackward:
             optimizer.zero_grad(set_to_none=True)
 
         return step_and_free
+
+    def take_grad_norm(self) -> torch.Tensor | None:
+        """Total gradient norm over the hooks since the last call (0-dim, on the device), or None."""
+        sq, self._grad_sq = self._grad_sq, None
+        return None if sq is None else sq.sqrt()
+
+    def advance_schedulers(self) -> None:
+        """Step every LR schedule once without an update (a skipped step keeps LR = f(step))."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            for scheduler in self.schedulers:
+                if scheduler is not None:
+                    scheduler.step()
 
     def remove(self) -> None:
         """Detach the hooks (the parameters then get ordinary `.grad` again)."""
@@ -159,6 +180,7 @@ def attach_fused_backward(
     world_size: int = 1,
     optimizer_name: str | None = None,
     step_fn: StepFn | None = None,
+    track_grad_norm: bool = False,
 ) -> FusedBackward:
     """One optimizer per parameter (`make_optimizer([p])`), stepped in the parameter's
     post-accumulate-grad hook, with its scheduler (`lr_scheduler_factory(opt)`, or None), then
@@ -174,7 +196,7 @@ def attach_fused_backward(
     )
     items = list(params)
     named = [it if isinstance(it, tuple) else (str(i), it) for i, it in enumerate(items)]
-    return FusedBackward(named, make_optimizer, lr_scheduler_factory, step_fn)
+    return FusedBackward(named, make_optimizer, lr_scheduler_factory, step_fn, track_grad_norm)
 
 
 def fused_backward_from_optimizer_set(
@@ -184,6 +206,7 @@ def fused_backward_from_optimizer_set(
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     step_fn: StepFn | None = None,
+    track_grad_norm: bool = False,
 ) -> dict[str, FusedBackward]:
     """Fused backward for each component of an `OptimizerSet`, with the same resolved optimizer,
     options, LR and schedule as its (then unused) component optimizer. Build the OptimizerSet
@@ -216,6 +239,101 @@ def fused_backward_from_optimizer_set(
             world_size=world_size,
             optimizer_name=r.optimizer,
             step_fn=step_fn,
+            track_grad_norm=track_grad_norm,
         )
     logger.info("fused backward: %s", {n: len(f.params) for n, f in out.items()})
     return out
+
+
+class FusedOptimizerSet:
+    """What the loop steps when `fused_back_pass` is on: the OptimizerSet interface, with every
+    update already done inside backward by one `FusedBackward` per component.
+
+    Built from an `OptimizerSet` (which did the freezing and resolved the settings; its own
+    optimizers stay unused and, being lazily initialised, hold no state). The non-finite skip
+    moves before backward: `should_backward(loss)` makes the step's one host sync and refuses a
+    non-finite loss, so no parameter is touched; the LR schedules still advance, as in
+    `OptimizerSet.step`. A non-finite gradient from a finite loss cannot be caught (every
+    parameter has stepped by then); this mode refuses fp16, the usual source of those.
+    """
+
+    steps_in_backward = True
+
+    def __init__(self, base, *, uses_grad_scaler: bool, world_size: int, rounding=None) -> None:
+        self.base = base
+        self.components = base.components
+        self.clip_grad_norm = None
+        self.log_grad_norm = base.log_grad_norm
+        self.rounding = rounding
+        self.fused = fused_backward_from_optimizer_set(
+            base,
+            uses_grad_scaler=uses_grad_scaler,
+            world_size=world_size,
+            step_fn=rounding.step if rounding is not None else None,
+            track_grad_norm=base.log_grad_norm,
+        )
+        self._skip_pending = False
+
+    def should_backward(self, loss: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(loss.detach()).all())  # the step's one host sync
+        self._skip_pending |= not finite
+        return finite
+
+    def step(self, scaler=None):
+        """Finish the optimizer step whose updates happened in backward: report skip and norms."""
+        skipped, self._skip_pending = self._skip_pending, False
+        if skipped:
+            for fused in self.fused.values():
+                fused.advance_schedulers()
+        norms = {name: n for name, f in self.fused.items() if (n := f.take_grad_norm()) is not None}
+        return StepResult(skipped=skipped, grad_norms=norms)
+
+    def _first(self, name: str) -> tuple[torch.optim.Optimizer, Any]:
+        fused = self.fused[name]
+        return fused.optimizers[0], fused.schedulers[0]
+
+    def learning_rates(self) -> dict[str, float]:
+        """Effective LR per component (Adafactor's own LR when its schedule is 'adafactor')."""
+        out = {}
+        for name, comp in self.components.items():
+            optimizer, scheduler = self._first(name)
+            if comp.resolved.lr_scheduler == "adafactor":
+                out[name] = float(scheduler.get_last_lr()[0])
+            else:
+                out[name] = float(optimizer.param_groups[0]["lr"])
+        return out
+
+    def nominal_learning_rates(self) -> dict[str, float]:
+        return {name: float(self._first(name)[0].param_groups[0]["lr"] or 0.0) for name in self.components}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "stochastic_rounding": self.rounding.state_dict() if self.rounding is not None else None,
+            "fused": {name: fused.state_dict() for name, fused in self.fused.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "fused" not in state:
+            raise CheckpointError(
+                "optimizer state: the checkpoint was trained without fused_back_pass; resume it with "
+                "fused_back_pass: false."
+            )
+        if set(state["fused"]) != set(self.fused):
+            raise CheckpointError(
+                f"optimizer state: the checkpoint trains {sorted(state['fused'])}, this run trains "
+                f"{sorted(self.fused)}. Use the same disable_unet_training / disable_textenc_training."
+            )
+        for name, fused in self.fused.items():
+            with fp32_params(fused.params):  # fp32 moments stay fp32 next to bf16 weights
+                fused.load_state_dict(state["fused"][name])
+        load_rounding_state(self.rounding, state.get("stochastic_rounding"))
+
+    def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:
+        return self.base.trainable_parameter_count()
+
+    def resolved_config(self) -> dict[str, dict[str, Any]]:
+        return self.base.resolved_config()
+
+    def summary_table(self) -> str:
+        return self.base.summary_table()

@@ -32,6 +32,7 @@ from trainer.optim.resolve import (
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
 from trainer.optim.table import render_summary
+from trainer.stochastic_rounding import fp32_params
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ def build_optimizers(
     opt_set = OptimizerSet(
         components, clip_grad_norm=settings.clip_grad_norm, log_grad_norm=opt_file.log_grad_norm
     )
-    logger.info("optimizer settings (%s):\n%s", opt_file.source, opt_set.summary_table())
     return opt_set
 
 
@@ -163,6 +163,14 @@ class OptimizerSet:
         self.components = components
         self.clip_grad_norm = clip_grad_norm
         self.log_grad_norm = log_grad_norm
+        # bf16 weights (weight_dtype bf16): a StochasticRounding whose step() replaces optimizer.step().
+        self.rounding = None
+
+    steps_in_backward = False  # FusedOptimizerSet updates inside backward instead
+
+    def should_backward(self, loss: torch.Tensor) -> bool:
+        """Always true: this set checks finiteness once per step, on the gradient norms (no sync here)."""
+        return True
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One optimizer step for every component, after the loop's micro-batch backwards.
@@ -191,7 +199,10 @@ class OptimizerSet:
             for comp in comps:
                 if self.clip_grad_norm is not None:
                     clip_grads_with_norm_(comp.params, self.clip_grad_norm, norms[comp.name])
-                comp.optimizer.step()
+                if self.rounding is not None:
+                    self.rounding.step(comp.optimizer)
+                else:
+                    comp.optimizer.step()
         else:
             logger.warning(
                 "non-finite gradient norm %s: optimizer step skipped", {k: float(v) for k, v in norms.items()}
@@ -220,6 +231,7 @@ class OptimizerSet:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
+            "stochastic_rounding": self.rounding.state_dict() if self.rounding is not None else None,
             "components": {
                 name: {
                     "optimizer_name": comp.spec.name,
@@ -236,6 +248,11 @@ class OptimizerSet:
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(
                 f"optimizer state: unsupported format {state.get('format')!r} (expected {STATE_FORMAT})"
+            )
+        if "components" not in state:
+            raise CheckpointError(
+                "optimizer state: the checkpoint was trained with fused_back_pass: true (per-parameter "
+                "optimizers); resume it with fused_back_pass: true."
             )
         saved = state["components"]
         if set(saved) != set(self.components):
@@ -259,8 +276,10 @@ class OptimizerSet:
                     f"{missing}, only now {extra}). Did text_encoder_freezing or clip_skip change?"
                 )
         for name, comp in self.components.items():
-            comp.optimizer.load_state_dict(saved[name]["optimizer"])
+            with fp32_params(comp.params):  # fp32 moments stay fp32 next to bf16 weights
+                comp.optimizer.load_state_dict(saved[name]["optimizer"])
             comp.lr_scheduler.load_state_dict(saved[name]["lr_scheduler"])
+        load_rounding_state(self.rounding, state.get("stochastic_rounding"))
 
     def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:
         return {name: (c.trainable_count, c.frozen_count) for name, c in self.components.items()}
@@ -271,3 +290,16 @@ class OptimizerSet:
 
     def summary_table(self) -> str:
         return render_summary(self.components, self.clip_grad_norm)
+
+
+def load_rounding_state(rounding, saved: dict | None) -> None:
+    """Continue the checkpoint's stochastic-rounding stream; a checkpoint without one (trained
+    with fp32 weights) starts a fresh stream from the seed, which is said in the log."""
+    if rounding is None:
+        return
+    if saved is None:
+        logger.info(
+            "weight_dtype bf16: the checkpoint has no stochastic-rounding state; seeding a new stream"
+        )
+        return
+    rounding.load_state_dict(saved)
