@@ -1,6 +1,7 @@
 """Config loading: precedence, strict validation, ED2 compatibility, and the docs table."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,25 @@ def test_split_config_arg():
 def test_config_docs_table_is_current():
     text = (ROOT / "docs" / "CONFIG.md").read_text()
     assert keys_markdown() in text, "docs/CONFIG.md is stale: regenerate with python -m trainer.config"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "train").glob("*.json")), ids=lambda p: p.name)
+def test_example_train_configs_load(path):
+    data = json.loads(path.read_text())
+    cfg = load_config(str(path), [])
+    assert {k: getattr(cfg, k) for k in data} == data  # every key is read as written
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fused_back_pass": True, "grad_accum": 2}, "fused_back_pass needs grad_accum 1 (got 2)"),
+        ({"fused_back_pass": True, "clip_grad_norm": 1.0}, "fused_back_pass cannot clip gradients"),
+        ({"weight_dtype": "bf16", "mixed_precision": "fp16"}, "use mixed_precision bf16"),
+        ({"cache_text_encoder_outputs": True}, "needs disable_textenc_training: true"),
+        ({"compile": True, "compile_backend": "aot_eager", "compile_mode": "max-autotune"}, "only applies"),
+    ],
+)
+def test_speed_option_conflicts_name_both_keys_and_the_fix(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, overrides), [])
