@@ -127,3 +127,28 @@ def test_adafactor_adaptive_reports_its_own_lr():
     _train_step(model, opt_set, x, y)
     lr = opt_set.learning_rates()["unet"]
     assert 0 < lr < 1
+
+
+@pytest.mark.parametrize(
+    ("name", "cuda", "options", "expected"),
+    [
+        ("adamw", True, {}, True),  # CUDA: the single-kernel implementation by default
+        ("adam", True, {}, True),
+        ("adamw", True, {"foreach": True}, False),  # the user's explicit choice wins
+        ("adamw", True, {"fused": False}, False),
+        ("adamw", False, {}, False),  # CPU: PyTorch's own default, unchanged
+        ("adamw8bit", True, {}, False),  # bitsandbytes has its own kernels
+        ("rmsprop", True, {}, False),  # no fused implementation
+    ],
+)
+def test_torch_optimizers_prefer_the_fused_kernel_on_cuda(name, cuda, options, expected):
+    from trainer.optim.registry import get_spec, prefer_fused_kernel
+
+    assert prefer_fused_kernel(get_spec(name), options, cuda=cuda) is expected
+
+
+def test_cpu_build_keeps_pytorch_default_kernel():
+    from trainer.optim.registry import build_optimizer, get_spec
+
+    opt = build_optimizer(get_spec("adamw"), [nn.Parameter(torch.zeros(4))], 1e-3, {})
+    assert opt.defaults["fused"] is (True if torch.cuda.is_available() else None)
