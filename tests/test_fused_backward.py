@@ -123,3 +123,40 @@ def test_from_optimizer_set_uses_the_resolved_settings():
             total_optimizer_steps=4,
         )
         fused_backward_from_optimizer_set(clipped)
+
+
+@pytest.mark.parametrize(
+    ("section", "lr_check"),
+    [
+        (SectionConfig(optimizer="adamw", lr=1e-2, lr_scheduler="linear", lr_warmup_steps=0), "decays"),
+        (SectionConfig(optimizer="adafactor", lr=None, lr_scheduler="adafactor"), "own"),
+    ],
+    ids=["adamw_linear", "adafactor_adaptive"],
+)
+def test_fused_set_skips_a_nonfinite_loss_and_keeps_the_schedule(section, lr_check):
+    from trainer.optim import FusedOptimizerSet
+
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    base = build_optimizers(
+        OptimizerFile(base=section),
+        TrainOptimSettings(disable_textenc_training=True),
+        unet=net,
+        text_encoder=nn.Linear(2, 2),
+        total_optimizer_steps=10,
+    )
+    fused = FusedOptimizerSet(base, uses_grad_scaler=False, world_size=1)
+    lr0 = fused.nominal_learning_rates()["unet"]
+    loss = _loss(net, 0) * float("nan")
+    assert not fused.should_backward(loss)  # the caller then skips backward
+    result = fused.step()
+    assert result.skipped and result.grad_norms == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    if lr_check == "decays":  # the LR schedule advanced as in OptimizerSet.step
+        assert fused.nominal_learning_rates()["unet"] < lr0
+    loss = _loss(net, 1)
+    assert fused.should_backward(loss)
+    loss.backward()
+    result = fused.step()
+    assert not result.skipped and float(result.grad_norms["unet"]) > 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))

@@ -130,7 +130,8 @@ class FusedBackward:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             for scheduler in self.schedulers:
-                if scheduler is not None:
+                # AdafactorSchedule only mirrors the optimizer's own LR (and needs its state).
+                if scheduler is not None and type(scheduler).__name__ != "AdafactorSchedule":
                     scheduler.step()
 
     def remove(self) -> None:
