@@ -34,9 +34,13 @@ import torch
 from torch import nn
 
 from trainer.errors import CheckpointError, ConfigError
-from trainer.optim.optimizer_set import StepResult, load_rounding_state
+from trainer.optim.optimizer_set import (
+    StepResult,
+    build_component_scheduler,
+    effective_lr,
+    load_rounding_state,
+)
 from trainer.optim.registry import build_optimizer, get_spec
-from trainer.optim.schedules import build_lr_scheduler
 from trainer.stochastic_rounding import fp32_params
 
 logger = logging.getLogger(__name__)
@@ -221,14 +225,7 @@ def fused_backward_from_optimizer_set(
             return build_optimizer(spec, ps, r.lr, r.options)
 
         def make_scheduler(opt, r=r):
-            return build_lr_scheduler(
-                r.lr_scheduler,
-                opt,
-                warmup_steps=r.lr_warmup_steps,
-                decay_steps=r.lr_decay_steps,
-                num_cycles=r.num_cycles,
-                power=r.power,
-            )
+            return build_component_scheduler(r, opt)
 
         out[name] = attach_fused_backward(
             list(zip(comp.param_names, comp.params, strict=True)),
@@ -295,14 +292,10 @@ class FusedOptimizerSet:
 
     def learning_rates(self) -> dict[str, float]:
         """Effective LR per component (Adafactor's own LR when its schedule is 'adafactor')."""
-        out = {}
-        for name, comp in self.components.items():
-            optimizer, scheduler = self._first(name)
-            if comp.resolved.lr_scheduler == "adafactor":
-                out[name] = float(scheduler.get_last_lr()[0])
-            else:
-                out[name] = float(optimizer.param_groups[0]["lr"])
-        return out
+        return {
+            name: effective_lr(comp.resolved, comp.spec, *self._first(name))
+            for name, comp in self.components.items()
+        }
 
     def nominal_learning_rates(self) -> dict[str, float]:
         return {name: float(self._first(name)[0].param_groups[0]["lr"] or 0.0) for name in self.components}

@@ -61,13 +61,17 @@ class ComponentOptimizer:
     freeze_description: str = ""
 
     def effective_lr(self) -> float:
-        """The step size actually applied: d*lr for D-Adaptation/Prodigy, Adafactor's own LR."""
-        group = self.optimizer.param_groups[0]
-        if self.resolved.lr_scheduler == "adafactor":
-            return float(self.lr_scheduler.get_last_lr()[0])
-        if self.spec.adaptive:
-            return float(group["d"]) * float(group["lr"])
-        return float(group["lr"])
+        return effective_lr(self.resolved, self.spec, self.optimizer, self.lr_scheduler)
+
+
+def effective_lr(resolved: ResolvedComponent, spec: OptimizerSpec, optimizer, lr_scheduler) -> float:
+    """The step size actually applied: d*lr for D-Adaptation/Prodigy, Adafactor's own LR."""
+    group = optimizer.param_groups[0]
+    if resolved.lr_scheduler == "adafactor":
+        return float(lr_scheduler.get_last_lr()[0])
+    if spec.adaptive:
+        return float(group["d"]) * float(group["lr"])
+    return float(group["lr"])
 
 
 def build_optimizers(
@@ -111,6 +115,20 @@ def build_optimizers(
     return opt_set
 
 
+def build_component_scheduler(
+    resolved: ResolvedComponent, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The component's resolved LR schedule on `optimizer` (also used per parameter by the fused back pass)."""
+    return build_lr_scheduler(
+        resolved.lr_scheduler,
+        optimizer,
+        warmup_steps=resolved.lr_warmup_steps,
+        decay_steps=resolved.lr_decay_steps,
+        num_cycles=resolved.num_cycles,
+        power=resolved.power,
+    )
+
+
 def _build_component(
     resolved: ResolvedComponent, module: nn.Module, freeze_description: str
 ) -> ComponentOptimizer:
@@ -124,14 +142,7 @@ def _build_component(
     params = [p for _, p in named]
     optimizer = build_optimizer(spec, params, resolved.lr, resolved.options)
     try:
-        scheduler = build_lr_scheduler(
-            resolved.lr_scheduler,
-            optimizer,
-            warmup_steps=resolved.lr_warmup_steps,
-            decay_steps=resolved.lr_decay_steps,
-            num_cycles=resolved.num_cycles,
-            power=resolved.power,
-        )
+        scheduler = build_component_scheduler(resolved, optimizer)
     except ConfigError as exc:
         raise ConfigError(f"{resolved.component}: {exc}") from exc
     trainable = sum(p.numel() for p in params)
