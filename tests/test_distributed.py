@@ -105,7 +105,7 @@ def test_two_process_run_resumes_exactly(tmp_path, small_data):
     first = torchrun(
         tmp_path, tmp_path / "b", base_args(tmp_path, project_name="resumed", stop_at_step=3, **common)
     )
-    assert first[0]["status"] == "interrupted" and first[0]["global_step"] == 3
+    assert first[0]["status"] == "stop_at_step" and first[0]["global_step"] == 3
     second = torchrun(
         tmp_path,
         tmp_path / "c",

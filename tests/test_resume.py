@@ -47,7 +47,7 @@ def test_resume_is_bitwise_exact(tmp_path, name):
     assert straight.status == "finished" and straight.global_step == 10
 
     first, _ = train_in_process(tmp_path, project_name="resumed", optimizer_config=opt, stop_at_step=3, **RUN)
-    assert first.status == "interrupted" and first.global_step == 3
+    assert first.status == "stop_at_step" and first.global_step == 3
     second, r_session = train_in_process(
         tmp_path, project_name="resumed", optimizer_config=opt, resume_ckpt="findlast", **RUN
     )

@@ -117,7 +117,7 @@ def start_weights(name: str = "builtin:tiny-sd1") -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, fast):
     summary, session = run(tmp_path_factory.mktemp("baseline"), fast)
-    assert summary.status == "interrupted" and summary.global_step == 2
+    assert summary.status == "stop_at_step" and summary.global_step == 2
     return {
         "weights": weights(session),
         "loss": scalars(session.run.path, "loss/train"),
@@ -329,7 +329,7 @@ def test_in_process_runs_leave_no_log_handlers_behind(tmp_path, fast):
     _, first = run(tmp_path / "a", fast, stop_at_step=1)
     assert root.handlers == before
     run(tmp_path / "b", fast, stop_at_step=1)
-    assert (first.run.path / "train.log").read_text().count("stopped by stop_at_step") == 1
+    assert (first.run.path / "train.log").read_text().count("finished at stop_at_step") == 1
 
 
 # --- speed and memory options (docs/PERFORMANCE.md) -----------------------------------------

@@ -1,7 +1,8 @@
 """Command-line entry: parse, build, train, summarise, and map errors to exit codes.
 
-Exit codes: 0 finished, 2 bad input (config, data, model, checkpoint), 3 stopped on purpose
-(repeated non-finite losses, state saved), 130 interrupted by SIGINT/SIGTERM (state saved).
+Exit codes: 0 finished (max_epochs or stop_at_step reached, or nothing left to train), 2 bad
+input (config, data, model, checkpoint), 3 stopped on purpose (repeated non-finite losses, state
+saved), 130 interrupted by SIGINT/SIGTERM (state saved; a second signal: at once, not saved).
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import logging
 import os
 import secrets
 import sys
+from pathlib import Path
 
 from trainer.config import TrainConfig, load_config
-from trainer.errors import TrainerError
+from trainer.console import hide_known_harmless_warnings, progress_safe_logging
+from trainer.errors import RunFinished, TrainerError
+from trainer.signals import StopFlag
 
 log = logging.getLogger("trainer")
+
+NORMAL_ENDS = ("finished", "stop_at_step")
 
 USAGE = """usage: python train.py --config train.json [--optimizer_config optimizer.json] [--KEY VALUE ...]
 
@@ -43,6 +49,7 @@ def setup_console_logging(level: int | None = None) -> None:
     if level is None:
         level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    hide_known_harmless_warnings()
     for noisy in ("PIL", "urllib3", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -70,12 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.session import build_session
 
         session = build_session(cfg)
-        summary = train(session)
+        with StopFlag() as stop, progress_safe_logging():  # signal handlers only around the run
+            summary = train(session, stop)
         _report(summary, session)
-        return 0 if summary.status == "finished" else 130
+        return 0 if summary.status in NORMAL_ENDS else 130
+    except RunFinished as exc:
+        log.info("%s", exc)
+        return exc.exit_code
     except TrainerError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted: stopped without saving (the last saved checkpoint is unchanged)")
+        return 130
     finally:
         if session is not None:
             session.close()  # after the summary / error is in train.log
@@ -101,4 +115,23 @@ def _report(summary, session) -> None:
     if problems:
         lines.append(f"{len(problems)} data problem(s):")
         lines += [f"  {p}" for p in problems]
+    lines += how_to_use(summary.checkpoints[-1]) if summary.checkpoints else []
     log.info("summary:\n  %s", "\n  ".join(lines))
+
+
+def how_to_use(checkpoint: Path) -> list[str]:
+    """Where the single file goes for the usual tools, and how diffusers loads the checkpoint."""
+    files = sorted(checkpoint.glob("*.safetensors"))
+    pipeline = checkpoint / "pipeline"
+    lines = [f"model file: {f}" for f in files]
+    if files:
+        lines += [
+            "  A1111 / Forge: copy it into stable-diffusion-webui/models/Stable-diffusion/",
+            "  ComfyUI: copy it into ComfyUI/models/checkpoints/ and pick it in 'Load Checkpoint'",
+        ]
+    lines += [
+        "  diffusers: from diffusers import StableDiffusionPipeline; "
+        f"pipe = StableDiffusionPipeline.from_pretrained({str(pipeline)!r})",
+        f"  continue training: --resume_ckpt findlast, or --resume_ckpt {checkpoint}",
+    ]
+    return lines

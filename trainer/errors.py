@@ -32,3 +32,9 @@ class TrainingStopped(TrainerError):
     """The run stopped on purpose (e.g. repeated non-finite losses) after saving its state."""
 
     exit_code = 3
+
+
+class RunFinished(TrainerError):
+    """Resuming a run that has nothing left to train: said plainly, nothing written, exit 0."""
+
+    exit_code = 0

@@ -6,7 +6,9 @@ the trainer opens a SummaryWriter. Tag names are stable and documented in docs/L
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,19 @@ class Metrics:
             self._writer.close()
             if self._wandb is not None:
                 self._wandb.finish()
+
+
+def sample_tag(variant: str, index: int, prompt: str) -> str:
+    """`samples_<variant>/<NN>-<prompt>`: the prompt, reduced to letters, digits and `_` (what
+    TensorBoard tags and file names take) and cut to 60 characters, so each image in TensorBoard
+    says what it was asked to show; NN keeps tags unique and in prompt order."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:60].strip("_")
+    return f"samples_{variant}/{index:02d}-{slug}" if slug else f"samples_{variant}/{index:02d}"
+
+
+def config_text(config: dict) -> str:
+    """A config as TensorBoard text (markdown): indented, so it renders as a code block."""
+    return "\n".join("    " + line for line in json.dumps(config, indent=2, sort_keys=True).splitlines())
 
 
 def _start_wandb(cfg: dict):

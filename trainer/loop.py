@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunSummary:
-    status: str  # "finished" | "interrupted"
+    status: str  # "finished" | "stop_at_step" (both normal ends) | "interrupted" (a signal)
     global_step: int
     epoch: int
     seconds: float
@@ -42,7 +42,9 @@ class RunSummary:
     nonfinite_steps: int = 0
 
 
-def train(s: Session) -> RunSummary:
+def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
+    """Run to max_epochs, stop_at_step or `stop.requested` (set by the signal handlers that the
+    caller installed: trainer.cli does; an in-process caller without a flag keeps its own)."""
     cfg, st = s.cfg, s.state
     policy = SavePolicy(cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes, cfg.save_ckpts_from_n_epochs)
     tracker = StepTracker(
@@ -56,7 +58,7 @@ def train(s: Session) -> RunSummary:
         batch_size=cfg.batch_size,
         enabled=s.accelerator.is_main_process,
     )
-    stop, saved, started = StopFlag().install(), [], time.monotonic()
+    stop, saved, started = stop or StopFlag(), [], time.monotonic()
     try:
         s.observers.on_start()
         while st.epoch < cfg.max_epochs:
@@ -78,8 +80,13 @@ def train(s: Session) -> RunSummary:
                 _optimizer_step(s, tracker, window_paths)
                 s.observers.after_step(window_of_end[batch["batch_index"]], len(plan.windows))
                 window_paths = []
-                if cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step:
-                    stop.requested = stop.requested or "stop_at_step"
+                at_limit = cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step
+                if at_limit:  # the same step on every rank: no need to agree
+                    saved.append(save_checkpoint(s, "stop_at_step"))
+                    log.info(
+                        "finished at stop_at_step %d; resume with --resume_ckpt findlast", st.global_step
+                    )
+                    return _summary(s, "stop_at_step", started, tracker, saved)
                 stop_now, time_due = _agree(s, bool(stop.requested), policy.time_due())
                 if stop_now and not stop.requested:
                     stop.requested = "another process's stop request"
@@ -101,7 +108,6 @@ def train(s: Session) -> RunSummary:
         saved.append(save_checkpoint(s, "final"))
         return _summary(s, "finished", started, tracker, saved)
     finally:
-        stop.restore()
         tracker.close()
         s.metrics.flush()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,30 @@ def attach_file_log(run: RunFolder) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
+
+
+class StartupLog:
+    """Holds what is logged before the run folder exists, for its train.log.
+
+    The run folder is created only once everything that can fail on bad input has passed, so an
+    early error leaves no empty run; the start-up lines logged until then (model, data,
+    optimizer table) still open the run's train.log. `attach` or `discard` ends the buffering.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        logging.getLogger().addHandler(self._buffer)
+
+    def attach(self, run: RunFolder) -> logging.Handler:
+        """Start `<run>/train.log` with the buffered records; returns its handler."""
+        handler = attach_file_log(run)
+        self._buffer.setTarget(handler)
+        self.discard()
+        return handler
+
+    def discard(self) -> None:
+        logging.getLogger().removeHandler(self._buffer)
+        self._buffer.close()  # flushes into the target, if attached
 
 
 def write_json(path: Path, data: dict) -> None:

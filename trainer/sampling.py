@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.errors import ConfigError
+from trainer.logging import sample_tag
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class SampleGenerator:
                 slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:60].strip("_")
                 path = self.out_dir / f"gs{step:06d}-{variant}-{i:02d}-{slug}.png"
                 image.save(path)
-                metrics.image(f"samples_{variant}/{i:02d}", image, step)
+                metrics.image(sample_tag(variant, i, job.prompt), image, step)
                 paths.append(path)
         finally:
             for module, mode in was_training.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.checkpoint import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
+from trainer.fileperm import apply_umask
 from trainer.models import save_pipeline, save_single_file
 from trainer.session import PIPELINE_DIR, Session, config_hash, gather_rng_states, training_state_dict
 
@@ -48,6 +49,7 @@ def save_checkpoint(session: Session, reason: str) -> Path | None:
                     )
         if cfg.save_optimizer:
             save_training_state(tmp / TRAINING_STATE, training_state_dict(session, all_rng))
+        apply_umask(tmp)  # safetensors writes 0600 files
 
     manifest = {
         "project_name": cfg.project_name,

@@ -20,11 +20,12 @@ from trainer.attention import configure_attention
 from trainer.checkpoint import TRAINING_STATE, CheckpointInfo, find_last, load_training_state, read_checkpoint
 from trainer.config import TrainConfig, config_to_json
 from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
+from trainer.data.latent_cache import cache_directory, vae_fingerprint
 from trainer.data.validation_split import load_validation_config
 from trainer.diffusion import NoiseSchedule
 from trainer.ema import EMA, decay_from_strength_target
-from trainer.errors import CheckpointError
-from trainer.logging import Metrics
+from trainer.errors import CheckpointError, RunFinished
+from trainer.logging import Metrics, config_text
 from trainer.models import SDComponents, load_model
 from trainer.observe import Observers
 from trainer.optim import (
@@ -36,7 +37,8 @@ from trainer.optim import (
     load_optimizer_file,
 )
 from trainer.precision import make_grad_scaler, resolve_autocast_dtype
-from trainer.run import RunFolder, attach_file_log, new_run_folder, run_folder_of_checkpoint, write_json
+from trainer.preflight import check_inputs, finished_message
+from trainer.run import RunFolder, StartupLog, new_run_folder, run_folder_of_checkpoint, write_json
 from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
 from trainer.step import StepSettings, TrainingStep
@@ -125,12 +127,23 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     spec, ckpt = resolve_resume(cfg)
     resuming = ckpt is not None and ckpt.resumable
+    if resuming and (finished := finished_message(cfg, ckpt.manifest, ckpt.path)):
+        raise RunFinished(finished)
+    check_inputs(cfg)  # every named file, before the model loads
+    startup_log = StartupLog()  # the run folder (and its train.log) is created once all went well
+    try:
+        return _build(cfg, accelerator, spec, ckpt, resuming, startup_log)
+    finally:
+        startup_log.discard()
+
+
+def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog) -> Session:
     seed_everything(cfg.seed)
-    # Load and validate everything before a run folder exists, so bad input leaves no empty runs.
     opt_file = load_optimizer_file(cfg.optimizer_config)
     model = load_model(spec, vae=cfg.vae, prediction_type=cfg.prediction_type)
     log.info("model: %s (%s)", model.source, model.family)
     attention = configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)
+    log.info("attention: %s", attention)
     data = load_data(_data_settings(cfg, accelerator))
     device = accelerator.device
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
@@ -145,19 +158,14 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         seed=cfg.seed + accelerator.process_index,
         world_size=accelerator.num_processes,
     )
-    run = run_folder_of_checkpoint(ckpt.path) if resuming else None
-    if run is None:
-        run = new_run_folder(cfg.logdir, cfg.project_name) if accelerator.is_main_process else None
-        run = _broadcast_run_folder(accelerator, run)
-    log_handler = None
-    if accelerator.is_main_process:
-        log_handler = attach_file_log(run)
-        log.info("model: %s (%s)", model.source, model.family)
-        log.info("attention: %s", attention)
     log.info("%s", data.summary())
     log.info("optimizer settings (%s):\n%s", opt_file.source, optim.summary_table())
 
+    # The VAE's identity for the latent cache, read while its weights are on the CPU.
+    vae_state = model.vae.state_dict() if cfg.cache_latents else None
     place_models(model, device, autocast_dtype, weight_dtype=_WEIGHT_DTYPES[cfg.weight_dtype])
+    vae_id = vae_fingerprint(vae_state, model.vae.dtype) if vae_state is not None else None
+    del vae_state  # on a GPU, the last reference to the host copy of the VAE
     if cfg.channels_last:
         model.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
@@ -188,7 +196,6 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         cfg=cfg,
         opt_file=opt_file,
         accelerator=accelerator,
-        run=run,
         model=model,
         data=data,
         step=step,
@@ -196,13 +203,17 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         scaler=scaler,
         ema=_build_ema(cfg, model, total_steps),
         metrics=None,  # set below, after the resume step is known
+        run=None,  # set below, once the run starts
         state=state,
         total_optimizer_steps=total_steps,
-        log_handler=log_handler,
         wrapped=wrapped,
     )
     if resuming:
         _restore(session, ckpt)
+    session.run, session.log_handler = _start_run_folder(
+        cfg, accelerator, ckpt if resuming else None, startup_log
+    )
+    run = session.run
     session.metrics = Metrics(
         run.path,
         enabled=accelerator.is_main_process,
@@ -212,8 +223,10 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         else None,
     )
     if cfg.cache_latents:
-        # Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights.
-        session.latent_cache = LatentCache(Path(cfg.logdir) / ".cache" / "latents", _vae_fingerprint(model))
+        # Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights
+        # (and the dtype it encodes in), not the model's path, so a resume reuses every entry.
+        session.latent_cache = LatentCache(cache_directory(cfg.logdir), vae_id)
+        log.info("latent cache: %s, VAE fingerprint %s", session.latent_cache.directory, vae_id)
         eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
         with accelerator.main_process_first():  # rank 0 fills the shared cache; the others reuse it
             for items in (None, eval_items):  # None = the training items
@@ -226,6 +239,8 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     if accelerator.is_main_process:
         write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
         write_json(run.path / "optimizer_effective.json", opt_file.as_dict())
+        for tag, values in (("train", json.loads(config_to_json(cfg))), ("optimizer", opt_file.as_dict())):
+            session.metrics.text(f"config/{tag}", config_text(values), state.global_step)
     log.info(
         "device %s (%d process(es)), precision %s%s, %d optimizer steps (%d per epoch x %d epochs)",
         device,
@@ -237,6 +252,18 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         cfg.max_epochs,
     )
     return session
+
+
+def _start_run_folder(cfg, accelerator, ckpt: CheckpointInfo | None, startup_log: StartupLog):
+    """The run starts: a resumed run keeps its folder, a new one gets a fresh folder (rank 0
+    creates it), and train.log opens with the start-up lines. Returns (run, log handler)."""
+    if ckpt is not None:
+        run = run_folder_of_checkpoint(ckpt.path)
+    else:
+        run = new_run_folder(cfg.logdir, cfg.project_name) if accelerator.is_main_process else None
+        run = _broadcast_run_folder(accelerator, run)
+    handler = startup_log.attach(run) if accelerator.is_main_process else None
+    return run, handler
 
 
 def _broadcast_run_folder(accelerator: Accelerator, run: RunFolder | None) -> RunFolder:
@@ -409,14 +436,6 @@ def _build_ema(cfg: TrainConfig, model: SDComponents, total_steps: int) -> EMA |
         modules["text_encoder"] = model.text_encoder
     device = "cpu" if cfg.ema_device == "cpu" else model.unet.device
     return EMA(modules, decay=decay, update_interval=cfg.ema_update_interval, device=device)
-
-
-def _vae_fingerprint(model: SDComponents) -> str:
-    h = hashlib.sha256(model.source.encode())
-    for name, tensor in sorted(model.vae.state_dict().items())[:8]:
-        h.update(name.encode())
-        h.update(tensor.float().flatten()[:64].numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _restore(session: Session, ckpt: CheckpointInfo) -> None:

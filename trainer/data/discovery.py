@@ -136,7 +136,9 @@ class _FolderWalker:
             self.candidates.append(candidate)
 
 
-def _roots(data_root) -> list[Path]:
+def resolve_roots(data_root) -> list[Path]:
+    """The folders / manifests of `data_root`; DataError naming the entry that is unusable.
+    Cheap (stat only), so the trainer checks it before the model loads."""
     roots = list(data_root) if isinstance(data_root, list | tuple) else [data_root]
     if not roots:
         raise DataError("data_root is an empty list; give a folder, a .json manifest, or a list of them.")
@@ -224,7 +226,7 @@ def discover(
     report = Report()
     candidates: list[_Candidate] = []
     folder_roots = []
-    for root in _roots(data_root):
+    for root in resolve_roots(data_root):
         if root.is_dir():
             walker = _FolderWalker(report)
             walker.walk(root, Settings())

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from trainer.fileperm import apply_umask
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -177,6 +179,7 @@ class ScanCache:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"version": CACHE_VERSION, "entries": self._entries}, f, separators=(",", ":"))
+            apply_umask(tmp)  # mkstemp makes 0600 files
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

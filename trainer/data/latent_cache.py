@@ -1,8 +1,11 @@
 """VAE latent cache: encode each (image, bucket, flip) once and reuse it every epoch.
 
-The key is the SHA-256 of (image path, file size, mtime, bucket size, flip flag, transform
-version, VAE fingerprint), so editing an image, changing the resolution (hence the bucket), the
-processing code or the VAE makes a new key and the stale entry is simply not used.
+The key is the SHA-256 of what decides a latent: the image (path, file size, mtime), the
+transform (bucket size, flip flag, transform version) and the VAE (`vae_fingerprint`: a hash of
+all its weights and the dtype it encodes in). It holds no model path: a resumed run loads the
+same VAE from its checkpoint folder and reuses every entry. Editing an image, changing the
+resolution (hence the bucket), the processing code or the VAE makes a new key; the stale entry
+is simply not used, and `python -m trainer.data.cache_admin --prune` deletes it.
 
 A cached latent must be the same every epoch, so with the cache on **crop jitter is off and
 the trim to the bucket aspect is the exact centre crop**; a flipped sample is served from a
@@ -10,7 +13,8 @@ second, flipped latent, which is only computed for items whose effective flip_p 
 
 Entries live in memory, or, when a directory is given, one `<key>.safetensors` file each
 (written to a temporary name and renamed, so a crash never leaves a half-written entry), which
-a later run reuses.
+a later run reuses. Each file's metadata records what its key was made of, so the cache can be
+listed and pruned without a model.
 """
 
 from __future__ import annotations
@@ -28,27 +32,55 @@ from safetensors.torch import load_file, save_file
 from trainer.data.buckets import Bucket, nearest_bucket
 from trainer.data.items import ImageItem, Problem
 from trainer.data.transforms import TRANSFORM_VERSION, load_image, process_image
+from trainer.fileperm import apply_umask
 
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def key_fields(path: str, bucket: Bucket, flip: bool, vae_fingerprint: str) -> dict[str, str]:
+    """What one cached latent depends on (also stored as the entry's metadata)."""
+    st = os.stat(path)
+    return {
+        "image": os.path.abspath(path),
+        "size": str(st.st_size),
+        "mtime_ns": str(st.st_mtime_ns),
+        "bucket": f"{bucket[0]}x{bucket[1]}",
+        "flip": "flip" if flip else "noflip",
+        "transform": f"transform-v{TRANSFORM_VERSION}",
+        "vae": vae_fingerprint,
+    }
+
+
+def key_of_fields(fields: dict[str, str]) -> str:
+    return hashlib.sha256("\x1f".join(fields[k] for k in KEY_FIELDS).encode("utf-8")).hexdigest()
+
+
+KEY_FIELDS = ("image", "size", "mtime_ns", "bucket", "flip", "transform", "vae")
+
+
 def latent_key(path: str, bucket: Bucket, flip: bool, vae_fingerprint: str) -> str:
     """Cache key of one image variant; stat() makes an edited file a different key."""
-    st = os.stat(path)
-    text = "\x1f".join(
-        [
-            os.path.abspath(path),
-            str(st.st_size),
-            str(st.st_mtime_ns),
-            f"{bucket[0]}x{bucket[1]}",
-            "flip" if flip else "noflip",
-            f"transform-v{TRANSFORM_VERSION}",
-            vae_fingerprint,
-        ]
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return key_of_fields(key_fields(path, bucket, flip, vae_fingerprint))
+
+
+def vae_fingerprint(state_dict: dict[str, torch.Tensor], encode_dtype: torch.dtype = torch.float32) -> str:
+    """A hash of every VAE weight (exact bytes, names, shapes, dtypes) and the encoding dtype.
+
+    Take it from the state dict while the weights are still on the CPU, before placement: the
+    bytes are read through `.cpu()`, so a device tensor costs a copy, and a meta tensor (no
+    data) is refused by name. The whole weights, not a sample, so a fine-tuned VAE never shares
+    entries with its base; about a second for SD's 84M-parameter VAE. `encode_dtype` is what
+    the VAE runs in when it encodes (bf16/fp16 on a GPU): it changes the latents, so it counts.
+    """
+    h = hashlib.sha256(str(encode_dtype).removeprefix("torch.").encode())
+    for name, tensor in sorted(state_dict.items()):
+        if tensor.is_meta:
+            raise ValueError(f"VAE weight {name!r} is on the meta device (not loaded); cannot fingerprint it")
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class LatentCache:
@@ -65,6 +97,13 @@ class LatentCache:
 
     def key(self, path: str, bucket: Bucket, flip: bool) -> str:
         return latent_key(path, bucket, flip, self.vae_fingerprint)
+
+    def put_item(self, path: str, bucket: Bucket, flip: bool, latent: torch.Tensor) -> str:
+        """Store the latent of one image variant with its key fields as metadata; returns the key."""
+        fields = key_fields(path, bucket, flip, self.vae_fingerprint)
+        key = key_of_fields(fields)
+        self.put(key, latent, metadata=fields)
+        return key
 
     def _file(self, key: str) -> Path:
         assert self.directory is not None
@@ -89,14 +128,15 @@ class LatentCache:
             raise KeyError(key)
         return load_file(str(file))["latent"]
 
-    def put(self, key: str, latent: torch.Tensor) -> None:
+    def put(self, key: str, latent: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
         latent = latent.detach().to("cpu").clone()  # own storage, not a view of the batch
         if self.directory is None:
             self._memory[key] = latent
             return
         file = self._file(key)
         tmp = file.with_suffix(f".tmp{os.getpid()}")
-        save_file({"latent": latent.contiguous()}, str(tmp))
+        save_file({"latent": latent.contiguous()}, str(tmp), metadata=metadata)
+        apply_umask(tmp)  # safetensors writes 0600 files
         os.replace(tmp, file)
 
 
@@ -115,24 +155,23 @@ def fill_latent_cache(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
-    todo: dict[Bucket, list[tuple[str, str, bool]]] = {}
+    todo: dict[Bucket, list[tuple[str, bool]]] = {}
     reused = 0
     validation = items is not None
     for item in plan.train_items if items is None else items:
         bucket = nearest_bucket(item.width, item.height, plan.buckets)
         p = item.flip_p if item.flip_p is not None else plan.settings.flip_p
         for flip in (False, True) if p > 0 and not validation else (False,):
-            key = cache.key(item.path, bucket, flip)
-            if key in cache:
+            if cache.key(item.path, bucket, flip) in cache:
                 reused += 1
             else:
-                todo.setdefault(bucket, []).append((key, item.path, flip))
+                todo.setdefault(bucket, []).append((item.path, flip))
     computed = failed = 0
     for bucket in sorted(todo):
         jobs = todo[bucket]
         for start in range(0, len(jobs), batch_size):
-            keys, pixels = [], []
-            for key, path, flip in jobs[start : start + batch_size]:
+            done, pixels = [], []
+            for path, flip in jobs[start : start + batch_size]:
                 try:
                     img = load_image(path)
                 except (OSError, ValueError, SyntaxError) as err:
@@ -140,16 +179,30 @@ def fill_latent_cache(
                     plan.record_problem(Problem(path, f"cannot decode for the latent cache: {err}"))
                     continue
                 pixels.append(process_image(img, bucket, rng=None, jitter=0.0, flip=flip))
-                keys.append(key)
-            if not keys:
+                done.append((path, flip))
+            if not done:
                 continue
             with torch.no_grad():
                 latents = encode_fn(torch.stack(pixels))
-            if latents.shape[0] != len(keys):
-                raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(keys)} images")
-            for key, latent in zip(keys, latents, strict=True):
-                cache.put(key, latent)
-            computed += len(keys)
+            if latents.shape[0] != len(done):
+                raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(done)} images")
+            for (path, flip), latent in zip(done, latents, strict=True):
+                cache.put_item(path, bucket, flip, latent)
+            computed += len(done)
     seconds = time.perf_counter() - started
-    logger.info("latent cache: %d computed, %d reused, %d failed in %.1fs", computed, reused, failed, seconds)
+    where = cache.directory if cache.directory is not None else "memory"
+    logger.info(
+        "latent cache (%s): %d computed, %d reused, %d failed in %.1fs",
+        where,
+        computed,
+        reused,
+        failed,
+        seconds,
+    )
     return {"computed": computed, "reused": reused, "failed": failed, "seconds": seconds}
+
+
+def cache_directory(logdir: str | Path) -> Path:
+    """Where runs under `logdir` share their latents (list and prune them with
+    `python -m trainer.data.cache_admin`)."""
+    return Path(logdir) / ".cache" / "latents"

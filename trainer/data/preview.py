@@ -1,23 +1,29 @@
 """Preview a dataset the way training will see it, without loading a model.
 
+    python -m trainer.data.preview --config train.json [--json]
     python -m trainer.data.preview --data_root DIR --resolution 512 [--batch_size N]
         [--grad_accum N] [--validation_config F] [--json]
 
+With `--config`, the data settings come from the train.json (flags given as well win).
+
 Prints the image count, per-bucket image and batch counts, caption statistics, repeats, the
-validation split and every problem; `--json` prints the same as one JSON object that also
-lists every image with its bucket and caption.
+validation split and the problems (a few of each kind, with a count of the rest; warnings
+repeated for many images are summarised the same way); `--json` prints the same as one JSON
+object that also lists every image and every problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 from collections import Counter
 
+from trainer.console import RepeatLimiter, hide_known_harmless_warnings
 from trainer.data.pipeline import UNDERSIZED_PREFIX, DataPlan, DataSettings, load_data
-from trainer.errors import TrainerError
+from trainer.errors import ConfigError, TrainerError
 
 
 def build_report(plan: DataPlan) -> dict:
@@ -110,37 +116,74 @@ def format_report(report: dict) -> str:
     if report["stabilize"]:
         lines.append(f"stabilize-train set: {len(report['stabilize'])} images")
     lines.append(f"problems: {len(report['problems'])}")
-    lines.extend(f"  [{p['severity']}] {p['path']}: {p['reason']}" for p in report["problems"])
+    lines.extend(_problem_lines(report["problems"]))
     return "\n".join(lines)
+
+
+def _problem_lines(problems: list[dict], keep: int = 3) -> list[str]:
+    """A few problems of each kind (the reason up to its first ':'), then how many more."""
+    by_kind: dict[str, list[dict]] = {}
+    for p in problems:
+        by_kind.setdefault(p["reason"].split(":")[0], []).append(p)
+    lines = []
+    for kind, group in by_kind.items():
+        lines.extend(f"  [{p['severity']}] {p['path']}: {p['reason']}" for p in group[:keep])
+        if len(group) > keep:
+            lines.append(f"  ... and {len(group) - keep} more '{kind}' (--json lists all)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.data.preview", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--data_root", required=True, nargs="+", help="folder(s) or .json manifest(s)")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--grad_accum", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=555)
+    parser.add_argument("--config", help="a train.json: take data_root, resolution, batch_size, ... from it")
+    parser.add_argument("--data_root", nargs="+", help="folder(s) or .json manifest(s)")
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--grad_accum", type=int)
+    parser.add_argument("--seed", type=int)
     parser.add_argument("--validation_config", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    settings = DataSettings(
-        data_root=args.data_root[0] if len(args.data_root) == 1 else list(args.data_root),
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seed=args.seed,
-        validation_config=args.validation_config,
-    )
+    hide_known_harmless_warnings()
+    repeats = RepeatLimiter()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.addFilter(repeats)
+    logging.getLogger().addHandler(console)
     try:
-        report = build_report(load_data(settings))
+        report = build_report(load_data(_settings(args)))
     except TrainerError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    finally:
+        logging.getLogger().removeHandler(console)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    for line in repeats.summary():
+        print(line, file=sys.stderr)
     return 0
+
+
+def _settings(args) -> DataSettings:
+    """Flags over the train.json (when given) over the trainer's defaults."""
+    from_file = {}
+    if args.config:
+        from trainer.config import load_config
+
+        cfg = load_config(args.config, [])
+        keys = ("data_root", "resolution", "batch_size", "grad_accum", "seed", "validation_config")
+        from_file = {k: getattr(cfg, k) for k in keys}
+    elif not args.data_root:
+        raise ConfigError("give --config train.json or --data_root DIR")
+    flags = {
+        k: getattr(args, k) for k in ("resolution", "batch_size", "grad_accum", "seed", "validation_config")
+    }
+    if args.data_root:
+        flags["data_root"] = args.data_root[0] if len(args.data_root) == 1 else list(args.data_root)
+    defaults = {"resolution": 512, "batch_size": 1, "grad_accum": 1, "seed": 555, "validation_config": None}
+    merged = {**defaults, **from_file, **{k: v for k, v in flags.items() if v is not None}}
+    return DataSettings(**merged)
 
 
 if __name__ == "__main__":
