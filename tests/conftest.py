@@ -1,21 +1,26 @@
 """Test-wide settings: offline, a shared built-in model cache, CPU threads kept small."""
 
-import atexit
 import os
 import shutil
-import tempfile
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-if "SDTRAINER_CACHE" not in os.environ:
-    os.environ["SDTRAINER_CACHE"] = tempfile.mkdtemp(prefix="sdtrainer-test-cache-")
-    # The full-size slow test writes GBs here; remove it when the session ends.
-    atexit.register(shutil.rmtree, os.environ["SDTRAINER_CACHE"], True)
 
 
-@pytest.fixture(scope="session")
-def builtin_cache() -> str:
-    """The built-in model cache shared by this test session (and its subprocesses)."""
-    return os.environ["SDTRAINER_CACHE"]
+@pytest.fixture(scope="session", autouse=True)
+def builtin_cache(tmp_path_factory) -> str:
+    """The built-in model cache shared by this test session (and its subprocesses).
+
+    In pytest's temporary folder, so a killed test run (`timeout`, Ctrl-C) leaves it where pytest
+    prunes old runs itself; removed at the end of a session that finishes (the full-size slow
+    test writes GBs here). A cache given in $SDTRAINER_CACHE is used and kept as it is."""
+    if "SDTRAINER_CACHE" in os.environ:
+        yield os.environ["SDTRAINER_CACHE"]
+        return
+    path = tmp_path_factory.mktemp("sdtrainer-cache")
+    os.environ["SDTRAINER_CACHE"] = str(path)
+    yield str(path)
+    del os.environ["SDTRAINER_CACHE"]
+    shutil.rmtree(path, ignore_errors=True)

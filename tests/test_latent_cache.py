@@ -102,3 +102,37 @@ def test_disk_cache_survives_new_instance(tmp_path):
     assert other_vae["computed"] == 6
     batches = list(make_loader(plan, plan.epoch_plan(0), latent_cache=fresh))
     assert sum(len(b["paths"]) for b in batches) == 6
+
+
+def test_cache_admin_lists_by_vae_and_prunes_only_what_cannot_be_used(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from trainer.data import cache_admin
+
+    images, cache_dir = tmp_path / "images", tmp_path / "logs" / ".cache" / "latents"
+    images.mkdir()
+    plan = _plan(images, n=3)
+    fill_latent_cache(plan, LatentCache(cache_dir, "vae-a"), CountingEncoder(), batch_size=4)
+    fill_latent_cache(plan, LatentCache(cache_dir, "vae-b"), CountingEncoder(), batch_size=4)
+    save_file({"latent": torch.zeros(4, 2, 2)}, str(cache_dir / ("0" * 64 + ".safetensors")))  # no metadata
+    edited = plan.train_items[0].path
+    st = os.stat(edited)
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # its 2 entries are now stale
+
+    assert cache_admin.main(["--logdir", str(tmp_path / "logs")]) == 0
+    listing = capsys.readouterr().out
+    assert f"latent cache {cache_dir}: 7 entries" in listing
+    assert "VAE vae-a: 3 entries" in listing and "VAE vae-b: 3 entries" in listing
+    assert "VAE (no metadata): 1 entries" in listing
+    assert "3 stale entries can never be used again" in listing
+
+    assert cache_admin.main(["--logdir", str(tmp_path / "logs"), "--prune", "--dry-run"]) == 0
+    assert "would delete 3 entries" in capsys.readouterr().out and len(list(cache_dir.iterdir())) == 7
+    assert cache_admin.main(["--logdir", str(tmp_path / "logs"), "--prune"]) == 0
+    assert "deleted 3 entries" in capsys.readouterr().out
+    # what is left is exactly what a run would still hit
+    cache = LatentCache(cache_dir, "vae-a")
+    stats = fill_latent_cache(plan, cache, CountingEncoder(), batch_size=4)
+    assert stats == {**stats, "computed": 1, "reused": 2}
+    assert cache_admin.main(["--cache", str(cache_dir), "--prune", "--vae", "vae-b"]) == 0
+    assert {e.vae for g in cache_admin.scan(cache_dir) for e in g.entries} == {"vae-a"}

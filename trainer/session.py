@@ -142,8 +142,7 @@ def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog
     opt_file = load_optimizer_file(cfg.optimizer_config)
     model = load_model(spec, vae=cfg.vae, prediction_type=cfg.prediction_type)
     log.info("model: %s (%s)", model.source, model.family)
-    attention = configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)
-    log.info("attention: %s", attention)
+    configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)  # logs it
     data = load_data(_data_settings(cfg, accelerator))
     device = accelerator.device
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
