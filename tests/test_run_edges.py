@@ -277,7 +277,10 @@ def test_log_lines_go_through_tqdm_while_the_run_shows_a_bar(tmp_path, small, mo
     seen = []
 
     def fake_train(session, stop):
+        from transformers.utils import logging as hf_logging
+
         seen.extend(type(h).__name__ for h in root.handlers)
+        seen.append(f"transformers bars {hf_logging.is_progress_bar_enabled()}")
         raise StopNow("SIGINT")
 
     monkeypatch.setattr(trainer.loop, "train", fake_train)
@@ -286,6 +289,7 @@ def test_log_lines_go_through_tqdm_while_the_run_shows_a_bar(tmp_path, small, mo
     finally:
         root.removeHandler(console)
     assert "_TqdmLoggingHandler" in seen and "StreamHandler" not in seen
+    assert "transformers bars False" in seen  # its "Writing model shards" bar would draw over ours
 
 
 def test_preview_takes_the_train_json_and_summarises_repeated_problems(tmp_path, capsys):

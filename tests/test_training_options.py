@@ -321,9 +321,10 @@ def test_repeated_nan_stops_after_saving_the_starting_weights(tmp_path, fast, mo
     assert all(torch.equal(saved[k], start[k]) for k in saved), "the saved state is not the last good one"
 
 
-def test_in_process_runs_leave_no_log_handlers_behind(tmp_path, fast):
+def test_in_process_runs_leave_no_log_handlers_behind(tmp_path, fast, caplog):
     """Each run mirrors the log into its own train.log; a finished run must detach that file,
     or every later run in the process (tests, notebooks) also writes into it."""
+    caplog.set_level(logging.INFO)  # "finished at stop_at_step" is an INFO line, as on the console
     root = logging.getLogger()
     before = list(root.handlers)
     _, first = run(tmp_path / "a", fast, stop_at_step=1)

@@ -75,8 +75,17 @@ class RepeatLimiter(logging.Filter):
 @contextlib.contextmanager
 def progress_safe_logging():
     """Route console log lines through tqdm while a progress bar is live, so a line printed
-    mid-run does not leave a broken half-drawn bar behind it (tqdm's own helper)."""
+    mid-run does not leave a broken half-drawn bar behind it (tqdm's own helper); and hide
+    transformers' own bars meanwhile ("Writing model shards" at every save), which would draw
+    over the training bar. Both are put back afterwards."""
     from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as hf_logging
 
-    with logging_redirect_tqdm():
-        yield
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()

@@ -67,8 +67,6 @@ def _resume_ckpt(cfg) -> None:
     if path.is_dir():
         if (path / MANIFEST).is_file() or (path / "model_index.json").is_file():
             return
-        if path.name.startswith(".tmp-"):
-            return  # session.resolve_resume explains incomplete saves
         if (path / "checkpoints").is_dir():
             raise ConfigError(
                 f"resume_ckpt: '{spec}' is a run folder, not a checkpoint. Give one of its checkpoints "
