@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import TrainConfig, load_config
-from trainer.console import hide_known_harmless_warnings, progress_safe_logging
+from trainer.console import progress_safe_logging
 from trainer.errors import RunFinished, TrainerError
 from trainer.signals import StopFlag
 
@@ -49,7 +49,6 @@ def setup_console_logging(level: int | None = None) -> None:
     if level is None:
         level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    hide_known_harmless_warnings()
     for noisy in ("PIL", "urllib3", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -21,7 +21,7 @@ import statistics
 import sys
 from collections import Counter
 
-from trainer.console import RepeatLimiter, hide_known_harmless_warnings
+from trainer.console import RepeatLimiter
 from trainer.data.pipeline import UNDERSIZED_PREFIX, DataPlan, DataSettings, load_data
 from trainer.errors import ConfigError, TrainerError
 
@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation_config", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    hide_known_harmless_warnings()
     repeats = RepeatLimiter()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
