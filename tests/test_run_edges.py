@@ -309,3 +309,20 @@ def test_preview_takes_the_train_json_and_summarises_repeated_problems(tmp_path,
     assert "batch_size 2, grad_accum 1: 1 batches" in out
     assert out.count("too small to train") == 4  # three shown, then the count of the rest
     assert "... and 2 more 'too small to train' (--json lists all)" in out
+
+
+def test_a_start_up_that_fails_late_detaches_its_train_log(tmp_path, small, monkeypatch):
+    """An error after the run folder exists (here: building the observers) must not leave the
+    run's train.log on the root logger, where every later run in the process would write."""
+    import trainer.session as session_mod
+
+    def broken(*a, **k):
+        raise ConfigError("broken observers")
+
+    monkeypatch.setattr(session_mod, "_build_observers", broken)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **small, cache_latents=False))
+    with pytest.raises(ConfigError, match="broken observers"):
+        session_mod.build_session(cfg)
+    assert root.handlers == before

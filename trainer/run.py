@@ -73,14 +73,21 @@ class StartupLog:
 
     def __init__(self) -> None:
         self._buffer = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.file_handler: logging.Handler | None = None
         logging.getLogger().addHandler(self._buffer)
 
     def attach(self, run: RunFolder) -> logging.Handler:
         """Start `<run>/train.log` with the buffered records; returns its handler."""
-        handler = attach_file_log(run)
-        self._buffer.setTarget(handler)
+        self.file_handler = attach_file_log(run)
+        self._buffer.setTarget(self.file_handler)
         self.discard()
-        return handler
+        return self.file_handler
+
+    def detach_file(self) -> None:
+        """For a start-up that failed after the run folder existed: stop writing its train.log."""
+        if self.file_handler is not None:
+            logging.getLogger().removeHandler(self.file_handler)
+            self.file_handler.close()
 
     def discard(self) -> None:
         logging.getLogger().removeHandler(self._buffer)

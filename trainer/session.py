@@ -133,6 +133,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     startup_log = StartupLog()  # the run folder (and its train.log) is created once all went well
     try:
         return _build(cfg, accelerator, spec, ckpt, resuming, startup_log)
+    except BaseException:
+        startup_log.detach_file()  # the error itself is logged by the caller, on the console
+        raise
     finally:
         startup_log.discard()
 
