@@ -128,7 +128,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     seed_everything(cfg.seed)
     # Load and validate everything before a run folder exists, so bad input leaves no empty runs.
     opt_file = load_optimizer_file(cfg.optimizer_config)
-    model = load_model(spec, vae=cfg.vae, prediction_type=cfg.prediction_type)
+    model = load_model(
+        spec, vae=cfg.vae, prediction_type=cfg.prediction_type, zero_terminal_snr=cfg.enable_zero_terminal_snr
+    )
     log.info("model: %s (%s)", model.source, model.family)
     attention = configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)
     data = load_data(_data_settings(cfg, accelerator))

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 META_PREDICTION_TYPE = "sdtrainer.prediction_type"
 META_FAMILY = "sdtrainer.family"
+META_ZERO_SNR = "sdtrainer.zero_terminal_snr"  # "true" when trained with rescaled (zero terminal SNR) betas
 _SD1_TOKEN_EMB = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 _SD1_TOKEN_EMB_OLD = "cond_stage_model.transformer.embeddings.token_embedding.weight"
 _SD2_TOKEN_EMB = OPEN_CLIP_PREFIX + "token_embedding.weight"

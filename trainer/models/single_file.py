@@ -30,6 +30,7 @@ from trainer.errors import ModelLoadError
 from trainer.models.checkpoint_io import (
     META_FAMILY,
     META_PREDICTION_TYPE,
+    META_ZERO_SNR,
     RawCheckpoint,
     detect_family,
     match_configs,
@@ -42,6 +43,7 @@ from trainer.models.components import (
     cast,
     load_tokenizer,
     training_scheduler_config,
+    with_zero_terminal_snr,
 )
 from trainer.models.ldm_keys import (
     OPEN_CLIP_PREFIX,
@@ -133,12 +135,15 @@ def components_from_checkpoint(
     text_encoder = text_encoder_from_tensors(ckpt.tensors, family, cfg.text_encoder, ckpt.path)
     pred, why = prediction_type_for(ckpt, family, prediction_type)
     logger.info("%s: %s model (%s layout), prediction_type=%s (%s)", ckpt.path, family, cfg.name, pred, why)
+    scheduler_config = training_scheduler_config(cfg.scheduler, pred)
+    if ckpt.metadata.get(META_ZERO_SNR) == "true":
+        scheduler_config = with_zero_terminal_snr(scheduler_config)
     return SDComponents(
         unet=cast(unet, dtype),
         vae=cast(vae, dtype),
         text_encoder=cast(text_encoder, dtype),
         tokenizer=load_tokenizer(cfg.tokenizer),
-        scheduler_config=training_scheduler_config(cfg.scheduler, pred),
+        scheduler_config=scheduler_config,
         family=family,
         source=f"single file {ckpt.path} ({family}, {cfg.name} layout, {pred} from {why})",
     )
@@ -199,6 +204,8 @@ def save_single_file(components: SDComponents, path: Path, *, half: bool = True)
         META_FAMILY: components.family,
         META_PREDICTION_TYPE: components.prediction_type,
     }
+    if components.scheduler_config.get("rescale_betas_zero_snr"):
+        metadata[META_ZERO_SNR] = "true"
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
