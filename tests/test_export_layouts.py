@@ -14,10 +14,12 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import DDIMScheduler  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
 from trainer.diffusion import NoiseSchedule  # noqa: E402
 from trainer.models import load_model, save_pipeline, save_single_file  # noqa: E402
@@ -27,6 +29,61 @@ from trainer.models.saving import inference_scheduler  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny():
     return {name: load_model(f"builtin:{name}") for name in ("tiny-sd1", "tiny-sd2")}
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert not [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+# Per-layer keys of a transformers CLIPTextModel, as the published SD1.5 / SD2.1 folders name them.
+CLIP_LAYER_PARTS = [
+    f"{module}.{kind}"
+    for module in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    )
+    for kind in ("weight", "bias")
+]
+CLIP_TOP = [
+    "embeddings.token_embedding.weight",
+    "embeddings.position_embedding.weight",
+    "final_layer_norm.weight",
+    "final_layer_norm.bias",
+]
+
+
+def clip_keys(layers: int, prefix: str) -> set[str]:
+    """SD1.5: 12 layers, 196 keys; SD2.1's diffusers folder: 23 layers, 372 keys."""
+    return {prefix + k for k in CLIP_TOP} | {
+        f"{prefix}encoder.layers.{i}.{part}" for i in range(layers) for part in CLIP_LAYER_PARTS
+    }
+
+
+# --- diffusers folder: the text encoder in the layout transformers 4.x reads ----------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])
+def test_pipeline_text_encoder_is_saved_with_text_model_keys(tiny, name, tmp_path):
+    c = tiny[name]
+    save_pipeline(c, tmp_path / "pipe")
+    folder = tmp_path / "pipe" / "text_encoder"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    saved = load_file(str(folder / "model.safetensors"))
+    # transformers 4.x CLIPTextModel holds `text_model.*`; without the prefix it loads nothing.
+    assert set(saved) == clip_keys(c.text_encoder.config.num_hidden_layers, "text_model.")
+    reloaded, info = CLIPTextModel.from_pretrained(str(folder), output_loading_info=True)  # transformers 5
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _same(reloaded, c.text_encoder)
+    save_pipeline(load_model(str(tmp_path / "pipe")), tmp_path / "again")  # stays canonical when re-saved
+    assert set(load_file(str(tmp_path / "again" / "text_encoder" / "model.safetensors"))) == set(saved)
 
 
 # --- zero terminal SNR: kept on load, on export, through a single file ----------------------------
