@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,10 @@ class SDComponents:
     scheduler_config: dict  # training noise scheduler (DDPMScheduler.from_config-compatible)
     family: str  # "sd1" | "sd2"
     source: str  # human description of what was loaded
+    # Original-layout text-encoder tensors of a single source file that the modules have no place
+    # for (SD2: OpenCLIP's last block, text_projection, logit_scale). Nothing trains or reads
+    # them; the single-file export writes them back instead of made-up ones.
+    text_encoder_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
