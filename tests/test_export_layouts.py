@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -160,3 +160,202 @@ def test_plain_models_keep_a_plain_schedule(tiny, tmp_path):
     on = load_model("builtin:tiny-sd1", zero_terminal_snr=True)
     assert inference_scheduler(on).alphas_cumprod[-1].item() == 0.0
     assert not c.scheduler_config.get("rescale_betas_zero_snr")  # the shared model is untouched
+
+
+# --- single files: the published layout, key for key ---------------------------------------------
+
+# sha256 (first 16 hex digits) of the sorted "key shape" lines ("key 320,4,3,3"; "" for a scalar),
+# per component, of the published v1-5-pruned-emaonly and v2-1_768-ema-pruned files (non-EMA
+# weights; the key lists the A1111 model toolkit extension ships for them), with their counts.
+PUBLISHED = {
+    "sd15": {
+        "model.diffusion_model.": (686, "dc00164c142b2f9c"),
+        "first_stage_model.": (248, "8df3ba683aca07c3"),
+        "cond_stage_model.transformer.text_model.": (197, "08c482d9412adc11"),
+    },
+    "sd21": {
+        "model.diffusion_model.": (686, "6a0b60b08aea0fc3"),
+        "first_stage_model.": (248, "8df3ba683aca07c3"),
+        "cond_stage_model.model.": (294, "c0a78633feed9d24"),  # 24 blocks x 12 + 6
+    },
+}
+
+
+def _layout_digest(shapes: dict[str, tuple[int, ...]], prefix: str) -> tuple[int, str]:
+    import hashlib
+
+    lines = sorted(f"{k} {','.join(map(str, s))}" for k, s in shapes.items() if k.startswith(prefix))
+    return len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _full_size_export(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the single file exported from the full-size architecture (no weights made)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from trainer.models.components import ComponentConfigs, SDComponents
+    from trainer.models.single_file import ldm_state_dict
+
+    cfg = ComponentConfigs.bundled(name)
+    te_config = CLIPTextConfig(**{k: v for k, v in cfg.text_encoder.items() if k != "architectures"})
+    with init_empty_weights():
+        modules = UNet2DConditionModel.from_config(cfg.unet), AutoencoderKL.from_config(cfg.vae)
+        text_encoder = CLIPTextModel(te_config)
+    components = SDComponents(*modules, text_encoder, None, cfg.scheduler, cfg.family, name)
+    return {k: tuple(v.shape) for k, v in ldm_state_dict(components).items()}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_single_file_has_the_published_layout(name):
+    shapes = _full_size_export(name)
+    assert len(shapes) == sum(count for count, _ in PUBLISHED[name].values())  # nothing else either
+    for prefix, expected in PUBLISHED[name].items():
+        assert _layout_digest(shapes, prefix) == expected, prefix
+    if name == "sd21":  # the OpenCLIP parts SD2 does not use, as ComfyUI's CLIP-H expects them
+        assert shapes["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"] == (3072, 1024)
+        assert shapes["cond_stage_model.model.text_projection"] == (1024, 1024)
+        assert shapes["cond_stage_model.model.logit_scale"] == ()
+    else:
+        assert shapes["cond_stage_model.transformer.text_model.embeddings.position_ids"] == (1, 77)
+
+
+def _detector_view(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """What ComfyUI's model detection reads from a file's keys and shapes to pick a model class."""
+    unet = "model.diffusion_model."
+    attn = f"{unet}input_blocks.1.1."
+    return {
+        "unet_prefix": unet if any(k.startswith(unet) for k in shapes) else None,
+        "in_channels": shapes[f"{unet}input_blocks.0.0.weight"][1],
+        "model_channels": shapes[f"{unet}input_blocks.0.0.weight"][0],
+        "out_channels": shapes[f"{unet}out.2.weight"][0],
+        "context_dim": shapes[f"{attn}transformer_blocks.0.attn2.to_k.weight"][1],
+        "use_linear_in_transformer": len(shapes[f"{attn}proj_in.weight"]) == 2,
+        "adm_in_channels": shapes.get(f"{unet}label_emb.0.0.weight"),
+        "temporal": any(".time_stack." in k or ".time_mix_blocks." in k for k in shapes),
+        "sd2_v_heuristic_key": f"{unet}output_blocks.11.1.transformer_blocks.0.norm1.bias" in shapes,
+        "vae_prefix": any(k.startswith("first_stage_model.") for k in shapes),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "comfy_class"),
+    [
+        # ComfyUI supported_models.SD15.unet_config / SD20.unet_config
+        ("sd15", {"context_dim": 768, "model_channels": 320, "use_linear_in_transformer": False}),
+        ("sd21", {"context_dim": 1024, "model_channels": 320, "use_linear_in_transformer": True}),
+    ],
+)
+def test_comfyui_detection_picks_the_right_model_class(name, comfy_class):
+    view = _detector_view(_full_size_export(name))
+    assert {k: view[k] for k in comfy_class} == comfy_class
+    assert view["unet_prefix"] == "model.diffusion_model." and view["vae_prefix"]
+    assert view["in_channels"] == 4 and view["out_channels"] == 4  # not an inpainting model
+    assert view["adm_in_channels"] is None and not view["temporal"]  # not unCLIP / SVD
+    assert view["sd2_v_heuristic_key"]  # SD20 guesses v-prediction from this tensor's spread
+
+
+def _openclip_blocks(sd: dict) -> set[int]:
+    prefix = "cond_stage_model.model.transformer.resblocks."
+    return {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
+
+
+def test_sd2_single_file_has_the_whole_openclip_tower(tiny, tmp_path):
+    c = tiny["tiny-sd2"]
+    n, width = c.text_encoder.config.num_hidden_layers, c.text_encoder.config.hidden_size
+    save_single_file(c, tmp_path / "m.safetensors", half=False)
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    assert _openclip_blocks(sd) == set(range(n + 1))  # SD2 uses n; the file holds n + 1, as SD2.1's
+    assert len([k for k in sd if k.startswith("cond_stage_model.")]) == 12 * (n + 1) + 6
+    last, used = "cond_stage_model.model.transformer.resblocks.", f".{n - 1}."
+    for key in [k for k in sd if k.startswith(f"{last}{n}.")]:  # made up as kohya does: a copy
+        assert torch.equal(sd[key], sd[key.replace(f".{n}.", used, 1)])
+    assert torch.equal(sd["cond_stage_model.model.text_projection"], torch.eye(width))
+    assert sd["cond_stage_model.model.logit_scale"].shape == ()
+    # diffusers splits the fused q/k/v by text_projection's first dimension: it must be the width.
+    loaded = load_model(str(tmp_path / "m.safetensors"))
+    _same(loaded.text_encoder, c.text_encoder)
+
+
+def test_sd2_tower_parts_of_the_source_file_are_written_back(tiny, tmp_path):
+    c = tiny["tiny-sd2"]
+    n, width = c.text_encoder.config.num_hidden_layers, c.text_encoder.config.hidden_size
+    save_single_file(c, tmp_path / "m.safetensors", half=False)
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    real = {k: torch.randn(v.shape, generator=g) for k, v in sd.items() if f"resblocks.{n}." in k}
+    real["cond_stage_model.model.text_projection"] = torch.randn(width, width, generator=g)
+    real["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    save_file({**sd, **real}, str(tmp_path / "real.safetensors"))
+    loaded = load_model(str(tmp_path / "real.safetensors"))
+    _same(loaded.text_encoder, c.text_encoder)  # the extra block never reaches the model ...
+    save_single_file(loaded, tmp_path / "out.safetensors", half=False)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert out.keys() == sd.keys()
+    assert all(torch.equal(out[k], v) for k, v in real.items())  # ... and comes back unchanged
+
+
+# --- loading single files: every failure a ModelLoadError naming file, key and shapes -------------
+
+
+def test_kohya_dummy_text_projection_on_a_smaller_model_loads(tiny, tmp_path, caplog):
+    """kohya sd-scripts writes a 1024x1024 text_projection and logit_scale 1 whatever the width."""
+    c = tiny["tiny-sd2"]
+    save_single_file(c, tmp_path / "m.safetensors", half=False)
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    sd["cond_stage_model.model.text_projection"] = torch.ones(1024, 1024)
+    sd["cond_stage_model.model.logit_scale"] = torch.tensor(1)
+    save_file(sd, str(tmp_path / "kohya.safetensors"))
+    loaded = load_model(str(tmp_path / "kohya.safetensors"))
+    _same(loaded.text_encoder, c.text_encoder)
+    assert "text_projection has shape [1024, 1024]" in caplog.text
+    save_single_file(loaded, tmp_path / "out.safetensors", half=False)
+    width = c.text_encoder.config.hidden_size
+    assert load_file(str(tmp_path / "out.safetensors"))["cond_stage_model.model.text_projection"].shape == (
+        width,
+        width,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("tiny-sd1", "model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+        ("tiny-sd1", "first_stage_model.decoder.conv_in.weight"),
+        ("tiny-sd1", "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"),
+        ("tiny-sd2", "cond_stage_model.model.transformer.resblocks.1.mlp.c_fc.weight"),
+    ],
+)
+def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tiny, tmp_path, name, key):
+    from trainer.errors import ModelLoadError
+
+    save_single_file(tiny[name], tmp_path / "m.safetensors", half=False)
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    right = list(sd[key].shape)
+    sd[key] = torch.zeros(right[0] + 1, *right[1:])
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    message = str(e.value)
+    assert str(path) in message and repr(key) in message
+    assert f"shape {[right[0] + 1, *right[1:]]}" in message and f"needs {right}" in message
+
+
+def test_corrupt_pickles_are_reported_as_corrupt_not_as_unsafe(tmp_path):
+    from trainer.errors import ModelLoadError
+
+    torch.save({"state_dict": {"x": torch.ones(3)}}, tmp_path / "ok.ckpt")
+    data = (tmp_path / "ok.ckpt").read_bytes()
+    cases = {
+        "truncated.ckpt": data[: len(data) // 2],
+        "garbage.bin": b"\x00\x01 not a pickle" * 8,  # legacy-format pickle path
+        "empty.ckpt": b"",
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ModelLoadError) as e:
+            load_model(str(path))
+        assert str(path) in str(e.value) and "is corrupt" in str(e.value), name
+        assert "unsafe" not in str(e.value), name
