@@ -359,3 +359,58 @@ def test_corrupt_pickles_are_reported_as_corrupt_not_as_unsafe(tmp_path):
             load_model(str(path))
         assert str(path) in str(e.value) and "is corrupt" in str(e.value), name
         assert "unsafe" not in str(e.value), name
+
+
+@pytest.mark.parametrize(("name", "full"), [("tiny-sd1", "sd15"), ("tiny-sd2", "sd21")])
+def test_tiny_single_files_use_exactly_the_published_key_names(tiny, tmp_path, name, full):
+    """Tiny models keep SD's topology, so every conversion path is the real one: the published
+    UNet and VAE key names (less the shortcuts their narrower widths make unneeded), and the
+    published text-encoder names for the layers they have."""
+    c = tiny[name]
+    save_single_file(c, tmp_path / "m.safetensors", half=False)
+    ours = set(load_file(str(tmp_path / "m.safetensors")))
+    published = set(_full_size_export(full))
+    unet = "model.diffusion_model."
+    # The tiny UNet's third level keeps the second's width (channel multipliers 1,2,2,2, not
+    # 1,2,4,4), so the first resnet there needs no 1x1 shortcut: the only published keys it lacks.
+    assert {k for k in published if k.startswith(unet)} - ours == {
+        f"{unet}input_blocks.7.0.skip_connection.weight",
+        f"{unet}input_blocks.7.0.skip_connection.bias",
+    }
+    assert {k for k in ours if k.startswith(unet)} <= published
+    vae = "first_stage_model."  # the same for the tiny VAE (16,32,32,32 rather than 128,256,512,512)
+    assert {k for k in published if k.startswith(vae)} - ours == {
+        f"{vae}{side}.block.0.nin_shortcut.{kind}"
+        for side in ("encoder.down.2", "decoder.up.1")
+        for kind in ("weight", "bias")
+    }
+    assert {k for k in ours if k.startswith(vae)} <= published
+    layers = c.text_encoder.config.num_hidden_layers + (1 if c.family == "sd2" else 0)
+    block = "transformer.resblocks." if c.family == "sd2" else "encoder.layers."
+
+    def in_range(key: str) -> bool:
+        return block not in key or int(key.split(block)[1].split(".")[0]) < layers
+
+    assert {k for k in ours if k.startswith("cond_stage_model.")} == {
+        k for k in published if k.startswith("cond_stage_model.") and in_range(k)
+    }
+
+
+def test_pipeline_folder_has_the_published_components(tiny, tmp_path):
+    save_pipeline(tiny["tiny-sd2"], tmp_path / "pipe")
+    root = tmp_path / "pipe"
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")):
+        assert (root / part / "config.json").is_file() and (root / part / f"{weights}.safetensors").is_file()
+    # transformers 4 tools read the slow tokenizer's files; diffusers needs model_max_length 77
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {
+        p.name for p in (root / "tokenizer").iterdir()
+    }
+    assert json.loads((root / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["steps_offset"] == 1
