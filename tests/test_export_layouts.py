@@ -310,11 +310,10 @@ def test_kohya_dummy_text_projection_on_a_smaller_model_loads(tiny, tmp_path, ca
     _same(loaded.text_encoder, c.text_encoder)
     assert "text_projection has shape [1024, 1024]" in caplog.text
     save_single_file(loaded, tmp_path / "out.safetensors", half=False)
+    out = load_file(str(tmp_path / "out.safetensors"))
     width = c.text_encoder.config.hidden_size
-    assert load_file(str(tmp_path / "out.safetensors"))["cond_stage_model.model.text_projection"].shape == (
-        width,
-        width,
-    )
+    assert out["cond_stage_model.model.text_projection"].shape == (width, width)
+    assert out["cond_stage_model.model.logit_scale"].dtype == torch.float32  # a float, as in SD2.1
 
 
 @pytest.mark.parametrize(

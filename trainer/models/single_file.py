@@ -177,7 +177,7 @@ def _open_clip_extras(
         )
     scale = tensors.get(OPEN_CLIP_PREFIX + "logit_scale")
     if scale is not None and scale.numel() == 1:
-        extras[OPEN_CLIP_PREFIX + "logit_scale"] = scale.reshape(())
+        extras[OPEN_CLIP_PREFIX + "logit_scale"] = scale.reshape(()).float()  # kohya writes int 1
     return extras
 
 
@@ -246,7 +246,7 @@ def components_from_checkpoint(
         scheduler_config=scheduler_config,
         family=family,
         source=f"single file {ckpt.path} ({family}, {cfg.name} layout, {pred} from {why})",
-        text_encoder_extras=extras,
+        text_encoder_extras={k: v.to(dtype) for k, v in extras.items()},
     )
 
 
