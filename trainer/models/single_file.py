@@ -103,7 +103,7 @@ def _convert(convert: Callable[..., dict], what: str, path: Path, *args, **kwarg
     """Run one of diffusers' ldm->diffusers converters; a file it cannot convert is a ModelLoadError."""
     try:
         return convert(*args, **kwargs)
-    except (KeyError, IndexError, ValueError, RuntimeError, AttributeError) as e:
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
         raise ModelLoadError(
             f"{path}: the {what} weights cannot be converted ({type(e).__name__}: {e}); the file is "
             "damaged or of a layout this trainer does not support"
@@ -135,7 +135,7 @@ def vae_from_tensors(tensors: dict[str, torch.Tensor], config: dict, path: Path)
         tensors = _with_prefix(tensors, VAE_PREFIX) if prefix else tensors
         converted = _convert(convert_ldm_vae_checkpoint, "VAE", path, tensors, config)
         to_ldm = _file_key_of(lambda sd: vae_to_ldm(sd, config))
-        file_key = (lambda k: to_ldm(k)) if prefix else (lambda k: to_ldm(k).removeprefix(VAE_PREFIX))
+        file_key = to_ldm if prefix else (lambda k: to_ldm(k).removeprefix(VAE_PREFIX))
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
     _load_strict(vae, converted, "VAE", path, file_key)
