@@ -91,6 +91,9 @@ def test_tiny_sd1_topology(tiny_sd1):
         "beta_schedule": "scaled_linear",
         "trained_betas": None,
         "prediction_type": "epsilon",
+        # kept from the model's own scheduler config: they decide zero-terminal-SNR sampling
+        "rescale_betas_zero_snr": False,
+        "timestep_spacing": "leading",
     }
 
 

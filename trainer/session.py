@@ -143,7 +143,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
 def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog) -> Session:
     seed_everything(cfg.seed)
     opt_file = load_optimizer_file(cfg.optimizer_config)
-    model = load_model(spec, vae=cfg.vae, prediction_type=cfg.prediction_type)
+    model = load_model(
+        spec, vae=cfg.vae, prediction_type=cfg.prediction_type, zero_terminal_snr=cfg.enable_zero_terminal_snr
+    )
     log.info("model: %s (%s)", model.source, model.family)
     configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)  # logs it
     data = load_data(_data_settings(cfg, accelerator))

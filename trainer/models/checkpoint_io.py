@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,12 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 META_PREDICTION_TYPE = "sdtrainer.prediction_type"
 META_FAMILY = "sdtrainer.family"
+META_ZERO_SNR = "sdtrainer.zero_terminal_snr"  # "true" when trained with rescaled (zero terminal SNR) betas
 _SD1_TOKEN_EMB = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 _SD1_TOKEN_EMB_OLD = "cond_stage_model.transformer.embeddings.token_embedding.weight"
 _SD2_TOKEN_EMB = OPEN_CLIP_PREFIX + "token_embedding.weight"
+# How torch names what a weights_only load refused (anything else it reports is a broken pickle).
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked")
 _SD2_V_STEP_HINT = 110000  # the SD2 512-base (epsilon) checkpoint's global_step, as diffusers uses
 
 
@@ -65,13 +69,23 @@ def read_checkpoint(path: Path) -> RawCheckpoint:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe is None:  # torch words every unpickling failure as a weights_only refusal
+            raise ModelLoadError(
+                f"{path} is corrupt or not a PyTorch checkpoint: its pickle data cannot be read "
+                f"({str(e.__context__ or e).splitlines()[0]}). Re-download or re-export it."
+            ) from e
+        what = unsafe.group(1) or unsafe.group(2)
         raise ModelLoadError(
-            f"refused to load {path}: it needs unsafe unpickling, which could run code from the file "
-            f"(torch says: {str(e).splitlines()[0]}). Nothing from it was executed. If you trust its "
-            "origin, convert it to .safetensors with a tool you trust and load that instead."
+            f"refused to load {path}: it needs unsafe unpickling of {what}, which could run "
+            "code from the file. Nothing from it was executed. If you trust its origin, convert it to "
+            ".safetensors with a tool you trust and load that instead."
         ) from e
     except (RuntimeError, OSError, EOFError) as e:
-        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint ({e}); it may be truncated") from e
+        raise ModelLoadError(
+            f"{path} is corrupt or not a PyTorch checkpoint ({str(e) or type(e).__name__}); it may be "
+            "truncated. Re-download or re-export it."
+        ) from e
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
     step = obj.get("global_step")

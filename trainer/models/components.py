@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,10 @@ FAMILIES = ("sd1", "sd2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Keys of a scheduler config that define the training noise schedule (DDPMScheduler arguments).
 _NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+# Keys kept only when the source states them: a zero-terminal-SNR model needs both to sample the way
+# it was trained (rescaled betas, and timesteps that include t=999), and dropping them silently
+# turns such a model back into a plain-schedule one on load and on export.
+_ZERO_SNR_KEYS = ("rescale_betas_zero_snr", "timestep_spacing")
 
 
 @dataclass
@@ -42,6 +46,10 @@ class SDComponents:
     scheduler_config: dict  # training noise scheduler (DDPMScheduler.from_config-compatible)
     family: str  # "sd1" | "sd2"
     source: str  # human description of what was loaded
+    # Original-layout text-encoder tensors of a single source file that the modules have no place
+    # for (SD2: OpenCLIP's last block, text_projection, logit_scale). Nothing trains or reads
+    # them; the single-file export writes them back instead of made-up ones.
+    text_encoder_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
@@ -97,12 +105,23 @@ def training_scheduler_config(scheduler_config: dict, prediction_type: str | Non
     out = {"_class_name": "DDPMScheduler", "clip_sample": False}
     out.update({k: scheduler_config.get(k) for k in _NOISE_SCHEDULE_KEYS})
     out["num_train_timesteps"] = out["num_train_timesteps"] or 1000
+    out.update({k: scheduler_config[k] for k in _ZERO_SNR_KEYS if k in scheduler_config})
     out["prediction_type"] = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
     if out["prediction_type"] not in PREDICTION_TYPES:
         raise ModelLoadError(
             f"prediction_type {out['prediction_type']!r} is not supported; use one of {PREDICTION_TYPES}"
         )
     return out
+
+
+def with_zero_terminal_snr(scheduler_config: dict) -> dict:
+    """The schedule of a model trained with zero terminal SNR (arXiv 2305.08891, section 3).
+
+    Rescaled betas make alpha-bar at the last timestep 0; "trailing" spacing makes inference
+    start from that timestep. Both travel with the model so every pipeline built from its
+    scheduler config samples the way it was trained.
+    """
+    return {**scheduler_config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ Tensors are shared with the input, never copied (except where they must change s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 UNET_PREFIX = "model.diffusion_model."
@@ -133,30 +135,87 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, t
 
 
 def clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD1 CLIPTextModel (flat or `text_model.`-prefixed keys) -> `cond_stage_model.transformer.text_model.*`."""
-    return {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    """SD1 CLIPTextModel (flat or `text_model.`-prefixed keys) -> `cond_stage_model.transformer.text_model.*`.
+
+    Adds `embeddings.position_ids` (0..76, int64), which the published SD1.x files hold and
+    transformers no longer stores: A1111's and ComfyUI's loaders read it when present.
+    """
+    out = {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    positions = out.get(CLIP_PREFIX + "embeddings.position_embedding.weight")
+    if positions is not None:
+        out.setdefault(CLIP_PREFIX + "embeddings.position_ids", torch.arange(positions.shape[0]).unsqueeze(0))
+    return out
+
+
+_OPEN_CLIP_TOP = {
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def open_clip_key(key: str) -> str:
+    """The OpenCLIP key (without `cond_stage_model.model.`) that holds a CLIPTextModel tensor.
+
+    q/k/v projections all live in one fused `attn.in_proj_*` tensor.
+    """
+    key = key.removeprefix("text_model.")
+    if key in _OPEN_CLIP_TOP:
+        return _OPEN_CLIP_TOP[key]
+    parts = key.split(".")
+    if parts[:2] != ["encoder", "layers"]:
+        raise KeyError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+    module, kind = ".".join(parts[3:-1]), parts[-1]
+    dst = f"transformer.resblocks.{parts[2]}."
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return f"{dst}attn.in_proj_{kind}"
+    if module not in _OPEN_CLIP_LAYER:
+        raise KeyError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+    return f"{dst}{_OPEN_CLIP_LAYER[module]}.{kind}"
 
 
 def open_clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD2 CLIPTextModel -> OpenCLIP `cond_stage_model.model.*` (q/k/v fused into in_proj)."""
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
-    out = {
-        "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-        "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-        "ln_final.weight": sd.pop("final_layer_norm.weight"),
-        "ln_final.bias": sd.pop("final_layer_norm.bias"),
-    }
-    layer_ids = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    for i in layer_ids:
-        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            qkv = [sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
-            out[f"{dst}attn.out_proj.{kind}"] = sd.pop(f"{src}self_attn.out_proj.{kind}")
-            out[f"{dst}ln_1.{kind}"] = sd.pop(f"{src}layer_norm1.{kind}")
-            out[f"{dst}ln_2.{kind}"] = sd.pop(f"{src}layer_norm2.{kind}")
-            out[f"{dst}mlp.c_fc.{kind}"] = sd.pop(f"{src}mlp.fc1.{kind}")
-            out[f"{dst}mlp.c_proj.{kind}"] = sd.pop(f"{src}mlp.fc2.{kind}")
-    if sd:
-        raise KeyError(f"text encoder keys with no OpenCLIP equivalent: {sorted(sd)[:5]}")
+    out = {}
+    for key in [k for k in sd if ".self_attn.q_proj." in k]:
+        fused = [sd.pop(key.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"]
+        out[open_clip_key(key)] = torch.cat(fused, dim=0)
+    for key, value in sd.items():
+        out[open_clip_key(key)] = value
     return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+
+
+# OpenCLIP ViT-H's logit scale saturates at its clamp, ln(100); OpenCLIP starts it at ln(1/0.07).
+_LOGIT_SCALE = math.log(100.0)
+
+
+def open_clip_tail(ldm: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """What a complete OpenCLIP tower has beyond the `layers` blocks SD2 uses, made up.
+
+    SD2 conditions on the penultimate layer, so diffusers' text encoder (and ours) drops the last
+    of OpenCLIP's blocks, and it has no `text_projection` / `logit_scale`; the published SD2.x
+    files and ComfyUI's CLIP-H still have them (ComfyUI warns about 18 missing keys otherwise).
+    Like kohya sd-scripts, the missing block is a copy of the last one SD2 uses; nothing reads
+    its output. The projection is the identity (kohya writes all ones, which maps every prompt to
+    one direction) and square, as ViT-H's is: loaders split the fused q/k/v by its first
+    dimension, so it must be the width.
+    """
+    src, dst = (
+        f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers - 1}.",
+        f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}.",
+    )
+    tail = {dst + k[len(src) :]: v.clone() for k, v in ldm.items() if k.startswith(src)}
+    ref = ldm[OPEN_CLIP_PREFIX + "ln_final.weight"]
+    width = ref.shape[0]
+    tail[OPEN_CLIP_PREFIX + "text_projection"] = torch.eye(width, dtype=ref.dtype, device=ref.device)
+    tail[OPEN_CLIP_PREFIX + "logit_scale"] = torch.tensor(_LOGIT_SCALE, dtype=ref.dtype, device=ref.device)
+    return tail

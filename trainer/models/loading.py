@@ -24,6 +24,7 @@ from trainer.models.components import (
     family_of_text_encoder,
     read_json,
     training_scheduler_config,
+    with_zero_terminal_snr,
 )
 from trainer.models.single_file import load_single_file, vae_from_tensors
 
@@ -102,12 +103,15 @@ def load_model(
     *,
     vae: str | None = None,
     prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> SDComponents:
     """Load SD components from `builtin:<name>`, a diffusers folder, or a single file.
 
     `vae` replaces the model's VAE; `prediction_type` overrides what the model states or what
     is detected (SD2 single files: the A1111 `.yaml` beside the file, our metadata, heuristics).
+    `zero_terminal_snr` (train.json `enable_zero_terminal_snr`) makes the model's scheduler config
+    the rescaled one, so what is trained, sampled and exported all use it.
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
@@ -134,6 +138,10 @@ def load_model(
             raise ModelLoadError(
                 f"{path} is neither a folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})"
             )
+    if zero_terminal_snr:
+        components.scheduler_config = with_zero_terminal_snr(components.scheduler_config)
+    elif components.scheduler_config.get("rescale_betas_zero_snr"):
+        logger.info("%s has a zero-terminal-SNR schedule (rescale_betas_zero_snr); training keeps it", spec)
     if vae is not None:
         components.vae = load_vae(vae, like=components.vae, dtype=dtype)
         components.source += f", VAE from {vae}"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import save_file
+from transformers import CLIPTextModel
 
 from trainer.errors import ModelLoadError
 from trainer.models.components import MODEL_MAX_LENGTH, SDComponents, read_json
@@ -16,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Training-schedule keys that also shape inference (zero-terminal-SNR models need both).
 _INFERENCE_PASSTHROUGH = ("rescale_betas_zero_snr", "timestep_spacing")
+# The key prefix of CLIPTextModel weights in every published SD1.x/SD2.x diffusers folder.
+TEXT_MODEL_PREFIX = "text_model."
 
 
 def inference_scheduler(components: SDComponents) -> DDIMScheduler:
@@ -50,6 +54,7 @@ def save_pipeline(components: SDComponents, out_dir: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    save_canonical_text_encoder(components.text_encoder, out_dir / "text_encoder")
     # transformers 5 writes only tokenizer.json; vocab.json/merges.txt keep the folder loadable by
     # transformers 4 and other tools that use the slow CLIPTokenizer.
     components.tokenizer.backend_tokenizer.model.save(str(out_dir / "tokenizer"))
@@ -59,6 +64,25 @@ def save_pipeline(components: SDComponents, out_dir: Path) -> None:
             f"tokenizer saved to {out_dir} without model_max_length {MODEL_MAX_LENGTH}: {saved}"
         )
     logger.info("wrote diffusers pipeline %s", out_dir)
+
+
+def save_canonical_text_encoder(text_encoder: CLIPTextModel, folder: Path) -> Path:
+    """Rewrite the text encoder's weights with `text_model.*` keys, the published layout.
+
+    transformers 5 saves a freshly built CLIPTextModel without the `text_model.` prefix (it
+    restores the prefix only for models it loaded with one). transformers 4.x, which kohya
+    sd-scripts and many A1111/ComfyUI extensions pin, then finds none of its keys and keeps a
+    randomly initialised text encoder with only a warning. transformers 5 reads both layouts.
+    """
+    for old in folder.glob("model*.safetensors*"):  # also a shard index, should one exist
+        old.unlink()
+    tensors = {
+        TEXT_MODEL_PREFIX + k.removeprefix(TEXT_MODEL_PREFIX): v.detach().to("cpu").contiguous()
+        for k, v in text_encoder.state_dict().items()
+    }
+    path = folder / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
 
 
 def convert_file(src: str, dst: str, *, half: bool) -> None:

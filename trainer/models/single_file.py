@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from trainer.errors import ModelLoadError
 from trainer.models.checkpoint_io import (
     META_FAMILY,
     META_PREDICTION_TYPE,
+    META_ZERO_SNR,
     RawCheckpoint,
     detect_family,
     match_configs,
@@ -42,12 +44,16 @@ from trainer.models.components import (
     cast,
     load_tokenizer,
     training_scheduler_config,
+    with_zero_terminal_snr,
 )
 from trainer.models.ldm_keys import (
+    CLIP_PREFIX,
     OPEN_CLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     clip_to_ldm,
+    open_clip_key,
+    open_clip_tail,
     open_clip_to_ldm,
     unet_to_ldm,
     vae_to_ldm,
@@ -61,18 +67,59 @@ _IGNORABLE_TEXT_KEYS = {"embeddings.position_ids", "text_projection.weight", "lo
 YAML_TEMPLATE = CONFIGS_DIR / "v2-inference-v.yaml"
 
 
-def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, path: Path) -> None:
-    """Assign converted tensors to a meta-initialised module; every parameter must be present."""
+def _load_strict(
+    module: torch.nn.Module, state_dict: dict, what: str, path: Path, file_key: Callable[[str], str]
+) -> None:
+    """Assign converted tensors to a meta-initialised module; every parameter must be present.
+
+    Shapes are checked first so that a mismatch names the file's key and both shapes
+    (`load_state_dict` would raise a bare RuntimeError listing module keys only).
+    `file_key` maps a module key back to the key that holds it in the file.
+    """
     none_keys = [k for k, v in state_dict.items() if v is None]
     if none_keys:
         raise ModelLoadError(f"{path}: {what} weights missing from the file (e.g. {none_keys[:3]})")
+    wanted = module.state_dict()
+    wrong = [k for k, v in state_dict.items() if k in wanted and v.shape != wanted[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ModelLoadError(
+            f"{path}: {what} tensor {file_key(k)!r} has shape {list(state_dict[k].shape)}, but a "
+            f"{what} of this layout needs {list(wanted[k].shape)} there ({len(wrong)} tensor(s) of the "
+            f"wrong shape, e.g. {[file_key(x) for x in wrong[:3]]}). The file is damaged, or a model "
+            "variant this trainer does not support."
+        )
     result = module.load_state_dict(state_dict, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
-            f"{path}: {what} weights do not fit the {what} architecture: missing {result.missing_keys[:5]} "
-            f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
-            f"({len(result.unexpected_keys)}). The file is damaged or of an unsupported variant."
+            f"{path}: {what} weights do not fit the {what} architecture: missing "
+            f"{[file_key(k) for k in result.missing_keys[:5]]} ({len(result.missing_keys)}), unexpected "
+            f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)}). The file is damaged or of an "
+            "unsupported variant."
         )
+
+
+def _convert(convert: Callable[..., dict], what: str, path: Path, *args, **kwargs) -> dict:
+    """Run one of diffusers' ldm->diffusers converters; a file it cannot convert is a ModelLoadError."""
+    try:
+        return convert(*args, **kwargs)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"{path}: the {what} weights cannot be converted ({type(e).__name__}: {e}); the file is "
+            "damaged or of a layout this trainer does not support"
+        ) from e
+
+
+def _file_key_of(convert_one: Callable[[dict], dict]) -> Callable[[str], str]:
+    """A module-key -> file-key mapper from a diffusers->ldm converter (for error messages)."""
+
+    def file_key(key: str) -> str:
+        try:
+            return next(iter(convert_one({key: torch.empty(0)})))
+        except (KeyError, StopIteration):
+            return key
+
+    return file_key
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -82,38 +129,91 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 def vae_from_tensors(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> AutoencoderKL:
     """A VAE from ldm keys (with or without `first_stage_model.`) or diffusers keys."""
     if any(k.startswith("encoder.down_blocks.") for k in tensors):
-        converted = dict(tensors)
+        converted, file_key = dict(tensors), str
     else:
-        if any(k.startswith(VAE_PREFIX) for k in tensors):
-            tensors = _with_prefix(tensors, VAE_PREFIX)
-        converted = convert_ldm_vae_checkpoint(tensors, config)
+        prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in tensors) else ""
+        tensors = _with_prefix(tensors, VAE_PREFIX) if prefix else tensors
+        converted = _convert(convert_ldm_vae_checkpoint, "VAE", path, tensors, config)
+        to_ldm = _file_key_of(lambda sd: vae_to_ldm(sd, config))
+        file_key = to_ldm if prefix else (lambda k: to_ldm(k).removeprefix(VAE_PREFIX))
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
-    _load_strict(vae, converted, "VAE", path)
+    _load_strict(vae, converted, "VAE", path, file_key)
     return vae
+
+
+def _open_clip_extras(
+    tensors: dict[str, torch.Tensor], layers: int, width: int, path: Path
+) -> dict[str, torch.Tensor]:
+    """The file's OpenCLIP tensors beyond what SD2 uses, when they fit this model (else none).
+
+    kohya sd-scripts writes a 1024x1024 `text_projection` whatever the model's width; keeping
+    such a tensor would hand the next loader a wrong q/k/v split, so it is dropped, loudly.
+    """
+    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}."
+    ref = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers - 1}."
+    block = {k: v for k, v in tensors.items() if k.startswith(last)}
+    extras = {}
+    if block and all(
+        tensors.get(ref + k[len(last) :]) is not None and v.shape == tensors[ref + k[len(last) :]].shape
+        for k, v in block.items()
+    ):
+        extras.update(block)
+    elif block:
+        logger.warning(
+            "%s: OpenCLIP block %d does not match block %d; it is not kept", path, layers, layers - 1
+        )
+    projection = tensors.get(OPEN_CLIP_PREFIX + "text_projection")
+    if projection is not None and projection.ndim == 2 and projection.shape[0] == width:
+        extras[OPEN_CLIP_PREFIX + "text_projection"] = projection
+    elif projection is not None:
+        logger.warning(
+            "%s: text_projection has shape %s, not [%d, ...] for this %d-wide text encoder (a dummy "
+            "written by another tool?); it is ignored, and exports write a fitting one",
+            path,
+            list(projection.shape),
+            width,
+            width,
+        )
+    scale = tensors.get(OPEN_CLIP_PREFIX + "logit_scale")
+    if scale is not None and scale.numel() == 1:
+        extras[OPEN_CLIP_PREFIX + "logit_scale"] = scale.reshape(()).float()  # kohya writes int 1
+    return extras
 
 
 def text_encoder_from_tensors(
     tensors: dict[str, torch.Tensor], family: str, config: dict, path: Path
-) -> CLIPTextModel:
+) -> tuple[CLIPTextModel, dict[str, torch.Tensor]]:
+    """The text encoder, and (SD2) the file's OpenCLIP tensors it has no place for."""
     te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"})
     with init_empty_weights():
         model = CLIPTextModel(te_config)
+    extras: dict[str, torch.Tensor] = {}
     if family == "sd2":
-        converted = convert_open_clip_checkpoint(
-            model, _with_prefix(tensors, OPEN_CLIP_PREFIX), prefix=OPEN_CLIP_PREFIX
-        )
         n = te_config.num_hidden_layers
-        # SD2 files have one more OpenCLIP block than SD2 uses (penultimate layer); drop it.
-        converted = {
-            k: v for k, v in converted.items() if not k.startswith(f"text_model.encoder.layers.{n}.")
-        }
+        openclip = _with_prefix(tensors, OPEN_CLIP_PREFIX)
+        extras = _open_clip_extras(openclip, n, te_config.hidden_size, path)
+        # SD2 files have one more OpenCLIP block than SD2 uses (penultimate layer): it is not
+        # converted. Without text_projection, diffusers splits q/k/v by the model's width rather
+        # than by that tensor's first dimension, which other tools may have written wrongly.
+        skip = (f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n}.", OPEN_CLIP_PREFIX + "text_projection")
+        openclip = {k: v for k, v in openclip.items() if not k.startswith(skip)}
+        converted = _convert(
+            convert_open_clip_checkpoint, "text encoder", path, model, openclip, prefix=OPEN_CLIP_PREFIX
+        )
+        file_key = _file_key_of(lambda sd: {OPEN_CLIP_PREFIX + open_clip_key(k): v for k, v in sd.items()})
     else:
-        converted = convert_ldm_clip_checkpoint(_with_prefix(tensors, "cond_stage_model.transformer."))
+        converted = _convert(
+            convert_ldm_clip_checkpoint,
+            "text encoder",
+            path,
+            _with_prefix(tensors, "cond_stage_model.transformer."),
+        )
+        file_key = _file_key_of(lambda sd: {CLIP_PREFIX + k: v for k, v in sd.items()})
     converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     converted = {k: v for k, v in converted.items() if k not in _IGNORABLE_TEXT_KEYS}
-    _load_strict(model, converted, "text encoder", path)
-    return model
+    _load_strict(model, converted, "text encoder", path, file_key)
+    return model, extras
 
 
 def components_from_checkpoint(
@@ -127,20 +227,26 @@ def components_from_checkpoint(
     unet_config = copy.deepcopy(cfg.unet)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-    converted = convert_ldm_unet_checkpoint(_with_prefix(ckpt.tensors, UNET_PREFIX), unet.config)
-    _load_strict(unet, converted, "UNet", ckpt.path)
+    converted = _convert(
+        convert_ldm_unet_checkpoint, "UNet", ckpt.path, _with_prefix(ckpt.tensors, UNET_PREFIX), unet.config
+    )
+    _load_strict(unet, converted, "UNet", ckpt.path, _file_key_of(lambda sd: unet_to_ldm(sd, unet_config)))
     vae = vae_from_tensors(_with_prefix(ckpt.tensors, VAE_PREFIX), cfg.vae, ckpt.path)
-    text_encoder = text_encoder_from_tensors(ckpt.tensors, family, cfg.text_encoder, ckpt.path)
+    text_encoder, extras = text_encoder_from_tensors(ckpt.tensors, family, cfg.text_encoder, ckpt.path)
     pred, why = prediction_type_for(ckpt, family, prediction_type)
     logger.info("%s: %s model (%s layout), prediction_type=%s (%s)", ckpt.path, family, cfg.name, pred, why)
+    scheduler_config = training_scheduler_config(cfg.scheduler, pred)
+    if ckpt.metadata.get(META_ZERO_SNR) == "true":
+        scheduler_config = with_zero_terminal_snr(scheduler_config)
     return SDComponents(
         unet=cast(unet, dtype),
         vae=cast(vae, dtype),
         text_encoder=cast(text_encoder, dtype),
         tokenizer=load_tokenizer(cfg.tokenizer),
-        scheduler_config=training_scheduler_config(cfg.scheduler, pred),
+        scheduler_config=scheduler_config,
         family=family,
         source=f"single file {ckpt.path} ({family}, {cfg.name} layout, {pred} from {why})",
+        text_encoder_extras={k: v.to(dtype) for k, v in extras.items()},
     )
 
 
@@ -153,7 +259,13 @@ def ldm_state_dict(components: SDComponents) -> dict[str, torch.Tensor]:
     out = unet_to_ldm(components.unet.state_dict(), components.unet.config)
     out.update(vae_to_ldm(components.vae.state_dict(), components.vae.config))
     te = components.text_encoder.state_dict()
-    out.update(open_clip_to_ldm(te) if components.family == "sd2" else clip_to_ldm(te))
+    if components.family == "sd2":
+        text = open_clip_to_ldm(te)
+        tail = open_clip_tail(text, components.text_encoder.config.num_hidden_layers)
+        tail.update({k: v for k, v in components.text_encoder_extras.items() if k in tail})
+        out.update(text | tail)
+    else:
+        out.update(clip_to_ldm(te))
     return out
 
 
@@ -199,6 +311,8 @@ def save_single_file(components: SDComponents, path: Path, *, half: bool = True)
         META_FAMILY: components.family,
         META_PREDICTION_TYPE: components.prediction_type,
     }
+    if components.scheduler_config.get("rescale_betas_zero_snr"):
+        metadata[META_ZERO_SNR] = "true"
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
