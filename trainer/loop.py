@@ -44,7 +44,7 @@ class RunSummary:
 
 def train(s: Session) -> RunSummary:
     cfg, st = s.cfg, s.state
-    policy = SavePolicy(cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes, cfg.save_ckpts_from_n_epochs)
+    policy = SavePolicy.from_config(cfg)
     tracker = StepTracker(
         s.metrics,
         reduce_sum=(lambda t: s.accelerator.reduce(t, reduction="sum"))
