@@ -322,7 +322,8 @@ def _decode_cli_values(key: str, values: list[str]) -> Any:
     if key in FIELDS and _is_string_key(key):
         # `--project_name 2024` / `--run_name 42` name things: the text is the value, not a number.
         decoded = [
-            v if isinstance(v, (str, list, dict)) or v is None else raw for v, raw in zip(decoded, values)
+            v if isinstance(v, (str, list, dict)) or v is None else raw
+            for v, raw in zip(decoded, values, strict=True)
         ]
     if len(decoded) == 1:
         return decoded[0]
