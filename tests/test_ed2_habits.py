@@ -227,3 +227,23 @@ def test_save_cadence_zero_is_off_and_nothing_set_is_every_20_minutes():
     assert (_policy(5, None).every_n_epochs, _policy(5, None).every_n_minutes) == (5, None)
     assert (_policy(0, None).every_n_epochs, _policy(0, None).every_n_minutes) == (None, None)
     assert _policy(None, 0.5).every_n_minutes == 0.5
+
+
+# ---- item 9: transparent pixels --------------------------------------------------------------
+
+
+def test_colour_hidden_under_transparent_pixels_trains_as_white_as_documented(tmp_path):
+    """EveryDream2 trains on the hidden colour (it drops alpha); this project paints it white."""
+    from PIL import Image
+
+    from tests.helpers import ROOT
+    from trainer.data.transforms import load_image
+
+    image = Image.new("RGBA", (8, 8), (200, 10, 10, 0))  # red, fully transparent
+    image.putpixel((0, 0), (200, 10, 10, 255))
+    image.save(tmp_path / "t.png")
+    loaded = load_image(tmp_path / "t.png")
+    assert loaded.getpixel((1, 1)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (200, 10, 10)
+    assert image.convert("RGB").getpixel((1, 1)) == (200, 10, 10)  # what EveryDream2 trains on
+    doc = (ROOT / "docs" / "DATA.md").read_text()
+    assert "**composited on white**. This is a choice: EveryDream2's" in doc

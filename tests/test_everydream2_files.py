@@ -613,3 +613,111 @@ def _size(path):
 
     with Image.open(path) as image:
         return image.size
+
+
+# Argument names of EveryDream2's train.py (5098db8) plus the dead keys its shipped files carry.
+ED2_TRAIN_KEYS = [
+    "amp",
+    "attn_type",
+    "batch_size",
+    "ckpt_every_n_minutes",
+    "clip_grad_norm",
+    "clip_skip",
+    "cond_dropout",
+    "data_root",
+    "disable_amp",
+    "disable_textenc_training",
+    "disable_unet_training",
+    "embedding_perturbation",
+    "flip_p",
+    "gpuid",
+    "gradient_checkpointing",
+    "grad_accum",
+    "logdir",
+    "log_step",
+    "loss_type",
+    "lr",
+    "lr_decay_steps",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_epochs",
+    "no_prepend_last",
+    "no_save_ckpt",
+    "optimizer_config",
+    "plugins",
+    "project_name",
+    "resolution",
+    "resume_ckpt",
+    "run_name",
+    "sample_prompts",
+    "sample_steps",
+    "save_ckpt_dir",
+    "save_every_n_epochs",
+    "save_ckpts_from_n_epochs",
+    "save_full_precision",
+    "save_optimizer",
+    "seed",
+    "shuffle_tags",
+    "timestep_start",
+    "timestep_end",
+    "train_sampler",
+    "keep_tags",
+    "wandb",
+    "validation_config",
+    "write_schedule",
+    "rated_dataset",
+    "rated_dataset_target_dropout_percent",
+    "zero_frequency_noise_ratio",
+    "enable_zero_terminal_snr",
+    "load_settings_every_epoch",
+    "min_snr_gamma",
+    "ema_decay_rate",
+    "ema_strength_target",
+    "ema_update_interval",
+    "ema_device",
+    "ema_sample_nonema_model",
+    "ema_sample_ema_model",
+    "ema_resume_model",
+    "pyramid_noise_discount",
+    "notebook",
+    "lowvram",
+    "disable_xformers",
+    "scale_lr",
+    "useadam8bit",
+    "ed1_mode",
+]
+ED2_SAMPLE_KEYS = [
+    "batch_size",
+    "seed",
+    "cfgs",
+    "scheduler",
+    "num_inference_steps",
+    "show_progress_bars",
+    "generate_pretrain_samples",
+    "generate_samples_every_n_steps",
+    "resolution",
+    "prompt",
+    "negative_prompt",
+    "size",
+    "aspect_ratio",
+    "random_caption",
+]
+
+
+def test_every_everydream2_key_is_accepted_and_documented():
+    from tests.helpers import ROOT
+    from trainer.config import FIELDS, IGNORED_KEYS
+    from trainer.data.validation_split import ValidationConfig
+
+    config_doc = (ROOT / "docs" / "CONFIG.md").read_text()
+    ed2_section = config_doc[config_doc.index("## Every EveryDream2 key and what it does here") :]
+    assert [k for k in ED2_TRAIN_KEYS if k not in FIELDS and k not in IGNORED_KEYS] == []
+    assert [k for k in ED2_TRAIN_KEYS if f"`{k}`" not in ed2_section] == []
+    logging_doc = (ROOT / "docs" / "LOGGING.md").read_text()
+    assert [
+        k for k in ED2_SAMPLE_KEYS if f"`{k}`" not in logging_doc and f"`samples[].{k}`" not in logging_doc
+    ] == []
+    data_doc = (ROOT / "docs" / "DATA.md").read_text()
+    shipped = {*VALIDATION_DEFAULT_JSON, *VALIDATION_COCO_JSON}
+    assert shipped <= {*ValidationConfig.model_fields, "val_split_proportion", "val_data_root"}
+    assert [k for k in shipped if f"`{k}`" not in data_doc] == []
