@@ -183,13 +183,15 @@ def warn_horizon_change(saved: dict | None, optim, total_optimizer_steps: int) -
             continue
         if (old["lr_decay_steps"], old["lr_warmup_steps"]) == (new["lr_decay_steps"], new["lr_warmup_steps"]):
             continue
-        before, after, step = _lr_before_after(comp.lr_scheduler)
+        lr_change = ""
+        if not getattr(optim, "steps_in_backward", False):  # fused: one scheduler per parameter
+            before, after, step = _lr_before_after(comp.lr_scheduler)
+            lr_change = f"; the LR at step {step} goes from {before:.6g} to {after:.6g}"
         messages.append(
             f"{name}: the run now has {total_optimizer_steps} optimizer steps (was "
             f"{saved['total_optimizer_steps']}), so its {new['lr_scheduler']} schedule's horizon moves from "
             f"decay {old['lr_decay_steps']} / warmup {old['lr_warmup_steps']} to decay {new['lr_decay_steps']} / "
-            f"warmup {new['lr_warmup_steps']}; the LR at step {step} goes from {before:.6g} to {after:.6g}. "
-            "Set lr_decay_steps explicitly to keep a fixed horizon."
+            f"warmup {new['lr_warmup_steps']}{lr_change}. Set lr_decay_steps explicitly to keep a fixed horizon."
         )
     for message in messages:
         log.warning("resume: %s", message)
