@@ -437,6 +437,7 @@ def _restore(session: Session, plan: ResumePlan) -> None:
     session.state.load_state_dict(state["progress"])
     restore_global_rng(state["rng"][session.accelerator.process_index])
     session.resumed_from = ckpt.path
+    session.plan = replace(plan, state=None)  # the optimizer states are GBs: do not hold a copy
     log.info(
         "resumed %s at epoch %d, batch %d, step %d",
         ckpt.path,
