@@ -56,7 +56,7 @@ def test_retention_keeps_the_newest(tmp_path):
     assert apply_retention(ckpts, None) == []
 
 
-def test_findlast_picks_newest_resumable_of_the_project_only(tmp_path):
+def test_findlast_picks_the_newest_of_the_project_resumable_or_not(tmp_path):
     save(tmp_path / "proj-20260101-000000" / "checkpoints", 5)
     time.sleep(0.01)
     save(tmp_path / "proj-20260102-000000" / "checkpoints", 2)
@@ -64,4 +64,7 @@ def test_findlast_picks_newest_resumable_of_the_project_only(tmp_path):
     save(tmp_path / "proj-20260103-000000" / "checkpoints", 9, resumable=False)
     save(tmp_path / "proj-extra-20260104-000000" / "checkpoints", 50)
     last = find_last(tmp_path, "proj")
-    assert last.step == 2 and last.path.parent.parent.name == "proj-20260102-000000"
+    # EveryDream2's findlast means the latest weights; an older resumable one would drop training
+    assert last.step == 9 and last.path.parent.parent.name == "proj-20260103-000000"
+    assert not last.resumable
+    assert find_last(tmp_path, "proj-extra").step == 50

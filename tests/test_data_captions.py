@@ -75,8 +75,6 @@ def test_sidecar_precedence_txt_caption_yaml(tmp_path):
     img(tmp_path / "b.png")
     write(tmp_path / "b.txt", "from txt")
     write(tmp_path / "b.caption", "from caption")
-    img(tmp_path / "c.webp")
-    write(tmp_path / "c.json", json.dumps({"main_prompt": "from json", "loss_scale": 0.5}))
     items = by_name(discover(tmp_path))
     a = items["a.jpg"].caption
     # yaml is most specific; all sidecars merge, most specific tags first
@@ -84,7 +82,29 @@ def test_sidecar_precedence_txt_caption_yaml(tmp_path):
     assert [t for t, _ in a.tags] == ["t_yaml", "t_cap", "t_txt"]
     assert items["a.jpg"].multiply == 3.0
     assert items["b.png"].caption.main_prompt == "from caption"
-    assert items["c.webp"].caption.main_prompt == "from json" and items["c.webp"].loss_scale == 0.5
+
+
+def test_per_image_json_is_not_a_caption_and_never_skips_the_image(tmp_path, caplog):
+    """img2dataset writes a .json of download metadata beside each image; EveryDream2 reads
+    captions only from .txt/.caption/.yaml/.yml and the file name."""
+    img(tmp_path / "c_1.webp")
+    write(tmp_path / "c_1.json", json.dumps({"main_prompt": "from json", "loss_scale": 0.5}))
+    img(tmp_path / "d.jpg")
+    write(tmp_path / "d.txt", "a dog")
+    write(tmp_path / "d.json", '{"url": "http://example.invalid/d.jpg", "status": "success"')  # broken
+    img(tmp_path / "e.png")
+    write(tmp_path / "e.txt", "an elk, brown")
+    write(tmp_path / "e.yaml", "tags: [unclosed\n")  # a broken yaml must not drop the .txt caption
+    with caplog.at_level(logging.WARNING):
+        result = discover(tmp_path)
+    items = by_name(result)
+    assert items["c_1.webp"].caption.main_prompt == "c" and items["c_1.webp"].loss_scale == 1.0
+    assert items["d.jpg"].caption.main_prompt == "a dog"
+    assert items["e.png"].caption.main_prompt == "an elk" and [t for t, _ in items["e.png"].caption.tags] == [
+        "brown"
+    ]
+    assert [(Path(p.path).name, "kept" in p.reason) for p in result.problems] == [("e.yaml", True)]
+    assert sum("per-image .json files are not read" in r.message for r in caplog.records) == 1
 
 
 def test_filename_caption_only_when_nothing_else(tmp_path):

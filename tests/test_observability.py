@@ -14,6 +14,7 @@ from tests.helpers import ROOT, assert_bitwise_equal, checkpoint_dirs, pipeline_
 
 SAMPLES = {
     "num_inference_steps": 3,
+    "generate_pretrain_samples": True,
     "cfgs": [2.0],
     "samples": [
         {"prompt": "a red circle on a blue background", "size": [64, 64]},

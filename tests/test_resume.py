@@ -71,16 +71,20 @@ def _weights(checkpoint, folder):
     return out
 
 
-def test_resume_refuses_changed_batch_size(tmp_path):
+def test_resume_of_a_named_checkpoint_refuses_changed_batch_size(tmp_path):
+    """Naming a checkpoint asks for an exact resume; findlast would continue from its weights
+    instead (EveryDream2 chaining, tests/test_chaining.py)."""
     opt = optimizer_file(tmp_path, OPTIMIZERS["adamw"])
-    train_in_process(tmp_path, project_name="p", optimizer_config=opt, stop_at_step=1, **RUN)
+    first, _ = train_in_process(tmp_path, project_name="p", optimizer_config=opt, stop_at_step=1, **RUN)
     changed = {**RUN, "batch_size": 2}
     with pytest.raises(CheckpointError, match=r"batch_size: checkpoint 3 -> now 2"):
-        train_in_process(tmp_path, project_name="p", optimizer_config=opt, resume_ckpt="findlast", **changed)
+        train_in_process(
+            tmp_path, project_name="p", optimizer_config=opt, resume_ckpt=str(first.checkpoints[0]), **changed
+        )
 
 
 def test_findlast_without_checkpoint_names_project(tmp_path):
-    with pytest.raises(CheckpointError, match="no complete resumable checkpoint of project 'ghost'"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint of project 'ghost' nor of any other"):
         train_in_process(tmp_path, project_name="ghost", resume_ckpt="findlast")
 
 
@@ -117,13 +121,13 @@ def test_resume_is_bitwise_exact_with_speed_options(tmp_path, options):
 
 def test_fused_and_plain_optimizer_states_are_not_interchangeable(tmp_path):
     opt = optimizer_file(tmp_path, OPTIMIZERS["adamw"])
-    train_in_process(tmp_path, project_name="p", optimizer_config=opt, stop_at_step=1, **SPEED_RUN)
-    with pytest.raises(CheckpointError, match="resume it with fused_back_pass: false"):
+    first, _ = train_in_process(tmp_path, project_name="p", optimizer_config=opt, stop_at_step=1, **SPEED_RUN)
+    with pytest.raises(CheckpointError, match="fused_back_pass: checkpoint False -> now True"):
         train_in_process(
             tmp_path,
             project_name="p",
             optimizer_config=opt,
-            resume_ckpt="findlast",
+            resume_ckpt=str(first.checkpoints[0]),
             fused_back_pass=True,
             **SPEED_RUN,
         )

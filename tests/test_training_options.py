@@ -421,7 +421,15 @@ def test_text_encoder_cache_needs_a_frozen_text_encoder(tmp_path, fast):
 
 def test_bf16_weights_train_with_fp32_optimizer_state_ema_and_samples(tmp_path, fast):
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({"num_inference_steps": 2, "samples": [{"prompt": "a red circle"}]}))
+    prompts.write_text(
+        json.dumps(
+            {
+                "num_inference_steps": 2,
+                "generate_pretrain_samples": True,
+                "samples": [{"prompt": "a red circle"}],
+            }
+        )
+    )
     summary, session = run(
         tmp_path,
         fast,

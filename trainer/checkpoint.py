@@ -111,18 +111,50 @@ def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
 
 
 def find_last(logdir: Path, project_name: str) -> CheckpointInfo:
-    """The newest complete, resumable checkpoint of `project_name` under `logdir`."""
+    """The newest complete checkpoint of `project_name` under `logdir`, resumable or not.
+
+    The newest wins even when an older one holds training state: EveryDream2's `findlast` means
+    "continue from the latest weights" (a chain's last run often had `save_optimizer: false`),
+    and going back to an older resumable checkpoint would silently drop the latest training.
+    When the project has none, the newest checkpoint of any project under `logdir` is used with
+    a warning, as EveryDream2 searches the whole logdir (chains often rename the project).
+    """
     logdir = Path(logdir)
-    candidates = []
-    for run_dir in logdir.glob(f"{project_name}-*"):
-        if run_dir.is_dir() and _is_run_of(run_dir.name, project_name):
-            candidates += [c for c in list_checkpoints(run_dir / "checkpoints") if c.resumable]
-    if not candidates:
+    own, others = [], []
+    for run_dir in logdir.glob("*-*"):
+        project = _project_of(run_dir.name) if run_dir.is_dir() else None
+        if project is not None:
+            found = list_checkpoints(run_dir / "checkpoints")
+            (own if project == project_name else others).extend(found)
+    if own:
+        return _newest(own)
+    if not others:
         raise CheckpointError(
-            f"resume_ckpt 'findlast': no complete resumable checkpoint of project '{project_name}' "
-            f"under '{logdir}'. Check project_name and logdir, or pass a checkpoint path."
+            f"resume_ckpt 'findlast': no complete checkpoint of project '{project_name}' nor of any other "
+            f"project under '{logdir}'. Check project_name and logdir, or pass a model or checkpoint path."
         )
+    chosen = _newest(others)
+    log.warning(
+        "findlast: project '%s' has no checkpoint under '%s'; using the newest checkpoint there, %s "
+        "(project '%s'), as EveryDream2 does",
+        project_name,
+        logdir,
+        chosen.path,
+        chosen.manifest.get("project_name", _project_of(chosen.path.parent.parent.name)),
+    )
+    return chosen
+
+
+def _newest(candidates: list[CheckpointInfo]) -> CheckpointInfo:
     return max(candidates, key=lambda c: (c.manifest.get("created", 0), c.step))
+
+
+def _project_of(dirname: str) -> str | None:
+    """'<project>-YYYYmmdd-HHMMSS' -> project; None for folders that are not run folders."""
+    project = dirname[:-16]
+    if len(dirname) > 16 and dirname[-16] == "-" and _is_run_of(dirname, project):
+        return project
+    return None
 
 
 def _is_run_of(dirname: str, project_name: str) -> bool:

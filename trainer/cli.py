@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 from pathlib import Path
 
-from trainer.config import TrainConfig, load_config
+from trainer.config import load_config
 from trainer.console import progress_safe_logging
 from trainer.errors import RunFinished, TrainerError
 from trainer.signals import StopFlag
@@ -53,15 +52,6 @@ def setup_console_logging(level: int | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def resolve_seed(cfg: TrainConfig) -> TrainConfig:
-    """seed -1 means a random seed, chosen once and recorded in the effective config."""
-    if cfg.seed != -1:
-        return cfg
-    seed = secrets.randbelow(2**31)
-    log.info("seed -1: using random seed %d", seed)
-    return cfg.model_copy(update={"seed": seed})
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -71,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     session = None
     try:
         config_path, overrides = split_config_arg(argv)
-        cfg = resolve_seed(load_config(config_path, overrides))
+        cfg = load_config(config_path, overrides)  # seed -1 is resolved by build_session (resume)
         from trainer.loop import train  # heavy imports (torch, diffusers) only after the config is valid
         from trainer.session import build_session
 

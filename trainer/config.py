@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -168,8 +169,15 @@ class TrainConfig(BaseModel):
     ema_sample_ema_model: bool = Field(False, description="Generate samples from the EMA weights.")
 
     # --- checkpoints ----------------------------------------------------------------------
-    save_every_n_epochs: int | None = Field(None, ge=1, description="Save a checkpoint every N epochs.")
-    ckpt_every_n_minutes: float | None = Field(None, gt=0.0, description="Save a checkpoint every N minutes.")
+    save_every_n_epochs: int | None = Field(
+        None, ge=0, description="Save a checkpoint every N epochs; 0 = off."
+    )
+    ckpt_every_n_minutes: float | None = Field(
+        None,
+        ge=0.0,
+        description="Save a checkpoint every N minutes; 0 = off. With neither this nor "
+        "save_every_n_epochs set: every 20 minutes (EveryDream2's default).",
+    )
     save_ckpts_from_n_epochs: int = Field(0, ge=0, description="Epoch-based saves start at this epoch.")
     save_full_precision: bool = Field(
         False, description="Write the single-file export in fp32 instead of fp16."
@@ -199,7 +207,11 @@ class TrainConfig(BaseModel):
     sample_prompts: str | None = Field(
         "sample_prompts.txt", description="sample_prompts.txt (one per line) or sample_prompts.json."
     )
-    sample_at_start: bool = Field(True, description="Generate baseline samples before the first step.")
+    sample_at_start: bool | None = Field(
+        None,
+        description="Baseline samples before the first step; null = EveryDream2's rule (the sample "
+        "JSON's generate_pretrain_samples, default false; never with a .txt).",
+    )
     sample_steps: int = Field(250, ge=1, description="Generate samples every N optimizer steps.")
     wandb: bool = Field(False, description="Mirror metrics to wandb (package must be installed).")
 
@@ -307,9 +319,32 @@ def _decode_cli_values(key: str, values: list[str]) -> Any:
     if not values:
         return True  # a bare --flag
     decoded = [_decode_scalar(v) for v in values]
+    if key in FIELDS and _is_string_key(key):
+        # `--project_name 2024` / `--run_name 42` name things: the text is the value, not a number.
+        decoded = [
+            v if isinstance(v, (str, list, dict)) or v is None else raw
+            for v, raw in zip(decoded, values, strict=True)
+        ]
     if len(decoded) == 1:
         return decoded[0]
     return decoded
+
+
+def _is_string_key(key: str) -> bool:
+    """A key whose scalar values are only ever text (str, str | None, str | list[str], Literal of str)."""
+    scalars = set()
+    pending = [FIELDS[key].annotation]
+    while pending:
+        ann = pending.pop()
+        origin = typing.get_origin(ann)
+        if origin is Literal:
+            scalars |= {type(v) for v in typing.get_args(ann)}
+        elif origin in (typing.Union, types.UnionType):
+            pending += list(typing.get_args(ann))
+        elif origin is None:
+            scalars.add(ann)
+    scalars.discard(type(None))
+    return scalars == {str}
 
 
 def _decode_scalar(text: str) -> Any:

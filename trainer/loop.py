@@ -46,7 +46,7 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
     """Run to max_epochs, stop_at_step or `stop.requested` (set by the signal handlers that the
     caller installed: trainer.cli does; an in-process caller without a flag keeps its own)."""
     cfg, st = s.cfg, s.state
-    policy = SavePolicy(cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes, cfg.save_ckpts_from_n_epochs)
+    policy = SavePolicy.from_config(cfg)
     tracker = StepTracker(
         s.metrics,
         reduce_sum=(lambda t: s.accelerator.reduce(t, reduction="sum"))

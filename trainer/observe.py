@@ -31,7 +31,7 @@ class Observers:
 
     def after_step(self, window_index: int, windows_in_epoch: int) -> None:
         step = self.s.state.global_step
-        if self.sampler is not None and step % self.s.cfg.sample_steps == 0:
+        if self.sampler is not None and step % self.sampler.every_n_steps(self.s.cfg.sample_steps) == 0:
             self._sample()
         if self.validator is not None and window_index in self.validator.points_in_epoch(windows_in_epoch):
             self._validate()

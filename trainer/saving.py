@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trainer.chaining import PIPELINE_DIR
 from trainer.checkpoint import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
 from trainer.fileperm import apply_umask
 from trainer.models import save_pipeline, save_single_file
-from trainer.session import PIPELINE_DIR, Session, config_hash, gather_rng_states, training_state_dict
+from trainer.session import Session, config_hash, gather_rng_states, training_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def _unwrapped_components(session: Session):
     return replace(m, unet=acc.unwrap_model(m.unet), text_encoder=acc.unwrap_model(m.text_encoder))
 
 
+DEFAULT_MINUTES = 20
+
+
 @dataclass
 class SavePolicy:
     """Decides when periodic saves are due (epochs, minutes); the loop asks, this answers."""
@@ -92,6 +96,15 @@ class SavePolicy:
 
     def __post_init__(self) -> None:
         self._last_time = time.monotonic()
+
+    @classmethod
+    def from_config(cls, cfg) -> SavePolicy:
+        """EveryDream2's cadence: 0 turns a trigger off; with neither set, every 20 minutes."""
+        epochs, minutes = cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes
+        if epochs is None and minutes is None:
+            log.info("no save cadence set: saving every %d minutes (EveryDream2's default)", DEFAULT_MINUTES)
+            minutes = DEFAULT_MINUTES
+        return cls(epochs or None, minutes or None, cfg.save_ckpts_from_n_epochs)
 
     def epoch_end_due(self, finished_epoch: int, max_epochs: int) -> bool:
         """After epoch index `finished_epoch` completes (the final save covers the last epoch)."""

@@ -17,7 +17,16 @@ import torch
 from accelerate import Accelerator
 
 from trainer.attention import configure_attention
-from trainer.checkpoint import TRAINING_STATE, CheckpointInfo, find_last, load_training_state, read_checkpoint
+from trainer.chaining import (
+    ResumePlan,
+    check_settings,
+    plan_resume,
+    resolve_seed,
+    schedule_horizon,
+    warn_horizon_change,
+)
+from trainer.chaining import resume_guard as settings_guard
+from trainer.checkpoint import CheckpointInfo
 from trainer.config import TrainConfig, config_to_json
 from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
 from trainer.data.latent_cache import cache_directory, vae_fingerprint
@@ -39,7 +48,13 @@ from trainer.optim import (
 from trainer.precision import make_grad_scaler, resolve_autocast_dtype
 from trainer.preflight import check_inputs, finished_message
 from trainer.run import RunFolder, StartupLog, new_run_folder, run_folder_of_checkpoint, write_json
-from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
+from trainer.sampling import (
+    SampleGenerator,
+    load_sample_jobs,
+    make_sample_scheduler,
+    pretrain_samples_wanted,
+    sample_variants,
+)
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
 from trainer.step import StepSettings, TrainingStep
 from trainer.stochastic_rounding import StochasticRounding
@@ -47,8 +62,6 @@ from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 from trainer.validation import Validator
 
 log = logging.getLogger(__name__)
-
-PIPELINE_DIR = "pipeline"
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Session:
     total_optimizer_steps: int
     latent_cache: LatentCache | None = None
     resumed_from: Path | None = None
+    plan: ResumePlan | None = None  # how this run started (new, exact resume, weights only)
     observers: Observers | None = None
     log_handler: logging.Handler | None = None  # this run's train.log on the root logger
     wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
@@ -88,14 +102,12 @@ class Session:
 
     def resume_guard(self) -> dict:
         """Settings that must not change across an exact resume."""
-        return {
-            "batch_size": self.cfg.batch_size,
-            "grad_accum": self.cfg.grad_accum,
-            "seed": self.cfg.seed,
-            "world_size": self.accelerator.num_processes,
-            "data": self.data.fingerprint(),
-            "resolution": self.cfg.resolution,
-        }
+        return settings_guard(
+            self.cfg,
+            world_size=self.accelerator.num_processes,
+            data_fingerprint=self.data.fingerprint(),
+            optim=self.optim,
+        )
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The trained modules as the step calls them (DDP-wrapped when distributed)."""
@@ -106,33 +118,17 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(config_to_json(cfg).encode()).hexdigest()[:16]
 
 
-def resolve_resume(cfg: TrainConfig) -> tuple[str, CheckpointInfo | None]:
-    """Map `resume_ckpt` to a model spec, plus the checkpoint when it is one of ours."""
-    spec = cfg.resume_ckpt
-    if spec == "findlast":
-        info = find_last(Path(cfg.logdir), cfg.project_name)
-        log.info("findlast: resuming from %s (step %d)", info.path, info.step)
-        return str(info.path / PIPELINE_DIR), info
-    path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").exists():
-        info = read_checkpoint(path)
-        return str(path / PIPELINE_DIR), info
-    if path.is_dir() and path.name.startswith(".tmp-"):
-        raise CheckpointError(f"'{path}' is an incomplete checkpoint (interrupted save); it cannot be loaded")
-    return spec, None
-
-
 def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
     # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
     accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
-    spec, ckpt = resolve_resume(cfg)
-    resuming = ckpt is not None and ckpt.resumable
-    if resuming and (finished := finished_message(cfg, ckpt.manifest, ckpt.path)):
-        raise RunFinished(finished)
     check_inputs(cfg)  # every named file, before the model loads
     startup_log = StartupLog()  # the run folder (and its train.log) is created once all went well
     try:
-        return _build(cfg, accelerator, spec, ckpt, resuming, startup_log)
+        plan = plan_resume(cfg.resume_ckpt, cfg.logdir, cfg.project_name)
+        if plan.exact and (finished := finished_message(cfg, plan.checkpoint.manifest, plan.checkpoint.path)):
+            raise RunFinished(finished)
+        cfg = cfg.model_copy(update={"seed": resolve_seed(cfg.seed, plan)})
+        return _build(cfg, accelerator, plan, startup_log)
     except BaseException:
         startup_log.detach_file()  # the error itself is logged by the caller, on the console
         raise
@@ -140,11 +136,14 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         startup_log.discard()
 
 
-def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog) -> Session:
+def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Session:
     seed_everything(cfg.seed)
     opt_file = load_optimizer_file(cfg.optimizer_config)
     model = load_model(
-        spec, vae=cfg.vae, prediction_type=cfg.prediction_type, zero_terminal_snr=cfg.enable_zero_terminal_snr
+        plan.spec,
+        vae=cfg.vae,
+        prediction_type=cfg.prediction_type,
+        zero_terminal_snr=cfg.enable_zero_terminal_snr,
     )
     log.info("model: %s (%s)", model.source, model.family)
     configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)  # logs it
@@ -162,6 +161,13 @@ def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog
         seed=cfg.seed + accelerator.process_index,
         world_size=accelerator.num_processes,
     )
+    plan = check_settings(
+        plan,
+        settings_guard(
+            cfg, world_size=accelerator.num_processes, data_fingerprint=data.fingerprint(), optim=optim
+        ),
+    )
+    resuming = plan.exact
     log.info("%s", data.summary())
     log.info("optimizer settings (%s):\n%s", opt_file.source, optim.summary_table())
 
@@ -211,11 +217,12 @@ def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog
         state=state,
         total_optimizer_steps=total_steps,
         wrapped=wrapped,
+        plan=plan,
     )
     if resuming:
-        _restore(session, ckpt)
+        _restore(session, plan)
     session.run, session.log_handler = _start_run_folder(
-        cfg, accelerator, ckpt if resuming else None, startup_log
+        cfg, accelerator, plan.checkpoint if resuming else None, startup_log
     )
     run = session.run
     session.metrics = Metrics(
@@ -245,6 +252,7 @@ def _build(cfg, accelerator, spec, ckpt, resuming: bool, startup_log: StartupLog
         write_json(run.path / "optimizer_effective.json", opt_file.as_dict())
         for tag, values in (("train", json.loads(config_to_json(cfg))), ("optimizer", opt_file.as_dict())):
             session.metrics.text(f"config/{tag}", config_text(values), state.global_step)
+    log.info("%s", plan.describe())
     log.info(
         "device %s (%d process(es)), precision %s%s, %d optimizer steps (%d per epoch x %d epochs)",
         device,
@@ -442,18 +450,11 @@ def _build_ema(cfg: TrainConfig, model: SDComponents, total_steps: int) -> EMA |
     return EMA(modules, decay=decay, update_interval=cfg.ema_update_interval, device=device)
 
 
-def _restore(session: Session, ckpt: CheckpointInfo) -> None:
-    """Restore optimizer, scheduler, scaler, EMA, counters and RNG; refuse unsafe changes."""
-    state = load_training_state(ckpt.path / TRAINING_STATE)
-    current = session.resume_guard()
-    changed = {k: (state["guard"].get(k), v) for k, v in current.items() if state["guard"].get(k) != v}
-    if changed:
-        details = "; ".join(f"{k}: checkpoint {old!r} -> now {new!r}" for k, (old, new) in changed.items())
-        raise CheckpointError(
-            f"cannot resume '{ckpt.path}' exactly because settings changed ({details}). Restore them, or "
-            f"start a new run from its weights with --resume_ckpt {ckpt.path / PIPELINE_DIR}"
-        )
+def _restore(session: Session, plan: ResumePlan) -> None:
+    """Restore optimizer, scheduler, scaler, EMA, counters and RNG (settings already checked)."""
+    state, ckpt = plan.state, plan.checkpoint
     session.optim.load_state_dict(state["optimizers"])
+    warn_horizon_change(state.get("horizon"), session.optim, session.total_optimizer_steps)
     if session.scaler is not None and state.get("scaler"):
         session.scaler.load_state_dict(state["scaler"])
     if session.ema is not None:
@@ -463,6 +464,7 @@ def _restore(session: Session, ckpt: CheckpointInfo) -> None:
     session.state.load_state_dict(state["progress"])
     restore_global_rng(state["rng"][session.accelerator.process_index])
     session.resumed_from = ckpt.path
+    session.plan = replace(plan, state=None)  # the optimizer states are GBs: do not hold a copy
     log.info(
         "resumed %s at epoch %d, batch %d, step %d",
         ckpt.path,
@@ -475,6 +477,7 @@ def _restore(session: Session, ckpt: CheckpointInfo) -> None:
 def training_state_dict(session: Session, all_rng: list[dict]) -> dict:
     return {
         "guard": session.resume_guard(),
+        "horizon": schedule_horizon(session.optim, session.total_optimizer_steps),
         "optimizers": session.optim.state_dict(),
         "scaler": session.scaler.state_dict() if session.scaler is not None else None,
         "ema": session.ema.state_dict() if session.ema is not None else None,
@@ -496,13 +499,16 @@ def gather_rng_states(accelerator: Accelerator) -> list[dict]:
 def _build_observers(session: Session, autocast_dtype) -> Observers:
     """Sample generator and validator, each only when configured."""
     cfg, model = session.cfg, session.model
-    sampler, sample_at_start = None, cfg.sample_at_start
+    sampler, sample_at_start = None, False
     if cfg.sample_prompts:
-        captions = [it.caption.text for it in session.data.train_items[:64]]
+        captions = [it.caption.text for it in session.data.train_items]
         jobs, spec = load_sample_jobs(
             cfg.sample_prompts, resolution=cfg.resolution, default_seed=cfg.seed, fallback_captions=captions
         )
-        sample_at_start = sample_at_start and spec.generate_pretrain_samples
+        sample_at_start = pretrain_samples_wanted(cfg.sample_at_start, cfg.sample_prompts, spec)
+        make_sample_scheduler(  # refuse a scheduler that cannot sample this model now, not at step N
+            model.scheduler_config, spec.scheduler, zero_terminal_snr=cfg.enable_zero_terminal_snr
+        )
         sample_dtype = autocast_dtype
         if sample_dtype is None and cfg.weight_dtype == "bf16":
             sample_dtype = torch.bfloat16  # bf16 weights next to an fp32 VAE: the pipeline must autocast
@@ -517,6 +523,8 @@ def _build_observers(session: Session, autocast_dtype) -> Observers:
             variants=variants,
             zero_terminal_snr=cfg.enable_zero_terminal_snr,
             autocast_dtype=sample_dtype,
+            spec=spec,
+            captions=captions,
         )
     validator = None
     val_cfg = load_validation_config(cfg.validation_config)

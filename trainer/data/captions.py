@@ -1,7 +1,7 @@
 """Captions and per-image settings in EveryDream2's formats, and how they merge.
 
 Every source of settings (a `global.yaml`, a `local.yaml`, a `multiply.txt`, an image's
-`.txt` / `.caption` / `.yaml` / `.json` sidecar, a manifest entry, the file name) becomes one
+`.txt` / `.caption` / `.yaml` / `.yml` sidecar, a manifest entry, the file name) becomes one
 `Settings` layer. Layers are merged from least to most specific with `merge`, and the result
 becomes an `ImageItem`'s caption and settings. Keeping every source in the same shape is what
 makes the merge rules one small, testable function instead of special cases per file type.

@@ -36,9 +36,11 @@ from trainer.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jfif"})
-# Per-image sidecars, least to most specific; all that exist are merged (EveryDream2 order,
-# plus .json which EveryDream2 documents but cannot read).
-SIDECAR_EXTENSIONS = (".txt", ".caption", ".yml", ".yaml", ".json")
+# Per-image sidecars, least to most specific; all that exist are merged (EveryDream2's order).
+# A `.json` beside an image is not one: img2dataset writes its download metadata there, and
+# EveryDream2 reads captions only from these files and the file name.
+SIDECAR_EXTENSIONS = (".txt", ".caption", ".yml", ".yaml")
+CAPTION_TEXT_EXTENSIONS = (".txt", ".caption")
 
 
 @dataclass
@@ -116,20 +118,29 @@ class _FolderWalker:
             self.walk(sub, folder_global)
 
     def _add_image(self, image: Path, base: Settings, sidecars: dict[tuple[str, str], Path]) -> None:
-        layers = [base]
+        if (image.stem, ".json") in sidecars:
+            self.report.warn_once(
+                "json-sidecar",
+                f"{sidecars[(image.stem, '.json')]}: per-image .json files are not read (captions come from "
+                ".txt, .caption, .yaml, .yml or the file name, as in EveryDream2); others are not reported.",
+            )
+        layers, has_caption_text = [base], False
         for ext in SIDECAR_EXTENSIONS:
             sidecar = sidecars.get((image.stem, ext))
             if sidecar is None:
                 continue
             try:
                 layers.append(load_settings_file(sidecar, self.report))
-            except SettingsFileError as e:
-                # The sidecar usually holds the caption: training without it would train the
-                # wrong text, so the image is skipped rather than its settings.
-                self.report.problem(e.path, f"{e.message}; image {image.name} skipped")
-                return
-            except OSError as e:
-                self.report.problem(sidecar, f"cannot read: {e.strerror}; image {image.name} skipped")
+                has_caption_text = has_caption_text or ext in CAPTION_TEXT_EXTENSIONS
+            except (SettingsFileError, OSError) as e:
+                reason = e.message if isinstance(e, SettingsFileError) else f"cannot read: {e.strerror}"
+                if has_caption_text:
+                    # The caption came from the .txt/.caption: train with it, without these settings.
+                    self.report.problem(sidecar, f"{reason}; its settings ignored, image {image.name} kept")
+                    continue
+                # This file would hold the caption: training without it would train the wrong
+                # text, so the image is skipped rather than its settings.
+                self.report.problem(sidecar, f"{reason}; image {image.name} skipped")
                 return
         candidate = _stat_candidate(image, merge_all(layers), self.report)
         if candidate is not None:

@@ -111,6 +111,8 @@ def load_validation_config(path: str | Path | None) -> ValidationConfig | None:
         raise ConfigError(f"validation_config {path}: cannot read: {e.strerror}") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"validation_config {path}: not valid JSON: {e}") from e
+    if isinstance(data, dict):
+        data = _bool_strings(data, path)
     try:
         cfg = ValidationConfig.model_validate(data)
     except ValidationError as e:
@@ -118,6 +120,26 @@ def load_validation_config(path: str | Path | None) -> ValidationConfig | None:
     if "use_relative_loss" in data:
         logger.warning("validation_config %s: 'use_relative_loss' is accepted but has no effect here.", path)
     return cfg
+
+
+def _bool_strings(data: dict, path) -> dict:
+    """EveryDream2 reads `"validate_training": "true"` (its cfgs/validation_coco.json) as true:
+    accept the strings "true"/"false" for boolean keys, loudly; anything else stays an error."""
+    out = dict(data)
+    for key, value in data.items():
+        field_info = ValidationConfig.model_fields.get(key)
+        if field_info is None or field_info.annotation is not bool or not isinstance(value, str):
+            continue
+        if value.strip().lower() in ("true", "false"):
+            out[key] = value.strip().lower() == "true"
+            logger.warning(
+                "validation_config %s: '%s' is the string %r; read as %s. Write it without quotes.",
+                path,
+                key,
+                value,
+                str(out[key]).lower(),
+            )
+    return out
 
 
 @dataclass

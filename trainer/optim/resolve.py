@@ -115,10 +115,13 @@ def resolve_components(
                 scale,
                 te_lr,
             )
-        if settings.lr is not None:
-            logger.info(
-                "train lr %s applies to the UNet only; the text encoder keeps its explicit lr %s",
+        if settings.lr is not None and settings.lr != te_lr:
+            logger.warning(
+                "train lr %s (train.json/CLI) applies to the UNet only; the text encoder keeps its explicit "
+                "%s: text_encoder_overrides.lr %s (EveryDream2 applied the train lr to both). Set "
+                "text_encoder_overrides.lr to null to copy the train lr.",
                 settings.lr,
+                label,
                 te_lr,
             )
     elif unet_lr is not None:
@@ -164,6 +167,16 @@ def _resolve_one(
     where = f"{label}: {component}"
 
     scheduler = _first(section.get("lr_scheduler"), settings.lr_scheduler, "constant")
+    if settings.lr_scheduler is not None and scheduler != settings.lr_scheduler:
+        logger.warning(
+            "%s: train lr_scheduler '%s' (train.json/CLI) is overridden by optimizer.json's '%s': for the "
+            "schedule keys optimizer.json wins, as in EveryDream2. Set lr_scheduler to null in %s to use '%s'.",
+            where,
+            settings.lr_scheduler,
+            scheduler,
+            label,
+            settings.lr_scheduler,
+        )
     if scheduler not in SCHEDULER_NAMES:
         raise ConfigError(
             f"train lr_scheduler: unknown scheduler '{scheduler}'. Known: {', '.join(SCHEDULER_NAMES)}."
