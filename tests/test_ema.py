@@ -118,6 +118,31 @@ def test_swapped_in_loads_ema_and_restores_bitwise():
         assert torch.equal(t, live[n]), n
 
 
+def test_swap_covers_exactly_the_tracked_components():
+    """Issue 13 item 1: with a frozen text encoder the EMA tracks only the UNet; saving and
+    sampling hand over both modules, and the frozen one must be left as it is."""
+    unet, text_encoder = make(), make(1)
+    text_encoder.requires_grad_(False)
+    ema = EMA({"unet": unet}, decay=0.5, update_interval=1)
+    with torch.no_grad():
+        unet.lin.weight.add_(1.0)
+    ema.update()
+    te_before = {n: t.clone() for n, t in text_encoder.state_dict().items()}
+    unet_live = unet.lin.weight.detach().clone()
+    with ema.swapped_in({"unet": unet, "text_encoder": text_encoder}):
+        assert torch.equal(unet.lin.weight, ema.shadow["unet"]["lin.weight"])
+        for n, t in text_encoder.state_dict().items():
+            assert torch.equal(t, te_before[n]), n
+    assert torch.equal(unet.lin.weight, unet_live)
+    assert ema.tracked == ("unet",)
+    with pytest.raises(KeyError, match=r"EMA tracks \['unet'\]"):
+        ema.swapped_in({"text_encoder": text_encoder}).__enter__()
+    text_encoder.lin.requires_grad_(True)  # trainable but not averaged: the EMA was built wrongly
+    with pytest.raises(RuntimeError, match="'text_encoder' has trainable parameters"):
+        ema.swapped_in({"unet": unet, "text_encoder": text_encoder}).__enter__()
+    assert torch.equal(unet.lin.weight, unet_live)
+
+
 def test_copy_to_another_module():
     model = make()
     ema = EMA({"unet": model}, decay=0.0, update_interval=1)

@@ -139,13 +139,36 @@ class EMA:
         for n, t in self.buffers[name].items():
             buffers[n].copy_(t)
 
+    @property
+    def tracked(self) -> tuple[str, ...]:
+        """Names of the components this EMA averages (a frozen text encoder is not one)."""
+        return tuple(self.shadow)
+
+    def _tracked_among(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """The subset of `modules` the EMA tracks. A tracked component must be given; an untracked
+        one is only accepted when nothing in it trains, since then its EMA equals the live weights."""
+        missing = [name for name in self.shadow if name not in modules]
+        if missing:
+            raise KeyError(f"EMA tracks {missing} but only {sorted(modules)} were given to swap in")
+        for name, module in modules.items():
+            if name not in self.shadow and any(p.requires_grad for p in module.parameters()):
+                raise RuntimeError(
+                    f"'{name}' has trainable parameters but the EMA does not track it "
+                    f"(it tracks {list(self.shadow)}); create the EMA after freezing."
+                )
+        return {name: module for name, module in modules.items() if name in self.shadow}
+
     @contextmanager
     def swapped_in(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         """Temporarily load EMA weights into the live modules (for sampling or export).
 
-        The live values are backed up on the EMA device and restored bitwise on exit, even if
-        the body raises. Nothing is deep-copied on the training device.
+        `modules` may hold every model component (unet, text_encoder): exactly the ones the EMA
+        tracks are swapped; a frozen, untracked one (a text encoder under
+        disable_textenc_training) is left as it is, which is its EMA value. The live values are
+        backed up on the EMA device and restored bitwise on exit, even if the body raises.
+        Nothing is deep-copied on the training device.
         """
+        modules = self._tracked_among(modules)
         backups: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
         try:
             with torch.no_grad():
