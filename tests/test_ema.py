@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.ema import EMA, decay_from_strength_target
+from trainer.ema import EMA, decay_from_strength_target, ema_decay_for_run
 from trainer.errors import CheckpointError, ConfigError
 
 
@@ -29,6 +29,22 @@ def test_decay_from_strength_target():
         decay_from_strength_target(1.5, 10)
     with pytest.raises(ConfigError, match="ema_strength_target"):
         decay_from_strength_target(0.5, 0)
+
+
+def test_an_ema_that_would_never_update_is_refused():
+    """Issue 13 item 6: 30 steps with ema_update_interval 50 used to export the base model as EMA."""
+    with pytest.raises(
+        ConfigError, match=r"ema_strength_target .* 30 optimizer steps and ema_update_interval is 50"
+    ):
+        ema_decay_for_run(decay_rate=None, strength_target=0.1, update_interval=50, total_steps=30)
+    with pytest.raises(ConfigError, match=r"ema_decay_rate .* at most 30 \(e.g. 3\)"):
+        ema_decay_for_run(decay_rate=0.99, strength_target=None, update_interval=50, total_steps=30)
+    assert ema_decay_for_run(decay_rate=None, strength_target=0.1, update_interval=10, total_steps=30) == (
+        pytest.approx(0.1 ** (1 / 3), rel=1e-12)
+    )
+    assert (
+        ema_decay_for_run(decay_rate=0.99, strength_target=None, update_interval=30, total_steps=30) == 0.99
+    )
 
 
 def test_follows_decay_law_exactly_for_constant_param():

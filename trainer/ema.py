@@ -39,6 +39,29 @@ def decay_from_strength_target(target: float, total_updates: int) -> float:
     return float(target ** (1.0 / total_updates))
 
 
+def ema_decay_for_run(
+    *, decay_rate: float | None, strength_target: float | None, update_interval: int, total_steps: int
+) -> float:
+    """The decay a run's EMA uses, refusing a run whose EMA would never update.
+
+    With fewer optimizer steps than `update_interval` no update happens, and the exported
+    `pipeline_ema` would be the base model under a trained model's name; that is an error here
+    (before any run folder exists), whichever of ema_decay_rate / ema_strength_target is set.
+    """
+    updates = total_steps // update_interval
+    if updates < 1:
+        key = "ema_strength_target" if decay_rate is None else "ema_decay_rate"
+        raise ConfigError(
+            f"{key} is set but the EMA would never update: the run has {total_steps} optimizer steps and "
+            f"ema_update_interval is {update_interval}, so the exported EMA would be the untrained base "
+            f"model. Set ema_update_interval to at most {total_steps} (e.g. {max(1, total_steps // 10)}), "
+            f"train longer, or turn EMA off."
+        )
+    if decay_rate is not None:
+        return float(decay_rate)
+    return decay_from_strength_target(strength_target, updates)
+
+
 def _trainable(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
