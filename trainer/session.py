@@ -21,6 +21,7 @@ from trainer.checkpoint import TRAINING_STATE, CheckpointInfo, find_last, load_t
 from trainer.config import TrainConfig, config_to_json
 from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
 from trainer.data.validation_split import load_validation_config
+from trainer.determinism import configure_determinism
 from trainer.diffusion import NoiseSchedule
 from trainer.ema import EMA, ema_decay_for_run
 from trainer.errors import CheckpointError
@@ -122,6 +123,7 @@ def resolve_resume(cfg: TrainConfig) -> tuple[str, CheckpointInfo | None]:
 
 
 def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
+    configure_determinism(cfg)  # before anything touches CUDA (cuBLAS reads its workspace setting once)
     # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
     accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     spec, ckpt = resolve_resume(cfg)
