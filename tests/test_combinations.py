@@ -278,6 +278,7 @@ def straight_run(case: dict, files: dict[str, str], runs_root: Path) -> dict:
             },
             "samples": sorted(p.name.split("-")[:2] for p in session.run.samples.glob("*.png")),
             "cache": session.latent_cache,
+            "cache_entries": len(session.latent_cache) if session.latent_cache is not None else None,
         }
     return _STRAIGHT[index]
 
@@ -339,7 +340,7 @@ def test_resume_reuses_the_latent_cache(files, runs_root):
     loads the checkpoint folder). Latents encoded in batches of another size differ in the last
     bits, so with a cache shared by runs of different batch sizes a resume was not exact either."""
     done = straight_run(LATENT_CASE, files, runs_root)
-    entries = len(done["cache"])  # straight run: every (image, flip) once, validation images too
+    entries = done["cache_entries"]  # after the straight run: every (image, flip) once, validation images too
     if "cache_entries_after_resume" not in done:  # the matrix test above resumes this case already
         train_in_process(done["root"], **{**done["run"], "resume_ckpt": str(done["first"])})
         done["cache_entries_after_resume"] = len(done["cache"])
