@@ -79,14 +79,15 @@ def checkpoint_dirs(run_folder: Path) -> list[Path]:
     )
 
 
-def pipeline_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """UNet + text-encoder tensors of a checkpoint's diffusers folder, keyed by component/name."""
+def pipeline_weights(checkpoint: Path, folder: str = "pipeline") -> dict[str, torch.Tensor]:
+    """UNet + text-encoder tensors of a checkpoint's diffusers folder (`pipeline`, or
+    `pipeline_ema`), keyed by component/name."""
     out = {}
     for comp, fname in (
         ("unet", "diffusion_pytorch_model.safetensors"),
         ("text_encoder", "model.safetensors"),
     ):
-        for key, tensor in load_file(str(checkpoint / "pipeline" / comp / fname)).items():
+        for key, tensor in load_file(str(checkpoint / folder / comp / fname)).items():
             out[f"{comp}/{key}"] = tensor
     return out
 

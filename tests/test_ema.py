@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.ema import EMA, decay_from_strength_target
+from trainer.ema import EMA, decay_from_strength_target, ema_decay_for_run
 from trainer.errors import CheckpointError, ConfigError
 
 
@@ -29,6 +29,22 @@ def test_decay_from_strength_target():
         decay_from_strength_target(1.5, 10)
     with pytest.raises(ConfigError, match="ema_strength_target"):
         decay_from_strength_target(0.5, 0)
+
+
+def test_an_ema_that_would_never_update_is_refused():
+    """Issue 13 item 6: 30 steps with ema_update_interval 50 used to export the base model as EMA."""
+    with pytest.raises(
+        ConfigError, match=r"ema_strength_target .* 30 optimizer steps and ema_update_interval is 50"
+    ):
+        ema_decay_for_run(decay_rate=None, strength_target=0.1, update_interval=50, total_steps=30)
+    with pytest.raises(ConfigError, match=r"ema_decay_rate .* at most 30 \(e.g. 3\)"):
+        ema_decay_for_run(decay_rate=0.99, strength_target=None, update_interval=50, total_steps=30)
+    assert ema_decay_for_run(decay_rate=None, strength_target=0.1, update_interval=10, total_steps=30) == (
+        pytest.approx(0.1 ** (1 / 3), rel=1e-12)
+    )
+    assert (
+        ema_decay_for_run(decay_rate=0.99, strength_target=None, update_interval=30, total_steps=30) == 0.99
+    )
 
 
 def test_follows_decay_law_exactly_for_constant_param():
@@ -116,6 +132,31 @@ def test_swapped_in_loads_ema_and_restores_bitwise():
         raise RuntimeError("boom")
     for n, t in model.state_dict().items():
         assert torch.equal(t, live[n]), n
+
+
+def test_swap_covers_exactly_the_tracked_components():
+    """Issue 13 item 1: with a frozen text encoder the EMA tracks only the UNet; saving and
+    sampling hand over both modules, and the frozen one must be left as it is."""
+    unet, text_encoder = make(), make(1)
+    text_encoder.requires_grad_(False)
+    ema = EMA({"unet": unet}, decay=0.5, update_interval=1)
+    with torch.no_grad():
+        unet.lin.weight.add_(1.0)
+    ema.update()
+    te_before = {n: t.clone() for n, t in text_encoder.state_dict().items()}
+    unet_live = unet.lin.weight.detach().clone()
+    with ema.swapped_in({"unet": unet, "text_encoder": text_encoder}):
+        assert torch.equal(unet.lin.weight, ema.shadow["unet"]["lin.weight"])
+        for n, t in text_encoder.state_dict().items():
+            assert torch.equal(t, te_before[n]), n
+    assert torch.equal(unet.lin.weight, unet_live)
+    assert ema.tracked == ("unet",)
+    with pytest.raises(KeyError, match=r"EMA tracks \['unet'\]"):
+        ema.swapped_in({"text_encoder": text_encoder}).__enter__()
+    text_encoder.lin.requires_grad_(True)  # trainable but not averaged: the EMA was built wrongly
+    with pytest.raises(RuntimeError, match="'text_encoder' has trainable parameters"):
+        ema.swapped_in({"unet": unet, "text_encoder": text_encoder}).__enter__()
+    assert torch.equal(unet.lin.weight, unet_live)
 
 
 def test_copy_to_another_module():

@@ -98,6 +98,20 @@ def test_scale_ignored_warning(caplog):
     assert "text_encoder_lr_scale=0.5 is ignored" in caplog.text
 
 
+def test_scale_without_any_lr_is_refused():
+    """Issue 13 item 6: with no LR anywhere both components took the optimizer default and the
+    scale vanished silently."""
+    config = {"base": {"optimizer": "adamw"}, "text_encoder_lr_scale": 0.5}
+    with pytest.raises(
+        ConfigError, match=r"text_encoder_lr_scale=0.5 has nothing to scale.*Set lr or base.lr"
+    ):
+        _resolve(config)
+    assert _resolve(config, lr=1e-6)["text_encoder"].lr == pytest.approx(5e-7)
+    # nothing to refuse: a neutral scale, or a frozen text encoder that has no LR at all
+    assert _resolve({**config, "text_encoder_lr_scale": 1.0})["text_encoder"].lr == 1e-6  # adamw default
+    assert _resolve(config, disable_textenc_training=True)["unet"].lr == 1e-6
+
+
 def test_zero_weight_decay_on_te_is_kept():
     r = _resolve(
         {"base": {"weight_decay": 0.01, "lr": 1e-6}, "text_encoder_overrides": {"weight_decay": 0.0}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_optim_tiny_models import Regressor, build_from_json, tiny_clip
@@ -55,9 +57,21 @@ ALL = {"embeddings", "final_layer_norm", "layer0", "layer1", "layer2", "layer3"}
             0,
             {"embeddings", "layer2", "layer3", "final_layer_norm"},
         ),
-        ({"freeze_front_n_layers": 1}, 0, ALL - {"layer0"}),
-        ({"freeze_front_n_layers": -1}, 0, {"embeddings", "layer3", "final_layer_norm"}),
+        # freeze_front_n_layers becomes unfreeze_last_n_layers as in ED2, so the embeddings then
+        # default to frozen too (issue 13 item 4).
+        ({"freeze_front_n_layers": 1}, 0, {"layer1", "layer2", "layer3", "final_layer_norm"}),
+        ({"freeze_front_n_layers": -1}, 0, {"layer3", "final_layer_norm"}),
+        ({"freeze_front_n_layers": 0}, 0, ALL),  # = unfreeze all 4: embeddings stay trainable
+        ({"freeze_front_n_layers": -4}, 0, ALL),
+        ({"freeze_front_n_layers": 4}, 0, {"final_layer_norm"}),
+        (
+            {"freeze_front_n_layers": 2, "freeze_embeddings": False},
+            0,
+            {"embeddings", "layer2", "layer3", "final_layer_norm"},
+        ),
         ({"unfreeze_last_n_layers": 1, "freeze_front_n_layers": 1}, 0, {"layer3", "final_layer_norm"}),
+        # ED2: a present unfreeze_last_n_layers wins even as null (= all layers), as in its shipped file
+        ({"unfreeze_last_n_layers": None, "freeze_front_n_layers": 2}, 0, ALL),
         ({"freeze_embeddings": True}, 0, ALL - {"embeddings"}),
         ({"freeze_final_layer_norm": True}, 0, ALL - {"final_layer_norm"}),
         ({}, 2, ALL - {"layer3"}),  # clip_skip 2 reads hidden_states[-2]: the last layer is unused
@@ -75,6 +89,27 @@ def test_plan_reports_clip_skip_unused_layers():
     assert "frozen as unused by clip_skip: [11]" in plan.describe()
     with pytest.raises(ConfigError, match="unfreeze_last_n_layers: must be >= 0"):
         plan_text_encoder_freeze(FreezingConfig(unfreeze_last_n_layers=-1), 12)
+    with pytest.raises(ConfigError, match=r"freeze_front_n_layers: -13 is outside -12..12"):
+        plan_text_encoder_freeze(FreezingConfig(freeze_front_n_layers=-13), 12)
+
+
+def test_the_overridden_freeze_front_n_layers_is_warned_about(caplog):
+    plan = plan_text_encoder_freeze(FreezingConfig(unfreeze_last_n_layers=None, freeze_front_n_layers=3), 12)
+    assert plan.trainable_layers == tuple(range(12)) and not plan.freeze_embeddings
+    assert "unfreeze_last_n_layers=None overrides freeze_front_n_layers=3" in caplog.text
+
+
+def test_effective_optimizer_file_keeps_the_freezing_it_was_given(tmp_path):
+    """The run folder's optimizer_effective.json must not add `unfreeze_last_n_layers: null`,
+    which would override freeze_front_n_layers when the file is used again."""
+    from trainer.optim import parse_optimizer_json
+
+    first = parse_optimizer_json('{"text_encoder_freezing": {"freeze_front_n_layers": 3}}')
+    again = parse_optimizer_json(json.dumps(first.as_dict()))
+    assert first.as_dict()["text_encoder_freezing"] == {"freeze_front_n_layers": 3}
+    assert plan_text_encoder_freeze(again.text_encoder_freezing, 12) == plan_text_encoder_freeze(
+        first.text_encoder_freezing, 12
+    )
 
 
 def test_frozen_parameters_get_no_grad_and_do_not_change():

@@ -113,6 +113,12 @@ class TrainConfig(BaseModel):
         "sdp", description="Attention kernel: sdp (PyTorch SDPA), xformers (must be installed), slice."
     )
     seed: int = Field(555, ge=-1, description="-1 picks a random seed (recorded in the run folder).")
+    deterministic: bool = Field(
+        False,
+        description="Deterministic GPU kernels (torch deterministic algorithms, cuDNN deterministic without "
+        "benchmark, CUBLAS_WORKSPACE_CONFIG) so a GPU run and its resume are bitwise equal; costs speed "
+        "(no cuDNN autotuning, slower backward kernels). CPU runs are reproducible without it.",
+    )
 
     # --- speed and memory (docs/PERFORMANCE.md) ---------------------------------------------
     cache_text_encoder_outputs: bool = Field(

@@ -39,6 +39,29 @@ def decay_from_strength_target(target: float, total_updates: int) -> float:
     return float(target ** (1.0 / total_updates))
 
 
+def ema_decay_for_run(
+    *, decay_rate: float | None, strength_target: float | None, update_interval: int, total_steps: int
+) -> float:
+    """The decay a run's EMA uses, refusing a run whose EMA would never update.
+
+    With fewer optimizer steps than `update_interval` no update happens, and the exported
+    `pipeline_ema` would be the base model under a trained model's name; that is an error here
+    (before any run folder exists), whichever of ema_decay_rate / ema_strength_target is set.
+    """
+    updates = total_steps // update_interval
+    if updates < 1:
+        key = "ema_strength_target" if decay_rate is None else "ema_decay_rate"
+        raise ConfigError(
+            f"{key} is set but the EMA would never update: the run has {total_steps} optimizer steps and "
+            f"ema_update_interval is {update_interval}, so the exported EMA would be the untrained base "
+            f"model. Set ema_update_interval to at most {total_steps} (e.g. {max(1, total_steps // 10)}), "
+            f"train longer, or turn EMA off."
+        )
+    if decay_rate is not None:
+        return float(decay_rate)
+    return decay_from_strength_target(strength_target, updates)
+
+
 def _trainable(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
@@ -139,13 +162,36 @@ class EMA:
         for n, t in self.buffers[name].items():
             buffers[n].copy_(t)
 
+    @property
+    def tracked(self) -> tuple[str, ...]:
+        """Names of the components this EMA averages (a frozen text encoder is not one)."""
+        return tuple(self.shadow)
+
+    def _tracked_among(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """The subset of `modules` the EMA tracks. A tracked component must be given; an untracked
+        one is only accepted when nothing in it trains, since then its EMA equals the live weights."""
+        missing = [name for name in self.shadow if name not in modules]
+        if missing:
+            raise KeyError(f"EMA tracks {missing} but only {sorted(modules)} were given to swap in")
+        for name, module in modules.items():
+            if name not in self.shadow and any(p.requires_grad for p in module.parameters()):
+                raise RuntimeError(
+                    f"'{name}' has trainable parameters but the EMA does not track it "
+                    f"(it tracks {list(self.shadow)}); create the EMA after freezing."
+                )
+        return {name: module for name, module in modules.items() if name in self.shadow}
+
     @contextmanager
     def swapped_in(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         """Temporarily load EMA weights into the live modules (for sampling or export).
 
-        The live values are backed up on the EMA device and restored bitwise on exit, even if
-        the body raises. Nothing is deep-copied on the training device.
+        `modules` may hold every model component (unet, text_encoder): exactly the ones the EMA
+        tracks are swapped; a frozen, untracked one (a text encoder under
+        disable_textenc_training) is left as it is, which is its EMA value. The live values are
+        backed up on the EMA device and restored bitwise on exit, even if the body raises.
+        Nothing is deep-copied on the training device.
         """
+        modules = self._tracked_among(modules)
         backups: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
         try:
             with torch.no_grad():

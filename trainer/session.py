@@ -31,8 +31,9 @@ from trainer.config import TrainConfig, config_to_json
 from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
 from trainer.data.latent_cache import cache_directory, vae_fingerprint
 from trainer.data.validation_split import load_validation_config
+from trainer.determinism import configure_determinism
 from trainer.diffusion import NoiseSchedule
-from trainer.ema import EMA, decay_from_strength_target
+from trainer.ema import EMA, ema_decay_for_run
 from trainer.errors import CheckpointError, RunFinished
 from trainer.logging import Metrics, config_text
 from trainer.models import SDComponents, load_model
@@ -43,6 +44,7 @@ from trainer.optim import (
     OptimizerSet,
     TrainOptimSettings,
     build_optimizers,
+    check_text_encoder_lr_scale,
     load_optimizer_file,
 )
 from trainer.precision import make_grad_scaler, resolve_autocast_dtype
@@ -119,6 +121,7 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
+    configure_determinism(cfg)  # before anything touches CUDA (cuBLAS reads its workspace setting once)
     # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
     accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     check_inputs(cfg)  # every named file, before the model loads
@@ -139,6 +142,7 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
 def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Session:
     seed_everything(cfg.seed)
     opt_file = load_optimizer_file(cfg.optimizer_config)
+    check_text_encoder_lr_scale(opt_file, cfg.lr, text_encoder_trains=not cfg.disable_textenc_training)
     model = load_model(
         plan.spec,
         vae=cfg.vae,
@@ -152,6 +156,7 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
     scaler = make_grad_scaler(autocast_dtype, device)
     optim, total_steps = _build_optim(cfg, opt_file, model, data)
+    ema_decay = _ema_decay(cfg, total_steps)  # refuses an EMA that would never update, before the run folder
     optim = wrap_optimizer_set(
         optim,
         weight_dtype=cfg.weight_dtype,
@@ -211,7 +216,7 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         step=step,
         optim=optim,
         scaler=scaler,
-        ema=_build_ema(cfg, model, total_steps),
+        ema=_build_ema(cfg, model, ema_decay),
         metrics=None,  # set below, after the resume step is known
         run=None,  # set below, once the run starts
         state=state,
@@ -435,14 +440,20 @@ def _prepare_for_ddp(accelerator: Accelerator, model: SDComponents) -> dict[str,
     return wrapped
 
 
-def _build_ema(cfg: TrainConfig, model: SDComponents, total_steps: int) -> EMA | None:
+def _ema_decay(cfg: TrainConfig, total_steps: int) -> float | None:
     if not cfg.ema_enabled:
         return None
-    decay = cfg.ema_decay_rate
+    return ema_decay_for_run(
+        decay_rate=cfg.ema_decay_rate,
+        strength_target=cfg.ema_strength_target,
+        update_interval=cfg.ema_update_interval,
+        total_steps=total_steps,
+    )
+
+
+def _build_ema(cfg: TrainConfig, model: SDComponents, decay: float | None) -> EMA | None:
     if decay is None:
-        decay = decay_from_strength_target(
-            cfg.ema_strength_target, max(1, total_steps // cfg.ema_update_interval)
-        )
+        return None
     modules = {"unet": model.unet}
     if any(p.requires_grad for p in model.text_encoder.parameters()):
         modules["text_encoder"] = model.text_encoder

@@ -9,7 +9,12 @@ from trainer.optim.fused_backward import FusedOptimizerSet
 from trainer.optim.grad_scaler import apply_grad_scaler_tweak, grad_scaler_tweak
 from trainer.optim.optimizer_set import ComponentOptimizer, OptimizerSet, StepResult, build_optimizers
 from trainer.optim.registry import REGISTRY, OptimizerSpec, OptionalDependencyError, get_spec
-from trainer.optim.resolve import ResolvedComponent, TrainOptimSettings, resolve_components
+from trainer.optim.resolve import (
+    ResolvedComponent,
+    TrainOptimSettings,
+    check_text_encoder_lr_scale,
+    resolve_components,
+)
 from trainer.optim.schedules import SCHEDULER_NAMES
 from trainer.optim.schema import (
     FreezingConfig,
@@ -43,4 +48,5 @@ __all__ = [
     "parse_optimizer_json",
     "plan_text_encoder_freeze",
     "resolve_components",
+    "check_text_encoder_lr_scale",
 ]

@@ -6,10 +6,12 @@ requires_grad=False, set before the optimizer is built.
 
 Rules (ED2-compatible, with ED2's `0` rejection removed):
 * default: every layer, the embeddings and the final layer norm train;
-* `freeze_front_n_layers` k > 0 freezes the first k layers; k < 0 keeps only the last |k|
-  trainable (deprecated in ED2, still honoured);
-* `unfreeze_last_n_layers` n keeps the last n layers trainable (0 = all layers frozen) and
-  wins over `freeze_front_n_layers`; when n < the layer count the embeddings are frozen by
+* `freeze_front_n_layers` (deprecated in ED2, still honoured) is turned into
+  `unfreeze_last_n_layers` exactly as ED2 does: k >= 0 means the last (layers - k) train,
+  k < 0 means the last |k| train; |k| above the layer count is an error;
+* `unfreeze_last_n_layers` n keeps the last n layers trainable (0 = all layers frozen). When the
+  key is present (even as null, which means all layers) it wins over `freeze_front_n_layers`,
+  with a warning. Whichever of the two gives n, n < the layer count freezes the embeddings by
   default (as in ED2);
 * `freeze_embeddings` / `freeze_final_layer_norm` true/false override those defaults;
 * clip_skip k > 1 reads hidden_states[-k], so the last k-1 layers never affect the loss: they
@@ -55,20 +57,9 @@ class FreezePlan:
 
 def plan_text_encoder_freeze(cfg: FreezingConfig, num_layers: int, clip_skip: int = 0) -> FreezePlan:
     """Apply the rules in the module docstring. Pure: no model needed."""
-    trainable_from = 0  # index of the first trainable layer
-    embeddings_default = False
-    if cfg.unfreeze_last_n_layers is not None:
-        n = cfg.unfreeze_last_n_layers
-        if n < 0:
-            raise ConfigError(f"text_encoder_freezing.unfreeze_last_n_layers: must be >= 0, got {n}")
-        if cfg.freeze_front_n_layers is not None:
-            logger.warning("text_encoder_freezing: unfreeze_last_n_layers overrides freeze_front_n_layers")
-        trainable_from = max(0, num_layers - n)
-        embeddings_default = n < num_layers
-    elif cfg.freeze_front_n_layers is not None:
-        k = cfg.freeze_front_n_layers
-        trainable_from = k if k >= 0 else num_layers + k
-        trainable_from = min(max(trainable_from, 0), num_layers)
+    unfreeze_last = _unfreeze_last_n_layers(cfg, num_layers)
+    trainable_from = 0 if unfreeze_last is None else max(0, num_layers - unfreeze_last)
+    embeddings_default = unfreeze_last is not None and unfreeze_last < num_layers
     if clip_skip > num_layers:
         raise ConfigError(f"clip_skip {clip_skip} exceeds the text encoder's {num_layers} layers")
     unused_from = num_layers - (clip_skip - 1) if clip_skip > 1 else num_layers
@@ -79,6 +70,32 @@ def plan_text_encoder_freeze(cfg: FreezingConfig, num_layers: int, clip_skip: in
         freeze_embeddings=embeddings_default if cfg.freeze_embeddings is None else cfg.freeze_embeddings,
         freeze_final_layer_norm=bool(cfg.freeze_final_layer_norm),
     )
+
+
+def _unfreeze_last_n_layers(cfg: FreezingConfig, num_layers: int) -> int | None:
+    """How many trailing layers train (None = all, nothing specified), with ED2's conversion of
+    the deprecated `freeze_front_n_layers`."""
+    n = None
+    k = cfg.freeze_front_n_layers
+    if k is not None:
+        if abs(k) > num_layers:
+            raise ConfigError(
+                f"text_encoder_freezing.freeze_front_n_layers: {k} is outside -{num_layers}..{num_layers} "
+                f"for this text encoder's {num_layers} layers; prefer unfreeze_last_n_layers (0..{num_layers})"
+            )
+        n = -k if k < 0 else num_layers - k
+    if "unfreeze_last_n_layers" in cfg.model_fields_set:
+        if k is not None:
+            logger.warning(
+                "text_encoder_freezing: unfreeze_last_n_layers=%s overrides freeze_front_n_layers=%s; "
+                "remove one of them",
+                cfg.unfreeze_last_n_layers,
+                k,
+            )
+        n = cfg.unfreeze_last_n_layers
+        if n is not None and n < 0:
+            raise ConfigError(f"text_encoder_freezing.unfreeze_last_n_layers: must be >= 0, got {n}")
+    return n
 
 
 def _text_transformer(text_encoder: nn.Module) -> nn.Module:

@@ -82,6 +82,28 @@ def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
+def check_text_encoder_lr_scale(
+    opt_file: OptimizerFile, train_lr: float | None, *, text_encoder_trains: bool
+) -> None:
+    """Refuse a `text_encoder_lr_scale` that would do nothing because no LR is set anywhere.
+
+    The scale multiplies the LR the text encoder copies from the UNet; with no train `lr`, no
+    `base.lr` and no `text_encoder_overrides.lr`, both components fall back to the optimizer's
+    default and the scale would be dropped silently. 1.0 (or null) changes nothing either way.
+    Pure, so the session can call it before the model loads.
+    """
+    scale = opt_file.text_encoder_lr_scale
+    if scale is None or scale == 1.0 or not text_encoder_trains:
+        return
+    te = opt_file.text_encoder_overrides.set_values() if opt_file.text_encoder_overrides else {}
+    if train_lr is None and "lr" not in opt_file.base.set_values() and "lr" not in te:
+        raise ConfigError(
+            f"{opt_file.source}: text_encoder_lr_scale={scale} has nothing to scale: no LR is set (train.json/CLI "
+            "lr, optimizer.json base.lr), so the text encoder would get its optimizer's default LR unscaled. "
+            "Set lr or base.lr, or remove text_encoder_lr_scale."
+        )
+
+
 def resolve_components(
     opt_file: OptimizerFile, settings: TrainOptimSettings, total_optimizer_steps: int
 ) -> dict[str, ResolvedComponent]:
@@ -105,6 +127,9 @@ def resolve_components(
         unet_lr, unet_src = None, "default"
 
     # TE LR
+    check_text_encoder_lr_scale(
+        opt_file, settings.lr, text_encoder_trains=not settings.disable_textenc_training
+    )
     scale = opt_file.text_encoder_lr_scale
     if "lr" in te_explicit:
         te_lr, te_src = te_explicit["lr"], "optimizer.json text_encoder_overrides.lr"

@@ -131,7 +131,9 @@ class OptimizerFile(BaseModel):
             "base": base,
             "text_encoder_overrides": te,
             "text_encoder_lr_scale": self.text_encoder_lr_scale,
-            "text_encoder_freezing": self.text_encoder_freezing.model_dump(),
+            # Only the keys the file set: a present `unfreeze_last_n_layers` (even null) overrides
+            # freeze_front_n_layers, so writing the null default back would change the settings.
+            "text_encoder_freezing": self.text_encoder_freezing.model_dump(exclude_unset=True),
             "apply_grad_scaler_step_tweaks": self.apply_grad_scaler_step_tweaks,
             "log_grad_norm": self.log_grad_norm,
         }
