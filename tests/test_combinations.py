@@ -322,7 +322,6 @@ def test_case_trains_resumes_exactly_and_exports(case, files, runs_root):
 ZTSNR_CASES = [c for c in CASES if c["model"] == "sd2_ztsnr_v"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 2, fixed on branch seam-export")
 @pytest.mark.parametrize("case", ZTSNR_CASES, ids=[case_id(c) for c in ZTSNR_CASES])
 def test_ztsnr_case_exports_the_schedule_it_trained_with(case, files, runs_root):
     done = straight_run(case, files, runs_root)
@@ -334,7 +333,6 @@ def test_ztsnr_case_exports_the_schedule_it_trained_with(case, files, runs_root)
 LATENT_CASE = next(c for c in CASES if c["latent_cache"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 4, fixed on branch newcomer-edges")
 def test_resume_reuses_the_latent_cache(files, runs_root):
     """A resume re-encoded the whole dataset (the cache key holds the model's path, and a resume
     loads the checkpoint folder). Latents encoded in batches of another size differ in the last
