@@ -1,0 +1,409 @@
+"""kohya -> this trainer: learning rates, optimizer, schedule and run length.
+
+These keys depend on each other (a warmup fraction needs the run length, Adafactor's adaptive
+mode decides the scheduler and whether an LR is written), so one function converts them together
+and writes one row per source key. Rules (docs/MIGRATING.md):
+
+* UNet LR = `unet_lr` if set, else `learning_rate`; text-encoder LR = `learning_rate_te` /
+  `text_encoder_lr` if set, else `learning_rate`. Both are written explicitly into optimizer.json
+  (`base.lr`, `text_encoder_overrides.lr`), so this trainer's precedence has nothing to decide.
+  A text-encoder LR of 0 (or `train_text_encoder = false`) freezes the text encoder.
+* Warmup: an int is optimizer steps; a float below 1 (sd-scripts) or the GUI's `lr_warmup`
+  percentage is a fraction of the run: `int(fraction * total optimizer steps)`, kohya's rounding.
+* Decaying schedules end at kohya's `max_train_steps`, so `lr_decay_steps` = total steps.
+* Run length: epochs -> `max_epochs`; a step count needs `--steps_per_epoch`.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import typing
+from typing import Any
+
+from trainer.errors import ConfigError
+from trainer.importing.rows import DEFAULT, NOT_SUPPORTED, OFF, Row
+from trainer.optim.registry import REGISTRY, get_spec, normalize_name
+from trainer.optim.schema import SectionConfig
+
+# kohya optimizer_type (lowercased) -> ours, plus options kohya sets for that name.
+KOHYA_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "adamw8bit": ("adamw8bit", {}),
+    "pagedadamw": ("paged_adamw", {}),
+    "pagedadamw32bit": ("paged_adamw", {}),
+    "pagedadamw8bit": ("paged_adamw8bit", {}),
+    "lion": ("lion", {}),
+    "lion8bit": ("lion8bit", {}),
+    "pagedlion8bit": ("paged_lion8bit", {}),
+    "sgdnesterov": ("sgd", {"nesterov": True, "momentum": 0.9}),
+    "sgdnesterov8bit": ("sgd8bit", {"nesterov": True, "momentum": 0.9}),
+    "dadaptadam": ("dadapt_adam", {}),
+    "dadaptadagrad": ("dadapt_adagrad", {}),
+    "dadaptadan": ("dadapt_adan", {}),
+    "dadaptlion": ("dadapt_lion", {}),
+    "dadaptsgd": ("dadapt_sgd", {}),
+    "prodigy": ("prodigy", {}),
+    "adafactor": ("adafactor", {}),
+}
+KOHYA_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "adafactor",
+)
+DECAYING = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+_ARG_RENAMES = {"eps": "epsilon"}
+
+KEYS = [
+    "learning_rate",
+    "unet_lr",
+    "text_encoder_lr",
+    "learning_rate_te",
+    "train_text_encoder",
+    "optimizer",
+    "optimizer_type",
+    "use_8bit_adam",
+    "use_lion_optimizer",
+    "optimizer_args",
+    "max_grad_norm",
+    "lr_scheduler",
+    "lr_warmup",
+    "lr_warmup_steps",
+    "lr_scheduler_num_cycles",
+    "lr_scheduler_power",
+    "epoch",
+    "max_train_epochs",
+    "max_train_steps",
+]
+
+
+def convert_training(ctx) -> None:
+    """Convert the KEYS group; `ctx` is the engine's context (values, result, steps_per_epoch)."""
+    total = _run_length(ctx)
+    optimizer, adaptive_lr = _optimizer(ctx)
+    _learning_rates(ctx, optimizer, adaptive_lr)
+    _schedule(ctx, total, adaptive_lr)
+    _clipping(ctx)
+
+
+def _run_length(ctx) -> int | None:
+    """max_epochs, and the total optimizer steps when they can be known."""
+    spe = ctx.steps_per_epoch
+    epochs = ctx.get("max_train_epochs")
+    gui_epoch = ctx.get("epoch")
+    steps = ctx.get("max_train_steps")
+    for key, value in (("max_train_epochs", epochs), ("epoch", gui_epoch), ("max_train_steps", steps)):
+        if ctx.has(key) and value is None:
+            ctx.row(Row(key, ctx.raw(key), OFF, note="0/unset: not the source of the run length"))
+    if epochs is not None or (gui_epoch is not None and steps is None):
+        key, n = ("max_train_epochs", epochs) if epochs is not None else ("epoch", gui_epoch)
+        note = "kohya's max_train_epochs wins over max_train_steps" if epochs is not None and steps else ""
+        ctx.result.set_train("max_epochs", int(n), key, ctx.raw(key), note)
+        if steps is not None:
+            ctx.row(Row("max_train_steps", steps, OFF, note="overridden by the epoch count, as in kohya"))
+        return int(n) * spe if spe else None
+    if steps is None:
+        steps = 1600
+        if ctx.kind == "gui":
+            raise ConfigError(
+                f"{ctx.source}: no run length: set 'epoch', 'max_train_epochs' or 'max_train_steps'"
+            )
+    if not spe:
+        raise ConfigError(
+            f"{ctx.source}: max_train_steps={steps} counts optimizer steps, this trainer counts epochs. "
+            "Pass --steps_per_epoch N (images x repeats / batch size / grad accum) or set max_train_epochs"
+        )
+    n = math.ceil(steps / spe)
+    note = f"ceil({steps} / {spe} steps per epoch)"
+    if steps % spe:
+        note += f"; the last epoch runs {n * spe - steps} steps past kohya's stop, the schedule still ends at {steps}"
+    status = "mapped" if ctx.has("max_train_steps") else DEFAULT
+    ctx.result.set_train("max_epochs", n, "max_train_steps", steps, note, status=status)
+    return steps
+
+
+def _optimizer(ctx) -> tuple[str, bool]:
+    """Write base.optimizer and the optimizer_args; returns (name, whether Adafactor picks the LR)."""
+    key = "optimizer" if ctx.has("optimizer") else "optimizer_type"
+    raw = ctx.get(key) or ""
+    extra: dict[str, Any] = {}
+    if not raw and ctx.get("use_8bit_adam"):
+        key, raw = "use_8bit_adam", "AdamW8bit"
+    elif not raw and ctx.get("use_lion_optimizer"):
+        key, raw = "use_lion_optimizer", "Lion"
+    for legacy in ("use_8bit_adam", "use_lion_optimizer"):
+        if ctx.has(legacy) and legacy != key:
+            ctx.row(Row(legacy, ctx.raw(legacy), OFF, note=f"{key} names the optimizer"))
+    name, extra, problem = _optimizer_name(raw or "AdamW")
+    status = NOT_SUPPORTED if problem else ("mapped" if ctx.has(key) else DEFAULT)
+    note = problem or ("kohya's default is AdamW" if not ctx.has(key) else "")
+    ctx.result.set_optim("base", "optimizer", name, key, raw or ctx.raw(key), note, status=status)
+    for opt_key, value in extra.items():
+        ctx.result.base[opt_key] = value
+    args = _optimizer_args(ctx, name)
+    adaptive = name == "adafactor" and args.get("relative_step", True)
+    return name, adaptive
+
+
+def _optimizer_name(raw: str) -> tuple[str, dict[str, Any], str]:
+    if "." in raw:  # kohya accepts any class by dotted path
+        module, _, cls = raw.rpartition(".")
+        ours = normalize_name(cls)
+        if module in ("torch.optim", "bitsandbytes.optim") and ours in REGISTRY:
+            return ours, {}, ""
+        return (
+            "adamw",
+            {},
+            f"class '{raw}' has no counterpart; replaced by adamw (docs/OPTIMIZERS.md lists the choices)",
+        )
+    found = KOHYA_OPTIMIZERS.get(raw.lower())
+    if found is None:
+        return (
+            "adamw",
+            {},
+            f"'{raw}' has no counterpart here; replaced by adamw (docs/OPTIMIZERS.md lists the choices)",
+        )
+    name, extra = found
+    return name, dict(extra), ""
+
+
+def parse_optimizer_args(value: Any) -> list[tuple[str, Any, str]]:
+    """kohya's `k=v` items (a GUI string or a TOML list) -> [(key, value, raw item)], values as
+    Python literals (`betas=0.9,0.999` is a tuple), like sd-scripts' ast.literal_eval."""
+    items = value.split() if isinstance(value, str) else list(value or [])
+    out = []
+    for item in items:
+        key, eq, text = str(item).partition("=")
+        if not eq:
+            raise ConfigError(f"optimizer_args: '{item}' is not key=value")
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parsed = text
+        out.append((key.strip(), parsed, str(item)))
+    return out
+
+
+def _optimizer_args(ctx, name: str) -> dict[str, Any]:
+    if not ctx.has("optimizer_args"):
+        return {}
+    parsed = parse_optimizer_args(ctx.get("optimizer_args"))
+    if not parsed:
+        ctx.row(Row("optimizer_args", ctx.raw("optimizer_args"), OFF, note="empty"))
+    accepted = get_spec(name).keys
+    kept: dict[str, Any] = {}
+    for key, value, item in parsed:
+        ours = _ARG_RENAMES.get(key, key)
+        source = f"optimizer_args: {key}"
+        if ours not in accepted:
+            ctx.row(Row(source, item, NOT_SUPPORTED, note=f"{name} here takes: {', '.join(accepted)}"))
+            continue
+        value = _coerce(ours, value)
+        kept[ours] = value
+        ctx.result.set_optim("base", ours, value, source, item, "the text encoder copies it")
+    return kept
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """JSON-ready values of the field's type (optimizer.json is parsed strictly)."""
+    if isinstance(value, tuple):
+        return [float(v) for v in value]
+    if float in typing.get_args(SectionConfig.model_fields[key].annotation) and isinstance(value, int):
+        return float(value) if not isinstance(value, bool) else value
+    return value
+
+
+def _learning_rates(ctx, optimizer: str, adaptive: bool) -> None:
+    base_lr = ctx.get("learning_rate")
+    if base_lr is None:
+        base_lr = 2e-6  # sd-scripts' default
+        ctx.row(Row("learning_rate", "(absent)", DEFAULT, note="sd-scripts' default 2e-6"))
+    te_key = "learning_rate_te" if ctx.get("learning_rate_te") is not None else "text_encoder_lr"
+    unet_lr, te_lr = ctx.get("unet_lr"), ctx.get(te_key)
+    if isinstance(te_lr, list):  # sd-scripts takes one per SDXL text encoder
+        te_lr = te_lr[0] if te_lr else None
+    if ctx.kind == "gui" and (unet_lr is None) != (te_lr is None) and ctx.has("unet_lr"):
+        # the GUI trains only the component whose LR is non-zero when the other one is 0
+        if unet_lr is None:
+            unet_lr = 0.0
+        elif te_key == "text_encoder_lr":
+            te_lr = 0.0
+    if adaptive:
+        ctx.row(Row("learning_rate", base_lr, OFF, note="Adafactor with relative_step computes its own LR"))
+    elif ctx.has("learning_rate"):
+        used = unet_lr is None or te_lr is None
+        ctx.row(
+            Row(
+                "learning_rate",
+                base_lr,
+                "mapped" if used else OFF,
+                note="used where no per-component LR is set"
+                if used
+                else "overridden by unet_lr and the text-encoder LR",
+            )
+        )
+    for comp, lr, key in (("unet", unet_lr, "unet_lr"), ("text_encoder", te_lr, te_key)):
+        lr = base_lr if lr is None else lr
+        source = key if ctx.has(key) else "learning_rate"
+        if comp == "text_encoder" and ctx.get("train_text_encoder") is False:
+            ctx.result.set_train("disable_textenc_training", True, "train_text_encoder", False)
+            continue
+        if lr == 0:
+            flag = "disable_unet_training" if comp == "unet" else "disable_textenc_training"
+            ctx.result.set_train(flag, True, source, lr, "an LR of 0 trains nothing: the component is frozen")
+            continue
+        if adaptive:
+            continue
+        section = "base" if comp == "unet" else "text_encoder"
+        if source != "learning_rate":
+            ctx.result.set_optim(section, "lr", float(lr), source, ctx.raw(key))
+        else:
+            ctx.result.set_optim(section, "lr", float(lr), f"learning_rate ({comp})", base_lr)
+    if ctx.has("train_text_encoder") and ctx.get("train_text_encoder") is not False:
+        ctx.row(
+            Row(
+                "train_text_encoder",
+                ctx.raw("train_text_encoder"),
+                OFF,
+                note="the text encoder trains by default",
+            )
+        )
+    for key in ("unet_lr", "text_encoder_lr", "learning_rate_te"):
+        if ctx.has(key) and ctx.get(key) is None:
+            ctx.row(Row(key, ctx.raw(key), OFF, note="unset: learning_rate applies"))
+
+
+def _warmup(ctx, total: int | None) -> tuple[int, str, str, Any]:
+    """(steps, source key, note, source value) for the warmup; fractions need `total`."""
+    steps_val = ctx.get("lr_warmup_steps")
+    if ctx.kind == "gui":
+        pct = ctx.get("lr_warmup") or 0
+        if steps_val:
+            if pct:
+                ctx.row(Row("lr_warmup", pct, OFF, note="lr_warmup_steps wins, as in the GUI"))
+            return int(steps_val), "lr_warmup_steps", "", steps_val
+        if ctx.has("lr_warmup_steps"):
+            ctx.row(Row("lr_warmup_steps", ctx.raw("lr_warmup_steps"), OFF, note="0: lr_warmup applies"))
+        fraction, key, raw = pct / 100, "lr_warmup", pct
+    else:
+        if steps_val is None or steps_val == 0:
+            return (
+                0,
+                "lr_warmup_steps",
+                "" if ctx.has("lr_warmup_steps") else "kohya's default is 0",
+                steps_val or 0,
+            )
+        if isinstance(steps_val, int) or steps_val >= 1:
+            return int(steps_val), "lr_warmup_steps", "optimizer steps", steps_val
+        fraction, key, raw = float(steps_val), "lr_warmup_steps", steps_val
+    if fraction == 0:
+        return 0, key, "", raw
+    if total is None:
+        raise ConfigError(
+            f"{ctx.source}: {key}={raw} is a fraction of the run, whose length in steps is unknown here "
+            "(epochs x steps per epoch). Pass --steps_per_epoch N (images x repeats / batch size / grad accum)"
+        )
+    return int(fraction * total), key, f"int({fraction:g} x {total} total steps)", raw
+
+
+def _schedule(ctx, total: int | None, adaptive: bool) -> None:
+    name = ctx.get("lr_scheduler") or "constant"
+    src = "lr_scheduler" if ctx.has("lr_scheduler") else "lr_scheduler (absent)"
+    warmup, wkey, wnote, wraw = _warmup(ctx, total)
+    if adaptive:
+        ctx.result.set_optim(
+            "base",
+            "lr_scheduler",
+            "adafactor",
+            src,
+            name,
+            "Adafactor with relative_step needs it (kohya forces it too)",
+        )
+        ctx.row(
+            Row(wkey, wraw, OFF if not warmup else NOT_SUPPORTED, note="the adafactor schedule has no warmup")
+        )
+        return
+    if name not in KOHYA_SCHEDULERS:
+        ctx.row(
+            Row(
+                src,
+                name,
+                NOT_SUPPORTED,
+                note=f"no '{name}' schedule here; constant is used. Known: {', '.join(KOHYA_SCHEDULERS)}",
+            )
+        )
+        name = "constant"
+    elif name == "constant" and warmup:
+        ctx.result.set_optim(
+            "base",
+            "lr_scheduler",
+            "constant_with_warmup",
+            src,
+            name,
+            "kohya refuses a warmup with constant; constant_with_warmup is what was meant",
+        )
+        name = "constant_with_warmup"
+    else:
+        ctx.result.set_optim(
+            "base", "lr_scheduler", name, src, name, "" if ctx.has("lr_scheduler") else "kohya's default"
+        )
+    status = "mapped" if ctx.has(wkey) else DEFAULT
+    ctx.result.set_optim(
+        "base", "lr_warmup_steps", warmup, wkey, wraw, wnote or "optimizer steps", status=status
+    )
+    if name in DECAYING:
+        if total is None:
+            ctx.row(
+                Row(
+                    "(run length)",
+                    "epochs",
+                    NOT_SUPPORTED,
+                    note=(
+                        "kohya decays to the end of the run; without --steps_per_epoch lr_decay_steps stays null and this "
+                        "trainer decays over 1.5x the run (docs/OPTIMIZERS.md)"
+                    ),
+                )
+            )
+        else:
+            ctx.result.set_optim(
+                "base", "lr_decay_steps", total, "(run length)", total, "kohya decays over the whole run"
+            )
+    for key, ours in (
+        ("lr_scheduler_num_cycles", "lr_scheduler_num_cycles"),
+        ("lr_scheduler_power", "lr_scheduler_power"),
+    ):
+        if not ctx.has(key):
+            continue
+        value = ctx.get(key)
+        used = (key.endswith("cycles") and name == "cosine_with_restarts") or (
+            key.endswith("power") and name == "polynomial"
+        )
+        if used and value is not None:
+            value = int(value) if key.endswith("cycles") else float(value)
+            ctx.result.set_optim("base", ours, value, key, ctx.raw(key))
+        else:
+            ctx.row(Row(key, ctx.raw(key), OFF, note=f"unused by {name}"))
+
+
+def _clipping(ctx) -> None:
+    if not ctx.has("max_grad_norm"):
+        ctx.result.set_train(
+            "clip_grad_norm",
+            1.0,
+            "max_grad_norm (absent)",
+            "(absent)",
+            "sd-scripts clips at 1.0 by default",
+            status=DEFAULT,
+        )
+        return
+    value = ctx.get("max_grad_norm")
+    if not value:
+        ctx.result.set_train(
+            "clip_grad_norm", None, "max_grad_norm", ctx.raw("max_grad_norm"), "0 = no clipping"
+        )
+    else:
+        ctx.result.set_train("clip_grad_norm", float(value), "max_grad_norm", value)
