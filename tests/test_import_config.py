@@ -285,6 +285,13 @@ def test_seed_configuration_imports_every_key():
     assert result.train["keep_tags"] == 2 and result.train["max_epochs"] == 10
 
 
+def test_migrating_doc_shows_the_tool_output_for_the_seed_configuration():
+    from trainer.importing.rows import table_markdown
+
+    doc = (Path(__file__).parent.parent / "docs" / "MIGRATING.md").read_text()
+    assert table_markdown(convert_file(SEED, steps_per_epoch=25).rows) in doc
+
+
 def test_malformed_json_names_the_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{\n  "learning_rate": 1e-4,\n  "epoch": ,\n}\n')
