@@ -77,6 +77,7 @@ MAPPED = [
     ("toml", {"loss_type": "l2"}, "train:loss_type", "mse"),
     ("toml", {"loss_type": "huber"}, "train:loss_type", "huber"),
     ("toml", {"mixed_precision": "fp16"}, "train:mixed_precision", "fp16"),
+    ("toml", {"mixed_precision": "fp8"}, "train:mixed_precision", "<unset>"),
     ("toml", {}, "train:mixed_precision", "no"),
     ("toml", {"full_bf16": True, "mixed_precision": "bf16"}, "train:weight_dtype", "bf16"),
     ("toml", {"gradient_checkpointing": True}, "train:gradient_checkpointing", True),
@@ -270,7 +271,7 @@ def test_seed_configuration_imports_every_key():
     assert set(source) <= {root_key(r.source) for r in result.rows}
     (sdxl,) = [r for r in result.rows if r.source == "sdxl"]
     assert sdxl.status == NOT_SUPPORTED and "SD1.x and SD2.x" in sdxl.note and "resume_ckpt" in sdxl.note
-    assert [r.source for r in result.lossy_rows()] == ["sdxl"]
+    assert [r.source for r in result.lossy_rows()] == ["sdxl", "(LoRA learning rates)"]
     assert result.base == {
         "optimizer": "adamw8bit",
         "weight_decay": 0.02,

@@ -271,15 +271,20 @@ def _precision(ctx) -> None:
     mp = ctx.get("mixed_precision")
     status = "mapped" if mp is not None else DEFAULT
     mp = mp or "no"
-    note = "" if status == "mapped" else "kohya's default is fp32"
-    ctx.result.set_train(
-        "mixed_precision",
-        mp if mp in ("no", "fp16", "bf16") else "auto",
-        "mixed_precision",
-        ctx.raw("mixed_precision"),
-        note,
-        status=status,
-    )
+    if mp not in ("no", "fp16", "bf16"):
+        ctx.row(
+            Row(
+                "mixed_precision",
+                mp,
+                NOT_SUPPORTED,
+                note="kohya knows no, fp16, bf16; the default (auto) is used",
+            )
+        )
+    else:
+        note = "" if status == "mapped" else "kohya's default is fp32"
+        ctx.result.set_train(
+            "mixed_precision", mp, "mixed_precision", ctx.raw("mixed_precision"), note, status=status
+        )
     if ctx.has("full_bf16"):
         if ctx.get("full_bf16"):
             ctx.result.set_train(

@@ -22,7 +22,7 @@ import typing
 from typing import Any
 
 from trainer.errors import ConfigError
-from trainer.importing.rows import DEFAULT, NOT_SUPPORTED, OFF, Row
+from trainer.importing.rows import CHECK, DEFAULT, NOT_SUPPORTED, OFF, Row
 from trainer.optim.registry import REGISTRY, get_spec, normalize_name
 from trainer.optim.schema import SectionConfig
 
@@ -263,6 +263,7 @@ def _learning_rates(ctx, optimizer: str, adaptive: bool) -> None:
             ctx.result.set_optim(section, "lr", float(lr), source, ctx.raw(key))
         else:
             ctx.result.set_optim(section, "lr", float(lr), f"learning_rate ({comp})", base_lr)
+    _lora_rates_check(ctx)
     if ctx.has("train_text_encoder") and ctx.get("train_text_encoder") is not False:
         ctx.row(
             Row(
@@ -275,6 +276,29 @@ def _learning_rates(ctx, optimizer: str, adaptive: bool) -> None:
     for key in ("unet_lr", "text_encoder_lr", "learning_rate_te"):
         if ctx.has(key) and ctx.get(key) is None:
             ctx.row(Row(key, ctx.raw(key), OFF, note="unset: learning_rate applies"))
+
+
+# Above this, an LR is a LoRA-sized step: full fine-tunes of SD use about 1e-6 to 2e-6.
+FULL_FINETUNE_LR_LIMIT = 1e-5
+_LORA_MARKERS = ("network_dim", "network_module", "LoRA_type", "network_alpha")
+
+
+def _lora_rates_check(ctx) -> None:
+    """A LoRA configuration's LRs move a small network; applied to all weights they fry the model."""
+    lrs = [v for v in (ctx.result.base.get("lr"), ctx.result.text_encoder.get("lr")) if v is not None]
+    if any(ctx.has(k) for k in _LORA_MARKERS) and lrs and max(lrs) > FULL_FINETUNE_LR_LIMIT:
+        ctx.row(
+            Row(
+                "(LoRA learning rates)",
+                max(lrs),
+                CHECK,
+                note=(
+                    "this is a LoRA configuration: its learning rates are imported as they are, but a full fine-tune "
+                    "of all weights usually wants about 1e-6 to 2e-6 (docs/OPTIMIZERS.md); lower base.lr and "
+                    "text_encoder_overrides.lr in optimizer.json"
+                ),
+            )
+        )
 
 
 def _warmup(ctx, total: int | None) -> tuple[int, str, str, Any]:

@@ -18,8 +18,9 @@ OFF = "off"  # a feature we lack, but the source has it switched off: nothing is
 NO_COUNTERPART = "no counterpart"
 NOT_SUPPORTED = "not supported yet"
 UNKNOWN = "unknown key"
+CHECK = "check"  # imported as is, but probably not what a full fine-tune wants
 
-LOSSY = (NOT_SUPPORTED, UNKNOWN)  # statuses that change what training does: warned at the end
+LOSSY = (NOT_SUPPORTED, UNKNOWN, CHECK)  # statuses that change what training does: warned at the end
 
 
 @dataclass(frozen=True)
