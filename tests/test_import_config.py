@@ -87,6 +87,13 @@ MAPPED = [
     ("toml", {"torch_compile": True, "dynamo_backend": "inductor"}, "train:compile", True),
     ("gui", {"dynamo_backend": "aot_eager"}, "train:compile_backend", "aot_eager"),
     ("gui", {"dynamo_backend": "tensorrt"}, "train:compile", "<unset>"),
+    (
+        "gui",
+        {"dynamo_backend": "inductor", "dynamo_mode": "max-autotune"},
+        "train:compile_mode",
+        "max-autotune",
+    ),
+    ("gui", {"dynamo_backend": "no", "dynamo_mode": "max-autotune"}, "train:compile_mode", "<unset>"),
     ("toml", {"output_dir": "out"}, "train:logdir", "out"),
     ("toml", {"output_name": "mymodel"}, "train:project_name", "mymodel"),
     ("toml", {"save_every_n_epochs": 2}, "train:save_every_n_epochs", 2),
@@ -258,6 +265,39 @@ def test_not_supported_feature_is_reported_but_off_values_are_not_lossy():
     rows = {r.source: r for r in result.rows}
     assert rows["ip_noise_gamma"].status == NOT_SUPPORTED
     assert rows["color_aug"] not in result.lossy_rows()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "status"),
+    [
+        ("a red circle\na blue square\n", "FILE", "mapped"),
+        ("a red circle --n blurry --w 512 --s 20\n", None, NOT_SUPPORTED),  # kohya's per-line options
+    ],
+)
+def test_sample_prompt_file(tmp_path, text, expected, status):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(text)
+    result = convert("toml", {"sample_prompts": str(prompts)})
+    assert result.train["sample_prompts"] == (str(prompts) if expected == "FILE" else None)
+    assert [r.status for r in result.rows if r.source == "sample_prompts"] == [status]
+
+
+@pytest.mark.parametrize(("ext", "status"), [(".txt", "off"), (".caption", "off"), (".tags", NOT_SUPPORTED)])
+def test_caption_extension(ext, status):
+    result = convert("toml", {"caption_extension": ext})
+    assert [r.status for r in result.rows if r.source == "caption_extension"] == [status]
+
+
+def test_dataset_config_named_inside_a_gui_file_is_read(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    ds = tmp_path / "ds.toml"
+    ds.write_text(
+        f"[[datasets]]\nresolution = 768\n  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'imgs'}'\n"
+    )
+    result = convert(
+        "gui", {"dataset_config": str(ds), "max_resolution": "512,512", "train_data_dir": "elsewhere"}
+    )
+    assert (result.train["resolution"], result.train["data_root"]) == (768, str(tmp_path / "imgs"))
 
 
 def test_secret_values_never_reach_the_table():

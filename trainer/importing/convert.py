@@ -221,6 +221,15 @@ def convert_values(
         for key, value in run.items():
             if key == "batch_size":
                 key = "train_batch_size"
+            if key == "resolution" and "max_resolution" in values:  # the GUI's name for it
+                extra_rows.append(
+                    Row(
+                        "max_resolution",
+                        values.pop("max_resolution"),
+                        OFF,
+                        note="the dataset config's resolution wins",
+                    )
+                )
             if key in values and values[key] != value:
                 extra_rows.append(
                     Row(
