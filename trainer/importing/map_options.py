@@ -6,7 +6,7 @@ in docs/MIGRATING.md:
 
 * `noise_offset` x is `zero_frequency_noise_ratio` x (same formula: x * N(0,1) per sample and
   channel). kohya's offset is off by default, ours is 0.02, so an absent/0 offset writes 0. With
-  `noise_offset_random_strength` kohya scales it by U(0,1) per sample; the import keeps the
+  `noise_offset_random_strength` kohya scales it by one U(0,1) draw per batch; the import keeps the
   offset's variance: x / sqrt(3).
 * `keep_tokens` N counts the first caption chunk; our main prompt (chunk 0) always stays in
   place and `keep_tags` counts the tags after it: keep_tags = max(N - 1, 0).
@@ -36,7 +36,7 @@ def _model(ctx) -> None:
                 note=(
                     "this trainer trains SD1.x and SD2.x only, not SDXL. Set resume_ckpt to an SD1.5 or SD2.x model "
                     f"(diffusers folder, .safetensors or .ckpt) and resolution to {SD_RESOLUTIONS}; the SDXL-only keys "
-                    "below are not imported"
+                    "are listed as having no counterpart"
                 ),
             )
         )
@@ -158,7 +158,7 @@ def _captions(ctx) -> None:
             0.5 if ctx.get("flip_aug") else 0.0,
             "flip_aug",
             ctx.raw("flip_aug"),
-            "kohya flips half the images",
+            "kohya flips half the images" if ctx.get("flip_aug") else "",
         )
     ext = ctx.get("caption_extension") or ctx.get("caption_extention")
     key = "caption_extension" if ctx.has("caption_extension") else "caption_extention"
