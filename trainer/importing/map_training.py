@@ -1,4 +1,4 @@
-"""kohya -> this trainer: learning rates, optimizer, schedule and run length.
+"""kohya -> this trainer: learning rates, optimizer, clipping (run length and schedule: map_schedule).
 
 These keys depend on each other (a warmup fraction needs the run length, Adafactor's adaptive
 mode decides the scheduler and whether an LR is written), so one function converts them together
@@ -8,20 +8,17 @@ and writes one row per source key. Rules (docs/MIGRATING.md):
   `text_encoder_lr` if set, else `learning_rate`. Both are written explicitly into optimizer.json
   (`base.lr`, `text_encoder_overrides.lr`), so this trainer's precedence has nothing to decide.
   A text-encoder LR of 0 (or `train_text_encoder = false`) freezes the text encoder.
-* Warmup: an int is optimizer steps; a float below 1 (sd-scripts) or the GUI's `lr_warmup`
-  percentage is a fraction of the run: `int(fraction * total optimizer steps)`, kohya's rounding.
-* Decaying schedules end at kohya's `max_train_steps`, so `lr_decay_steps` = total steps.
-* Run length: epochs -> `max_epochs`; a step count needs `--steps_per_epoch`.
+* Run length, warmup and decay: see map_schedule.
 """
 
 from __future__ import annotations
 
 import ast
-import math
 import typing
 from typing import Any
 
 from trainer.errors import ConfigError
+from trainer.importing.map_schedule import run_length, schedule
 from trainer.importing.rows import CHECK, DEFAULT, NOT_SUPPORTED, OFF, Row
 from trainer.optim.registry import REGISTRY, get_spec, normalize_name
 from trainer.optim.schema import SectionConfig
@@ -46,16 +43,6 @@ KOHYA_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "prodigy": ("prodigy", {}),
     "adafactor": ("adafactor", {}),
 }
-KOHYA_SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
-DECAYING = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 _ARG_RENAMES = {"eps": "epsilon"}
 
 KEYS = [
@@ -83,47 +70,11 @@ KEYS = [
 
 def convert_training(ctx) -> None:
     """Convert the KEYS group; `ctx` is the engine's context (values, result, steps_per_epoch)."""
-    total = _run_length(ctx)
+    total = run_length(ctx)
     optimizer, adaptive_lr = _optimizer(ctx)
     _learning_rates(ctx, optimizer, adaptive_lr)
-    _schedule(ctx, total, adaptive_lr)
+    schedule(ctx, total, adaptive_lr)
     _clipping(ctx)
-
-
-def _run_length(ctx) -> int | None:
-    """max_epochs, and the total optimizer steps when they can be known."""
-    spe = ctx.steps_per_epoch
-    epochs = ctx.get("max_train_epochs")
-    gui_epoch = ctx.get("epoch")
-    steps = ctx.get("max_train_steps")
-    for key, value in (("max_train_epochs", epochs), ("epoch", gui_epoch), ("max_train_steps", steps)):
-        if ctx.has(key) and value is None:
-            ctx.row(Row(key, ctx.raw(key), OFF, note="0/unset: not the source of the run length"))
-    if epochs is not None or (gui_epoch is not None and steps is None):
-        key, n = ("max_train_epochs", epochs) if epochs is not None else ("epoch", gui_epoch)
-        note = "kohya's max_train_epochs wins over max_train_steps" if epochs is not None and steps else ""
-        ctx.result.set_train("max_epochs", int(n), key, ctx.raw(key), note)
-        if steps is not None:
-            ctx.row(Row("max_train_steps", steps, OFF, note="overridden by the epoch count, as in kohya"))
-        return int(n) * spe if spe else None
-    if steps is None:
-        steps = 1600
-        if ctx.kind == "gui":
-            raise ConfigError(
-                f"{ctx.source}: no run length: set 'epoch', 'max_train_epochs' or 'max_train_steps'"
-            )
-    if not spe:
-        raise ConfigError(
-            f"{ctx.source}: max_train_steps={steps} counts optimizer steps, this trainer counts epochs. "
-            "Pass --steps_per_epoch N (images x repeats / batch size / grad accum) or set max_train_epochs"
-        )
-    n = math.ceil(steps / spe)
-    note = f"ceil({steps} / {spe} steps per epoch)"
-    if steps % spe:
-        note += f"; the last epoch runs {n * spe - steps} steps past kohya's stop, the schedule still ends at {steps}"
-    status = "mapped" if ctx.has("max_train_steps") else DEFAULT
-    ctx.result.set_train("max_epochs", n, "max_train_steps", steps, note, status=status)
-    return steps
 
 
 def _optimizer(ctx) -> tuple[str, bool]:
@@ -234,18 +185,8 @@ def _learning_rates(ctx, optimizer: str, adaptive: bool) -> None:
             te_lr = 0.0
     if adaptive:
         ctx.row(Row("learning_rate", base_lr, OFF, note="Adafactor with relative_step computes its own LR"))
-    elif ctx.has("learning_rate"):
-        used = unet_lr is None or te_lr is None
-        ctx.row(
-            Row(
-                "learning_rate",
-                base_lr,
-                "mapped" if used else OFF,
-                note="used where no per-component LR is set"
-                if used
-                else "overridden by unet_lr and the text-encoder LR",
-            )
-        )
+    elif ctx.has("learning_rate") and unet_lr is not None and te_lr is not None:
+        ctx.row(Row("learning_rate", base_lr, OFF, note="overridden by unet_lr and the text-encoder LR"))
     for comp, lr, key in (("unet", unet_lr, "unet_lr"), ("text_encoder", te_lr, te_key)):
         lr = base_lr if lr is None else lr
         source = key if ctx.has(key) else "learning_rate"
@@ -299,118 +240,6 @@ def _lora_rates_check(ctx) -> None:
                 ),
             )
         )
-
-
-def _warmup(ctx, total: int | None) -> tuple[int, str, str, Any]:
-    """(steps, source key, note, source value) for the warmup; fractions need `total`."""
-    steps_val = ctx.get("lr_warmup_steps")
-    if ctx.kind == "gui":
-        pct = ctx.get("lr_warmup") or 0
-        if steps_val:
-            if pct:
-                ctx.row(Row("lr_warmup", pct, OFF, note="lr_warmup_steps wins, as in the GUI"))
-            return int(steps_val), "lr_warmup_steps", "", steps_val
-        if ctx.has("lr_warmup_steps"):
-            ctx.row(Row("lr_warmup_steps", ctx.raw("lr_warmup_steps"), OFF, note="0: lr_warmup applies"))
-        fraction, key, raw = pct / 100, "lr_warmup", pct
-    else:
-        if steps_val is None or steps_val == 0:
-            return (
-                0,
-                "lr_warmup_steps",
-                "" if ctx.has("lr_warmup_steps") else "kohya's default is 0",
-                steps_val or 0,
-            )
-        if isinstance(steps_val, int) or steps_val >= 1:
-            return int(steps_val), "lr_warmup_steps", "optimizer steps", steps_val
-        fraction, key, raw = float(steps_val), "lr_warmup_steps", steps_val
-    if fraction == 0:
-        return 0, key, "", raw
-    if total is None:
-        raise ConfigError(
-            f"{ctx.source}: {key}={raw} is a fraction of the run, whose length in steps is unknown here "
-            "(epochs x steps per epoch). Pass --steps_per_epoch N (images x repeats / batch size / grad accum)"
-        )
-    return int(fraction * total), key, f"int({fraction:g} x {total} total steps)", raw
-
-
-def _schedule(ctx, total: int | None, adaptive: bool) -> None:
-    name = ctx.get("lr_scheduler") or "constant"
-    src = "lr_scheduler" if ctx.has("lr_scheduler") else "lr_scheduler (absent)"
-    warmup, wkey, wnote, wraw = _warmup(ctx, total)
-    if adaptive:
-        ctx.result.set_optim(
-            "base",
-            "lr_scheduler",
-            "adafactor",
-            src,
-            name,
-            "Adafactor with relative_step needs it (kohya forces it too)",
-        )
-        ctx.row(
-            Row(wkey, wraw, OFF if not warmup else NOT_SUPPORTED, note="the adafactor schedule has no warmup")
-        )
-        return
-    if name not in KOHYA_SCHEDULERS:
-        ctx.row(
-            Row(
-                src,
-                name,
-                NOT_SUPPORTED,
-                note=f"no '{name}' schedule here; constant is used. Known: {', '.join(KOHYA_SCHEDULERS)}",
-            )
-        )
-        name = "constant"
-    elif name == "constant" and warmup:
-        ctx.result.set_optim(
-            "base",
-            "lr_scheduler",
-            "constant_with_warmup",
-            src,
-            name,
-            "kohya refuses a warmup with constant; constant_with_warmup is what was meant",
-        )
-        name = "constant_with_warmup"
-    else:
-        ctx.result.set_optim(
-            "base", "lr_scheduler", name, src, name, "" if ctx.has("lr_scheduler") else "kohya's default"
-        )
-    status = "mapped" if ctx.has(wkey) else DEFAULT
-    ctx.result.set_optim(
-        "base", "lr_warmup_steps", warmup, wkey, wraw, wnote or "optimizer steps", status=status
-    )
-    if name in DECAYING:
-        if total is None:
-            ctx.row(
-                Row(
-                    "(run length)",
-                    "epochs",
-                    NOT_SUPPORTED,
-                    note=(
-                        "kohya decays to the end of the run; without --steps_per_epoch lr_decay_steps stays null and this "
-                        "trainer decays over 1.5x the run (docs/OPTIMIZERS.md)"
-                    ),
-                )
-            )
-        else:
-            ctx.result.set_optim(
-                "base", "lr_decay_steps", total, "(run length)", total, "kohya decays over the whole run"
-            )
-    for key, ours in (
-        ("lr_scheduler_num_cycles", "lr_scheduler_num_cycles"),
-        ("lr_scheduler_power", "lr_scheduler_power"),
-    ):
-        if not ctx.has(key):
-            continue
-        value = ctx.get(key)
-        used = (key.endswith("cycles") and name == "cosine_with_restarts") or (
-            key.endswith("power") and name == "polynomial"
-        )
-        if used and value is not None:
-            value = int(value) if key.endswith("cycles") else float(value)
-            ctx.result.set_optim("base", ours, value, key, ctx.raw(key))
-        else:
-            ctx.row(Row(key, ctx.raw(key), OFF, note=f"unused by {name}"))
 
 
 def _clipping(ctx) -> None:

@@ -85,7 +85,7 @@ def table_markdown(rows: list[Row]) -> str:
     lines = ["| source key | value | became | why / note |", "|---|---|---|---|"]
     for r in rows:
         became = f"`{_cell(r.target)}`" if r.target else f"*{r.status}*"
-        note = r.note if r.target or not r.note else r.note
+        note = r.note
         if r.target and r.status != MAPPED:
             note = f"({r.status}) {note}".strip()
         lines.append(f"| `{_cell(r.source)}` | `{_cell(_show(r.value))}` | {became} | {_cell(note)} |")
