@@ -14,16 +14,10 @@ from typing import Any
 
 from trainer.errors import ConfigError
 from trainer.importing.rows import DEFAULT, NOT_SUPPORTED, OFF, Row
+from trainer.optim.schedules import SCHEDULER_NAMES
 
-KOHYA_SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
+# kohya names that mean the same schedule here (both use diffusers / transformers schedules).
+KOHYA_SCHEDULERS = SCHEDULER_NAMES
 DECAYING = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
