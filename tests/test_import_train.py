@@ -111,13 +111,20 @@ def test_sd_scripts_toml_pair_imports(toml_pair, capsys):
     assert not list(people.iterdir()) and not list(cats.iterdir())  # nothing in the dataset changes unasked
 
 
-def test_write_dataset_settings_writes_the_folder_files(toml_pair):
+def test_write_dataset_settings_writes_files_the_trainer_reads(toml_pair):
+    from trainer.data.discovery import discover
+
     tmp_path, people, cats = toml_pair
     run_import(tmp_path, "--write-dataset-settings")
     assert (people / "multiply.txt").read_text() == "3\n"
     assert (people / "local.yaml").read_text() == 'main_prompt: "a person"\n'
-    assert (cats / "flip_p.txt").read_text() == "0.5\n"
     assert sorted(p.name for p in cats.iterdir()) == ["flip_p.txt"]
+    copy_images(people, 1)
+    copy_images(cats, 1)
+    next(people.glob("*.png")).with_suffix(".txt").unlink()  # class tokens caption uncaptioned images
+    items = {Path(i.path).parent.name: i for i in discover([str(people), str(cats)]).items}
+    assert (items["people"].multiply, items["people"].caption.main_prompt) == (3.0, "a person")
+    assert (items["cats"].multiply, items["cats"].flip_p) == (1.0, 0.5)
 
 
 def test_write_dataset_settings_never_overwrites_a_different_file(toml_pair):
