@@ -347,3 +347,23 @@ def test_malformed_toml_names_the_file_and_line(tmp_path):
     bad.write_text("[training_arguments]\nlearning_rate = 1e-4\nseed = = 3\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: invalid TOML: .*line 3"):
         convert_file(bad)
+
+
+def test_dataset_config_limits_are_reported(tmp_path):
+    ds = tmp_path / "ds.toml"
+    ds.write_text(
+        "[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = 'a'\n"
+        "  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n"
+        "[[datasets]]\nresolution = 768\n  [[datasets.subsets]]\n  image_dir = 'b'\n"
+    )
+    result = convert("toml", {}, dataset_config=ds)
+    assert (result.train["resolution"], result.train["data_root"]) == (512, ["a", "b"])
+    lossy = {r.source for r in result.lossy_rows()}
+    assert lossy == {"datasets[1].resolution", "datasets[0].subsets[1].is_reg"}
+
+
+def test_a_key_set_in_two_toml_sections_is_an_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[a]\nseed = 1\n[b]\nseed = 2\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: key 'seed' is set twice"):
+        convert_file(cfg)
