@@ -88,11 +88,19 @@ def pipeline_weights(checkpoint: Path, folder: str = "pipeline") -> dict[str, to
         ("text_encoder", "model.safetensors"),
     ):
         for key, tensor in load_file(str(checkpoint / folder / comp / fname)).items():
-            out[f"{comp}/{key}"] = tensor
+            out[canonical_key(f"{comp}/{key}")] = tensor
     return out
 
 
+def canonical_key(key: str) -> str:
+    """One spelling for text-encoder keys: the files hold `text_model.*` (the published layout),
+    while transformers 5 names a freshly built CLIPTextModel's tensors without the prefix."""
+    return key.replace("text_encoder/text_model.", "text_encoder/", 1)
+
+
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    a = {canonical_key(k): v for k, v in a.items()}
+    b = {canonical_key(k): v for k, v in b.items()}
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
