@@ -35,7 +35,7 @@ from trainer.optim import (
     build_optimizers,
     load_optimizer_file,
 )
-from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+from trainer.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.run import RunFolder, attach_file_log, new_run_folder, run_folder_of_checkpoint, write_json
 from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
@@ -134,6 +134,10 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     data = load_data(_data_settings(cfg, accelerator))
     device = accelerator.device
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
+    # `deterministic` (seam-train's key, read optionally) needs cuDNN autotuning off.
+    cuda_modes = configure_cuda_backends(
+        device, allow_tf32=cfg.allow_tf32, benchmark=not getattr(cfg, "deterministic", False)
+    )
     scaler = make_grad_scaler(autocast_dtype, device)
     optim, total_steps = _build_optim(cfg, opt_file, model, data)
     optim = wrap_optimizer_set(
@@ -227,11 +231,12 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
         write_json(run.path / "optimizer_effective.json", opt_file.as_dict())
     log.info(
-        "device %s (%d process(es)), precision %s%s, %d optimizer steps (%d per epoch x %d epochs)",
+        "device %s (%d process(es)), precision %s%s%s, %d optimizer steps (%d per epoch x %d epochs)",
         device,
         accelerator.num_processes,
         "fp32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
         " + GradScaler" if session.scaler is not None else "",
+        f", {cuda_modes}" if cuda_modes else "",
         total_steps,
         data.windows_per_epoch(),
         cfg.max_epochs,

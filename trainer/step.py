@@ -141,7 +141,9 @@ class TrainingStep:
         return latents.float() * self.scaling_factor
 
     def _encode_text(self, captions: list[str]) -> Tensor:
-        grad = torch.enable_grad() if _requires_grad(self.text_encoder) else torch.no_grad()
+        # A trainable encoder keeps the caller's grad mode (validation and sampling run it under
+        # no_grad and must build no graph); a frozen one never needs a graph.
+        grad = contextlib.nullcontext() if _requires_grad(self.text_encoder) else torch.no_grad()
         with grad, self._autocast():
             return encode_captions(
                 self.text_encoder,
