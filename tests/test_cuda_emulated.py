@@ -71,7 +71,9 @@ def _fake_gpu(monkeypatch, major: int) -> None:
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
 
 
-@pytest.mark.parametrize(("major", "expected"), [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("major", "expected"), [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)]
+)
 def test_auto_precision_uses_fp16_on_gpus_without_bf16_hardware(monkeypatch, major, expected):
     from trainer.precision import make_grad_scaler, resolve_autocast_dtype
 
@@ -82,7 +84,7 @@ def test_auto_precision_uses_fp16_on_gpus_without_bf16_hardware(monkeypatch, maj
     assert (make_grad_scaler(dtype, cuda) is not None) == (expected == torch.float16)
 
 
-def test_trainable_text_encoder_builds_no_graph_under_no_grad(models):
+def test_trainable_text_encoder_builds_no_graph_under_no_grad(models):  # noqa: F811
     """Validation runs the step under no_grad: a trainable text encoder must not re-enable grad."""
     step = make_step(models)
     assert any(p.requires_grad for p in models.te.parameters())
@@ -97,9 +99,15 @@ def test_trainable_text_encoder_builds_no_graph_under_no_grad(models):
 
 @pytest.fixture
 def restore_cuda_backends():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = (
+        saved
+    )
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
