@@ -241,6 +241,7 @@ def finish_setup(bench: Bench) -> None:
         uses_grad_scaler=bench.scaler is not None,
         device=bench.step.device,
         seed=args.seed + 1,
+        channels_last=args.channels_last,
     )
 
 

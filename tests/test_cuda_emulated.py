@@ -131,3 +131,43 @@ def test_allow_tf32_defaults_on():
     from trainer.config import TrainConfig
 
     assert TrainConfig().allow_tf32 is True
+
+
+@pytest.mark.parametrize("fused_back_pass", [False, True])
+def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
+    """bitsandbytes makes parameters contiguous in its update; the layout and storage must stay."""
+    import json
+
+    from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
+    from trainer.session import wrap_optimizer_set
+
+    torch.manual_seed(0)
+    unet = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 4, 3, padding=1))
+    te = torch.nn.Linear(4, 4)
+    opt_file = parse_optimizer_json(json.dumps({"base": {"optimizer": "adamw8bit", "lr": 1e-3}}), "test")
+    optim = build_optimizers(
+        opt_file,
+        TrainOptimSettings(lr=1e-3, disable_textenc_training=True),
+        unet=unet,
+        text_encoder=te,
+        total_optimizer_steps=4,
+    )
+    unet.to(memory_format=torch.channels_last)
+    optim = wrap_optimizer_set(
+        optim,
+        weight_dtype="fp32",
+        fused_back_pass=fused_back_pass,
+        uses_grad_scaler=False,
+        device=torch.device("cpu"),
+        seed=0,
+        channels_last=True,
+    )
+    weight = unet[0].weight
+    ptr, before = weight.data_ptr(), weight.detach().clone()
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        unet(x).square().mean().backward()
+        optim.step(None)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert weight.data_ptr() == ptr  # same storage: compiled graphs and CUDA graphs stay valid
+    assert not torch.equal(weight, before)  # and the update landed in it

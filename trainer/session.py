@@ -35,12 +35,13 @@ from trainer.optim import (
     build_optimizers,
     load_optimizer_file,
 )
+from trainer.param_layout import keep_parameter_layouts
 from trainer.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.run import RunFolder, attach_file_log, new_run_folder, run_folder_of_checkpoint, write_json
 from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
 from trainer.step import StepSettings, TrainingStep
-from trainer.stochastic_rounding import StochasticRounding
+from trainer.stochastic_rounding import StochasticRounding, rounding_seed
 from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 from trainer.validation import Validator
 
@@ -146,8 +147,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         fused_back_pass=cfg.fused_back_pass,
         uses_grad_scaler=scaler is not None,
         device=device,
-        seed=cfg.seed + accelerator.process_index,
+        seed=cfg.seed,  # one rounding stream on every rank: replicas stay identical (rounding_seed)
         world_size=accelerator.num_processes,
+        channels_last=cfg.channels_last,
     )
     run = run_folder_of_checkpoint(ckpt.path) if resuming else None
     if run is None:
@@ -356,18 +358,31 @@ def wrap_optimizer_set(
     device: torch.device,
     seed: int,
     world_size: int = 1,
+    channels_last: bool = False,
 ) -> OptimizerSet | FusedOptimizerSet:
     """bf16 stochastic rounding (`weight_dtype` "bf16") and the fused back pass around a built
-    OptimizerSet; ConfigError when the fused back pass is impossible (fused_backward.py)."""
+    OptimizerSet; ConfigError when the fused back pass is impossible (fused_backward.py).
+
+    `seed` is the run seed, the same on every rank: all replicas round an identical all-reduced
+    update with identical bits. With `channels_last`, every optimizer keeps its parameters'
+    layout and storage across steps (trainer/param_layout.py)."""
     rounding = None
     if weight_dtype == "bf16":
-        rounding = StochasticRounding(device, seed=seed)
+        rounding = StochasticRounding(device, seed=rounding_seed(seed))
         optim.rounding = rounding
-    if not fused_back_pass:
-        return optim
-    return FusedOptimizerSet(
-        optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size, rounding=rounding
-    )
+    if fused_back_pass:
+        optim = FusedOptimizerSet(
+            optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size, rounding=rounding
+        )
+    if channels_last:
+        keep_parameter_layouts(_optimizers_of(optim))
+    return optim
+
+
+def _optimizers_of(optim: OptimizerSet | FusedOptimizerSet) -> list[torch.optim.Optimizer]:
+    if isinstance(optim, FusedOptimizerSet):
+        return [opt for fused in optim.fused.values() for opt in fused.optimizers]
+    return [comp.optimizer for comp in optim.components.values()]
 
 
 def _text_cache(cfg: TrainConfig, model: SDComponents) -> TextEmbeddingCache | None:
