@@ -36,6 +36,7 @@ from trainer.optim import (
     load_optimizer_file,
 )
 from trainer.param_layout import keep_parameter_layouts
+from trainer.placement import WEIGHT_DTYPES, ExportPrecision, place_models
 from trainer.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.run import RunFolder, attach_file_log, new_run_folder, run_folder_of_checkpoint, write_json
 from trainer.sampling import SampleGenerator, load_sample_jobs, sample_variants
@@ -72,6 +73,9 @@ class Session:
     observers: Observers | None = None
     log_handler: logging.Handler | None = None  # this run's train.log on the root logger
     wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
+    export_precision: ExportPrecision | None = (
+        None  # loaded values of frozen weights stored in half precision
+    )
 
     def close(self) -> None:
         """Detach this run's train.log from the root logger. Call when the run is over (after
@@ -163,7 +167,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     log.info("%s", data.summary())
     log.info("optimizer settings (%s):\n%s", opt_file.source, optim.summary_table())
 
-    place_models(model, device, autocast_dtype, weight_dtype=_WEIGHT_DTYPES[cfg.weight_dtype])
+    export_precision = place_models(
+        model, device, autocast_dtype, weight_dtype=WEIGHT_DTYPES[cfg.weight_dtype]
+    )
     if cfg.channels_last:
         model.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
@@ -206,6 +212,7 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         total_optimizer_steps=total_steps,
         log_handler=log_handler,
         wrapped=wrapped,
+        export_precision=export_precision,
     )
     if resuming:
         _restore(session, ckpt)
@@ -312,32 +319,6 @@ def _build_optim(cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents,
         opt_file, settings, unet=model.unet, text_encoder=model.text_encoder, total_optimizer_steps=total
     )
     return optim, total
-
-
-_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def place_models(
-    model: SDComponents, device: torch.device, autocast_dtype, *, weight_dtype: torch.dtype = torch.float32
-) -> None:
-    """Move models to the device (after freezing). Frozen parts go to half precision on GPU only
-    (on CPU half-precision kernels are slow or missing); trained modules to `weight_dtype`.
-    Parameters keep their identity, so optimizers built before this still hold them."""
-    frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
-    model.vae.to(device).eval()
-    te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
-    unet_trainable = any(p.requires_grad for p in model.unet.parameters())
-    model.text_encoder.to(device)
-    model.unet.to(device)
-    if frozen_dtype != torch.float32:
-        model.vae.to(dtype=frozen_dtype)
-    for module, trainable in ((model.text_encoder, te_trainable), (model.unet, unet_trainable)):
-        dtype = weight_dtype if trainable else frozen_dtype
-        if dtype != torch.float32:
-            # nn.Module.to: diffusers' override warns about fp32-only modules, which SD models lack.
-            torch.nn.Module.to(module, dtype=dtype)
-    model.unet.train()
-    model.text_encoder.train(te_trainable)
 
 
 def compile_unet(unet: torch.nn.Module, *, backend: str, mode: str) -> None:
