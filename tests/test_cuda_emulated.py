@@ -171,3 +171,25 @@ def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert weight.data_ptr() == ptr  # same storage: compiled graphs and CUDA graphs stay valid
     assert not torch.equal(weight, before)  # and the update landed in it
+
+
+def test_per_sample_noise_is_moved_in_one_copy_with_unchanged_values(models, monkeypatch):  # noqa: F811
+    """Item 8: the per-sample draws (so N processes == 1 process) arrive in one host->device copy."""
+    from trainer import diffusion as D
+
+    step = make_step(models, zero_frequency_noise_ratio=0.1)
+    captured, copies = {}, []
+    monkeypatch.setattr(step, "_loss", lambda batch, lat, noise, t, emb: captured.update(noise=noise, t=t))
+    real = step._to_device
+    monkeypatch.setattr(step, "_to_device", lambda host: copies.append(host.shape) or real(host))
+    latents = torch.zeros(3, 4, 8, 8)
+    step(
+        {"latents": latents, "captions": ["a", "b", "c"], "loss_scale": 1.0, "sample_seeds": [5, 6, 7]}, None
+    )
+    assert len(copies) == 1  # noise and timesteps packed together
+    for i, seed in enumerate([5, 6, 7]):
+        g = torch.Generator().manual_seed(seed)
+        noise = D.sample_noise((1, 4, 8, 8), generator=g, device="cpu", zero_frequency_noise_ratio=0.1)
+        t = D.sample_timesteps(1, start=0, end=1000, generator=g, device="cpu")
+        assert torch.equal(captured["noise"][i : i + 1], noise) and captured["t"][i] == t[0]
+    assert captured["t"].dtype == torch.long
