@@ -79,6 +79,8 @@ def recipe_step_args(train_json: Path, optimizer_json: Path | None) -> list[str]
     cfg = json.loads(train_json.read_text())
     opt = json.loads(optimizer_json.read_text()) if optimizer_json and optimizer_json.is_file() else {}
     argv = ["--resolution", str(cfg.get("resolution", 512)), "--batch_size", str(cfg.get("batch_size", 2))]
+    if str(cfg.get("resume_ckpt", "")).startswith("builtin:"):  # the recipe's own model
+        argv += ["--model", cfg["resume_ckpt"]]
     argv += ["--optimizer", opt.get("base", {}).get("optimizer", "adamw8bit")]
     flags = {
         "gradient_checkpointing": "--gradient_checkpointing",
@@ -226,7 +228,7 @@ def run_suite(args: argparse.Namespace) -> dict:
             train_json, opt_json
         )
         if dry:  # tiny model, tiny size: only the wiring is checked
-            argv += ["--resolution", str(prof["resolution"]), "--batch_size", "1"]
+            argv += ["--model", prof["model"], "--resolution", str(prof["resolution"]), "--batch_size", "1"]
         report["memory"][name] = measure(name, argv)
 
     report["speedups"] = []
