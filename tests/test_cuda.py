@@ -72,7 +72,8 @@ def test_8bit_and_paged_optimizers_step_and_round_trip_their_state(name):
     _steps(net, opt, 2, seed=1)
     _steps(twin, twin_opt, 2, seed=1)
     for a, b in zip(net.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(a, b)
+        # LAMB/LARS reduce norms with atomics: equal up to float rounding, not bitwise.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if "8bit" in name:
         assert any(
             t.dtype == torch.uint8 for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
@@ -107,31 +108,40 @@ def test_grad_scaler_skips_a_planted_inf_and_halves_the_scale():
     from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
     from trainer.precision import make_grad_scaler
 
-    unet, te = _tiny_net(), _tiny_net()
+    unet, te = _tiny_net(), torch.nn.Linear(4, 4).cuda()
     opt_file = parse_optimizer_json(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-3}}), "test")
-    optim = build_optimizers(
-        opt_file, TrainOptimSettings(lr=1e-3), unet=unet, text_encoder=te, total_optimizer_steps=4
-    )
+    settings = TrainOptimSettings(lr=1e-3, disable_textenc_training=True)
+    optim = build_optimizers(opt_file, settings, unet=unet, text_encoder=te, total_optimizer_steps=4)
     scaler = make_grad_scaler(torch.float16, torch.device("cuda"))
     before = [p.detach().clone() for p in unet.parameters()]
     scale = scaler.get_scale()
-    for m in (unet, te):
-        m(torch.randn(2, 128, device="cuda")).sum().backward()
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = unet(torch.randn(2, 128, device="cuda")).float().sum()
+    scaler.scale(loss).backward()
     next(unet.parameters()).grad[0, 0] = float("inf")
     result = optim.step(scaler)
     assert result.skipped
-    assert scaler.get_scale() == scale * 0.5
+    assert scaler.get_scale() == pytest.approx(scale * 0.5, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(before, unet.parameters(), strict=True))
 
 
 def test_fp16_scale_survives_resume(tmp_path):
+    from tests.helpers import ROOT, base_args
+    from trainer.config import load_config
+    from trainer.session import build_session
+
     _, first = _train(tmp_path, mixed_precision="fp16", project_name="fp16", stop_at_step=2)
-    scale = first.scaler.get_scale()
-    _, resumed = _train(
-        tmp_path, mixed_precision="fp16", project_name="fp16", resume_ckpt="findlast", stop_at_step=2
+    scale = first.scaler.state_dict()
+    settings = {**RUN, "data_root": str(tmp_path / "data"), "optimizer_config": _opt_file(tmp_path)}
+    args = base_args(
+        tmp_path, mixed_precision="fp16", project_name="fp16", resume_ckpt="findlast", **settings
     )
-    # Resumed at step 2, so nothing ran yet: the restored scale is the saved one.
-    assert resumed.resumed_from is not None and resumed.scaler.get_scale() == scale
+    resumed = build_session(load_config(str(ROOT / "train.json"), args))  # restored, nothing trained yet
+    try:
+        assert resumed.resumed_from is not None
+        assert resumed.scaler.state_dict() == scale
+    finally:
+        resumed.close()
 
 
 @pytest.mark.parametrize("attn_type", ["sdp", "slice", "xformers"])
