@@ -34,6 +34,7 @@ process's peak RSS (VmHWM) over the timed steps, after resetting it through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -50,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
 from trainer.diffusion import NoiseSchedule
+from trainer.ema import EMA
 from trainer.models import SDComponents, load_model
 from trainer.optim import (
     FusedOptimizerSet,
@@ -58,7 +60,7 @@ from trainer.optim import (
     build_optimizers,
     parse_optimizer_json,
 )
-from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+from trainer.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.session import compile_unet, enable_gradient_checkpointing, place_models, wrap_optimizer_set
 from trainer.step import StepSettings, TrainingStep
 from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
@@ -110,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bf16 weights + stochastic rounding (train.json weight_dtype bf16)",
     )
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
+    p.add_argument(
+        "--optimizer_options",
+        default="{}",
+        help='extra optimizer.json base keys as JSON, e.g. {"fused": false}',
+    )
+    p.add_argument(
+        "--sdpa_backend",
+        choices=("default", "flash", "efficient", "cudnn", "math"),
+        default="default",
+        help="restrict PyTorch SDPA to one kernel (torch.nn.attention.sdpa_kernel)",
+    )
+    p.add_argument(
+        "--tf32", choices=("on", "off"), default="on", help="CUDA TF32 matmul/conv (train.json allow_tf32)"
+    )
+    p.add_argument(
+        "--sr_chunk_mb",
+        type=float,
+        default=64,
+        help="stochastic-rounding chunk (MiB of fp32 weights); 0 = all at once",
+    )
+    p.add_argument(
+        "--ema", choices=("none", "cpu", "device"), default="none", help="EMA updated every step, here"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, allocator)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -133,15 +159,29 @@ class Bench:
     scaler: torch.amp.GradScaler | None
     batches: list[dict]
     generator: torch.Generator
+    ema: EMA | None = None
 
     def run_step(self, index: int) -> None:
         """One optimizer step as the training loop takes it (grad_accum 1)."""
         batch = self.batches[index % len(self.batches)]
-        out = self.step(batch, self.generator)
-        loss = out.loss.sum() / len(batch["captions"])
-        if self.optim.should_backward(loss):
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        with _sdpa(self.args.sdpa_backend):
+            out = self.step(batch, self.generator)
+            loss = out.loss.sum() / len(batch["captions"])
+            if self.optim.should_backward(loss):
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.optim.step(self.scaler)
+        if self.ema is not None:
+            self.ema.update()
+
+
+def _sdpa(name: str):
+    """The SDPA kernel restriction of --sdpa_backend (a no-op for "default")."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+    return sdpa_kernel(getattr(SDPBackend, names.get(name, "MATH")))
 
 
 def build(args: argparse.Namespace) -> Bench:
@@ -152,8 +192,10 @@ def build(args: argparse.Namespace) -> Bench:
     freeze_te = args.freeze_text_encoder or args.cache_text
     model = load_model(args.model)
     autocast_dtype = resolve_autocast_dtype(args.precision, False, device)
+    configure_cuda_backends(device, allow_tf32=args.tf32 == "on")
+    base = {"optimizer": args.optimizer, "lr": args.lr, **json.loads(args.optimizer_options)}
     opt_file = parse_optimizer_json(
-        json.dumps({"base": {"optimizer": args.optimizer, "lr": args.lr}}),
+        json.dumps({"base": base}),
         f"bench --optimizer {args.optimizer}",
     )
     settings = TrainOptimSettings(lr=args.lr, disable_textenc_training=freeze_te)
@@ -233,7 +275,7 @@ def finish_setup(bench: Bench) -> None:
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if args.compile:
-        compile_unet(model.unet, backend="inductor", mode="default")
+        compile_unet(model.unet, backend=args.compile_backend, mode="default")
     bench.optim = wrap_optimizer_set(
         bench.optim,
         weight_dtype="bf16" if args.bf16_weights else "fp32",
@@ -241,7 +283,14 @@ def finish_setup(bench: Bench) -> None:
         uses_grad_scaler=bench.scaler is not None,
         device=bench.step.device,
         seed=args.seed + 1,
+        channels_last=args.channels_last,
     )
+    if bench.optim.rounding is not None:
+        bench.optim.rounding.chunk_bytes = int(args.sr_chunk_mb * 2**20) or None
+    if args.ema != "none":
+        modules = {n: getattr(model, n) for n in bench.optim.components}
+        device = "cpu" if args.ema == "cpu" else bench.step.device
+        bench.ema = EMA(modules, decay=0.999, update_interval=1, device=device)
 
 
 def _sync(device: torch.device) -> None:

@@ -82,3 +82,52 @@ def test_optimizer_state_is_fp32_for_bf16_weights():
     step_with_stochastic_rounding(opt, gen)
     assert opt.state[p]["exp_avg"].dtype == torch.float32
     assert p.dtype == torch.bfloat16 and bool((p < 1).any())
+
+
+def _bf16_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    return model.to(torch.bfloat16)
+
+
+def _train(model, chunk_bytes, steps: int = 3, hook=None):
+    gen = torch.Generator().manual_seed(7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if hook is not None:
+        opt.register_step_pre_hook(hook)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    for _ in range(steps):
+        model(x).float().square().mean().backward()
+        step_with_stochastic_rounding(opt, gen, chunk_bytes=chunk_bytes)
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def test_chunked_rounding_bounds_fp32_copies_and_keeps_the_update():
+    """Each optimizer call sees at most one chunk of fp32 stand-ins (plus one parameter)."""
+    seen = []
+
+    def count(opt, args, kwargs):
+        seen.append(sum(4 * p.numel() for g in opt.param_groups for p in g["params"] if p.grad is not None))
+
+    chunk = 4 * 64 * 64 + 4 * 64  # one Linear(64, 64)'s weight and bias
+    chunked, whole = _bf16_model(), _bf16_model()
+    opt = _train(chunked, chunk, hook=count)
+    _train(whole, None)
+    assert max(seen) <= chunk and len(seen) == 3 * 3  # 3 steps x 3 chunks
+    assert all(s.dtype == torch.float32 for st in opt.state.values() for k, s in st.items() if k != "step")
+    for a, b in zip(chunked.parameters(), whole.parameters(), strict=True):
+        assert a.dtype == torch.bfloat16
+        # Same fp32 update; the random bits come in other chunk sizes, so at most one ulp apart.
+        ulp = (b.detach().float().abs() * 2**-7).clamp(min=2**-133)
+        assert bool(((a.float() - b.float()).abs() <= ulp).all())
+
+
+def test_parameters_are_never_retyped_so_ddp_hooks_stay_attached():
+    """Retyping p.data (bf16 -> fp32 -> bf16) replaces the parameter's gradient accumulator, the
+    node DDP's all-reduce hooks sit on: replicas then silently stopped syncing after step 1."""
+    model = _bf16_model()
+    weight = model[0].weight
+    before = weight.view_as(weight).grad_fn.next_functions[0][0]  # the AccumulateGrad node
+    _train(model, 4 * 64 * 64, steps=1)
+    assert weight.view_as(weight).grad_fn.next_functions[0][0] is before

@@ -139,6 +139,10 @@ class TrainConfig(BaseModel):
         description="Step the optimizer per parameter inside backward so all gradients never coexist "
         "(needs grad_accum 1, no clip_grad_norm, no fp16, one process).",
     )
+    allow_tf32: bool = Field(
+        True,
+        description="CUDA: fp32 matmuls/convolutions on TF32 tensor cores (Ampere+); false = full fp32.",
+    )
     weight_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="Storage of trained weights; bf16 updates them with stochastic rounding."
     )

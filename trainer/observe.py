@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from trainer.eager import eager
+
 log = logging.getLogger(__name__)
 
 
@@ -48,13 +50,20 @@ class Observers:
             unet=self.s.accelerator.unwrap_model(self.s.model.unet),
             text_encoder=self.s.accelerator.unwrap_model(self.s.model.text_encoder),
         )
-        paths = self.sampler.generate(components, self.s.state.global_step, self.s.metrics, ema=self.s.ema)
+        with eager(components.unet, components.text_encoder):  # never recompile the training graph
+            paths = self.sampler.generate(
+                components, self.s.state.global_step, self.s.metrics, ema=self.s.ema
+            )
         log.info("wrote %d sample image(s) at step %d", len(paths), self.s.state.global_step)
 
     def _validate(self) -> None:
         if self.validator is None or not self.validator.enabled:
             return
-        results = self.validator.run(self.s.state.global_step, self.s.metrics)
+        model = self.s.model
+        with eager(
+            self.s.accelerator.unwrap_model(model.unet), self.s.accelerator.unwrap_model(model.text_encoder)
+        ):
+            results = self.validator.run(self.s.state.global_step, self.s.metrics)
         val = results.get("val")
         if val is not None:
             self.last_val = val

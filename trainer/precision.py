@@ -1,14 +1,19 @@
 """Mixed precision: which autocast dtype to use, and the fp16 GradScaler with ED2's step tweaks.
 
-CPU runs use fp32 (or bf16 when asked); CUDA `auto` picks bf16 where the GPU supports it and
-fp16 otherwise. Only fp16 needs loss scaling.
+CPU runs use fp32 (or bf16 when asked); CUDA `auto` picks bf16 where the GPU has bf16 tensor
+cores (compute capability 8.0+, Ampere and newer) and fp16 otherwise. Only fp16 needs loss
+scaling. `configure_cuda_backends` sets the CUDA math modes (TF32, cuDNN autotuning).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # EveryDream2's GradScaler settings (optimizer/optimizers.py:85-91).
 _SCALER_INIT = dict(init_scale=2**17.5, growth_factor=2.0, backoff_factor=0.5, growth_interval=25)
@@ -25,7 +30,10 @@ def resolve_autocast_dtype(
             raise ConfigError("mixed_precision 'fp16' is not supported on CPU; use 'bf16' or 'no'")
         return torch.bfloat16 if mixed_precision == "bf16" else None
     if mixed_precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation,
+        # several times slower than their fp16 tensor cores.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
 
 
@@ -34,3 +42,21 @@ def make_grad_scaler(autocast_dtype: torch.dtype | None, device: torch.device) -
     if autocast_dtype is not torch.float16:
         return None
     return torch.amp.GradScaler(device.type, **_SCALER_INIT)
+
+
+def configure_cuda_backends(device: torch.device, *, allow_tf32: bool, benchmark: bool = True) -> str:
+    """Set the process-wide CUDA math modes; returns the start-up summary line ("" off CUDA).
+
+    TF32 (`allow_tf32`): fp32 matmuls and convolutions on Ampere+ tensor cores with a 10-bit
+    mantissa (on an H100 several times faster than full fp32; autocast's bf16/fp16 ops are
+    unaffected, so it matters for fp32 runs and the fp32 parts of mixed ones). cuDNN autotuning
+    (`benchmark`): aspect buckets repeat the same few shapes, so timing the conv algorithms once
+    per shape pays back at once. The `deterministic` key (bitwise-repeatable GPU runs) must turn
+    it off: pass `benchmark=not deterministic`.
+    """
+    if device.type != "cuda":
+        return ""
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cudnn.benchmark = benchmark
+    return f"TF32 matmul/conv {'on' if allow_tf32 else 'off'}, cudnn.benchmark {'on' if benchmark else 'off'}"

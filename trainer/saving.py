@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def save_checkpoint(session: Session, reason: str) -> Path | None:
 
     def write(tmp: Path) -> None:
         components = _unwrapped_components(session)
+        with session.export_precision.restored(components) if session.export_precision else nullcontext():
+            _write_exports(tmp, components)
+
+    def _write_exports(tmp: Path, components) -> None:
         save_pipeline(components, tmp / PIPELINE_DIR)
         if not cfg.no_save_ckpt:
             save_single_file(components, tmp / f"{name}.safetensors", half=not cfg.save_full_precision)

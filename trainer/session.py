@@ -47,7 +47,9 @@ from trainer.optim import (
     check_text_encoder_lr_scale,
     load_optimizer_file,
 )
-from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+from trainer.param_layout import keep_parameter_layouts
+from trainer.placement import WEIGHT_DTYPES, ExportPrecision, place_models
+from trainer.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.preflight import check_inputs, finished_message
 from trainer.run import RunFolder, StartupLog, new_run_folder, run_folder_of_checkpoint, write_json
 from trainer.sampling import (
@@ -59,7 +61,7 @@ from trainer.sampling import (
 )
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
 from trainer.step import StepSettings, TrainingStep
-from trainer.stochastic_rounding import StochasticRounding
+from trainer.stochastic_rounding import StochasticRounding, rounding_seed
 from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 from trainer.validation import Validator
 
@@ -89,6 +91,9 @@ class Session:
     observers: Observers | None = None
     log_handler: logging.Handler | None = None  # this run's train.log on the root logger
     wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
+    export_precision: ExportPrecision | None = (
+        None  # loaded values of frozen weights stored in half precision
+    )
 
     def close(self) -> None:
         """Detach this run's train.log from the root logger. Call when the run is over (after
@@ -154,6 +159,8 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
     data = load_data(_data_settings(cfg, accelerator))
     device = accelerator.device
     autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
+    # `deterministic` needs cuDNN autotuning off (configure_determinism already turned it off).
+    cuda_modes = configure_cuda_backends(device, allow_tf32=cfg.allow_tf32, benchmark=not cfg.deterministic)
     scaler = make_grad_scaler(autocast_dtype, device)
     optim, total_steps = _build_optim(cfg, opt_file, model, data)
     ema_decay = _ema_decay(cfg, total_steps)  # refuses an EMA that would never update, before the run folder
@@ -163,8 +170,9 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         fused_back_pass=cfg.fused_back_pass,
         uses_grad_scaler=scaler is not None,
         device=device,
-        seed=cfg.seed + accelerator.process_index,
+        seed=cfg.seed,  # one rounding stream on every rank: replicas stay identical (rounding_seed)
         world_size=accelerator.num_processes,
+        channels_last=cfg.channels_last,
     )
     plan = check_settings(
         plan,
@@ -178,9 +186,11 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
 
     # The VAE's identity for the latent cache, read while its weights are on the CPU.
     vae_state = model.vae.state_dict() if cfg.cache_latents else None
-    place_models(model, device, autocast_dtype, weight_dtype=_WEIGHT_DTYPES[cfg.weight_dtype])
+    export_precision = place_models(
+        model, device, autocast_dtype, weight_dtype=WEIGHT_DTYPES[cfg.weight_dtype]
+    )
     vae_id = vae_fingerprint(vae_state, model.vae.dtype) if vae_state is not None else None
-    del vae_state  # on a GPU, the last reference to the host copy of the VAE
+    del vae_state  # the fingerprint is all the cache needs of the pre-placement weights
     if cfg.channels_last:
         model.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
@@ -223,6 +233,7 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         total_optimizer_steps=total_steps,
         wrapped=wrapped,
         plan=plan,
+        export_precision=export_precision,
     )
     if resuming:
         _restore(session, plan)
@@ -259,11 +270,12 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
             session.metrics.text(f"config/{tag}", config_text(values), state.global_step)
     log.info("%s", plan.describe())
     log.info(
-        "device %s (%d process(es)), precision %s%s, %d optimizer steps (%d per epoch x %d epochs)",
+        "device %s (%d process(es)), precision %s%s%s, %d optimizer steps (%d per epoch x %d epochs)",
         device,
         accelerator.num_processes,
         "fp32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
         " + GradScaler" if session.scaler is not None else "",
+        f", {cuda_modes}" if cuda_modes else "",
         total_steps,
         data.windows_per_epoch(),
         cfg.max_epochs,
@@ -351,32 +363,6 @@ def _build_optim(cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents,
     return optim, total
 
 
-_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def place_models(
-    model: SDComponents, device: torch.device, autocast_dtype, *, weight_dtype: torch.dtype = torch.float32
-) -> None:
-    """Move models to the device (after freezing). Frozen parts go to half precision on GPU only
-    (on CPU half-precision kernels are slow or missing); trained modules to `weight_dtype`.
-    Parameters keep their identity, so optimizers built before this still hold them."""
-    frozen_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
-    model.vae.to(device).eval()
-    te_trainable = any(p.requires_grad for p in model.text_encoder.parameters())
-    unet_trainable = any(p.requires_grad for p in model.unet.parameters())
-    model.text_encoder.to(device)
-    model.unet.to(device)
-    if frozen_dtype != torch.float32:
-        model.vae.to(dtype=frozen_dtype)
-    for module, trainable in ((model.text_encoder, te_trainable), (model.unet, unet_trainable)):
-        dtype = weight_dtype if trainable else frozen_dtype
-        if dtype != torch.float32:
-            # nn.Module.to: diffusers' override warns about fp32-only modules, which SD models lack.
-            torch.nn.Module.to(module, dtype=dtype)
-    model.unet.train()
-    model.text_encoder.train(te_trainable)
-
-
 def compile_unet(unet: torch.nn.Module, *, backend: str, mode: str) -> None:
     """`torch.compile` the UNet in place (`module.compile()`), so state_dict keys, saving, EMA and
     DDP see the same module. Works with gradient checkpointing (diffusers uses the non-reentrant
@@ -395,18 +381,31 @@ def wrap_optimizer_set(
     device: torch.device,
     seed: int,
     world_size: int = 1,
+    channels_last: bool = False,
 ) -> OptimizerSet | FusedOptimizerSet:
     """bf16 stochastic rounding (`weight_dtype` "bf16") and the fused back pass around a built
-    OptimizerSet; ConfigError when the fused back pass is impossible (fused_backward.py)."""
+    OptimizerSet; ConfigError when the fused back pass is impossible (fused_backward.py).
+
+    `seed` is the run seed, the same on every rank: all replicas round an identical all-reduced
+    update with identical bits. With `channels_last`, every optimizer keeps its parameters'
+    layout and storage across steps (trainer/param_layout.py)."""
     rounding = None
     if weight_dtype == "bf16":
-        rounding = StochasticRounding(device, seed=seed)
+        rounding = StochasticRounding(device, seed=rounding_seed(seed))
         optim.rounding = rounding
-    if not fused_back_pass:
-        return optim
-    return FusedOptimizerSet(
-        optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size, rounding=rounding
-    )
+    if fused_back_pass:
+        optim = FusedOptimizerSet(
+            optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size, rounding=rounding
+        )
+    if channels_last:
+        keep_parameter_layouts(_optimizers_of(optim))
+    return optim
+
+
+def _optimizers_of(optim: OptimizerSet | FusedOptimizerSet) -> list[torch.optim.Optimizer]:
+    if isinstance(optim, FusedOptimizerSet):
+        return [opt for fused in optim.fused.values() for opt in fused.optimizers]
+    return [comp.optimizer for comp in optim.components.values()]
 
 
 def _text_cache(cfg: TrainConfig, model: SDComponents) -> TextEmbeddingCache | None:

@@ -8,11 +8,14 @@ number of batches already consumed in it. Noise and timesteps come from one expl
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +55,14 @@ class TrainingState:
 
 
 def capture_global_rng() -> dict:
-    """Python, NumPy, torch CPU and (when present) CUDA RNG states, in weights_only-safe types."""
+    """Python, NumPy, torch CPU and (when present) CUDA RNG states, in weights_only-safe types.
+
+    CUDA: only this process's own device (`torch.cuda.current_device()`), never every visible
+    GPU. Each rank saves its own entry (training states are lists indexed by rank), so the state
+    does not depend on how many GPUs the process could see: a run saved with 8 visible GPUs
+    resumes with 1 (`get_rng_state_all` + `set_rng_state_all` indexed devices that no longer
+    exist).
+    """
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -71,7 +81,7 @@ def capture_global_rng() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -83,8 +93,40 @@ def restore_global_rng(state: dict) -> None:
         (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _restore_cuda_rng(state.get("cuda"))
+
+
+def _restore_cuda_rng(saved) -> None:
+    """Put the saved CUDA state on this process's current device.
+
+    `saved` is one state (this format) or a list with one state per visible device (checkpoints
+    written before it: entry `current_device()` is taken when it exists, else entry 0, with a
+    warning). A checkpoint from a CPU run leaves the CUDA generator as seeded; a CUDA state
+    resumed on CPU is dropped with a note. The trainer's own draws (noise, timesteps, stochastic
+    rounding) come from explicit generators, so this only affects libraries' global draws.
+    """
+    available = torch.cuda.is_available()
+    if saved is None:
+        if available:
+            log.info("the checkpoint has no CUDA RNG state (saved on CPU): the CUDA generator keeps its seed")
+        return
+    if not available:
+        log.info("the checkpoint's CUDA RNG state is not restored: CUDA is not available in this run")
+        return
+    device = torch.cuda.current_device()
+    if isinstance(saved, (list, tuple)):
+        index = device if device < len(saved) else 0
+        if index != device or len(saved) != torch.cuda.device_count():
+            log.warning(
+                "the checkpoint holds CUDA RNG states of %d device(s), this process sees %d: restoring entry %d "
+                "on device %d",
+                len(saved),
+                torch.cuda.device_count(),
+                index,
+                device,
+            )
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def seed_everything(seed: int) -> None:

@@ -141,7 +141,9 @@ class TrainingStep:
         return latents.float() * self.scaling_factor
 
     def _encode_text(self, captions: list[str]) -> Tensor:
-        grad = torch.enable_grad() if _requires_grad(self.text_encoder) else torch.no_grad()
+        # A trainable encoder keeps the caller's grad mode (validation and sampling run it under
+        # no_grad and must build no graph); a frozen one never needs a graph.
+        grad = contextlib.nullcontext() if _requires_grad(self.text_encoder) else torch.no_grad()
         with grad, self._autocast():
             return encode_captions(
                 self.text_encoder,
@@ -178,9 +180,14 @@ class TrainingStep:
         else:
             gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
             latents = self._latents(batch, gens)
-            draws = [self._noise_and_timesteps((1, *latents.shape[1:]), g) for g in gens]
+            # Drawn on the host per sample, moved in one pinned copy (not one pageable copy each).
+            draws = [self._noise_and_timesteps((1, *latents.shape[1:]), g, device="cpu") for g in gens]
             noise = torch.cat([n for n, _ in draws])
-            timesteps = torch.cat([t for _, t in draws])
+            t_host = torch.cat([t for _, t in draws])
+            packed = self._to_device(
+                torch.cat([noise.flatten(), t_host.to(torch.float32)])
+            )  # t < 2^24: exact
+            noise, timesteps = packed[: noise.numel()].view(noise.shape), packed[noise.numel() :].long()
             embeddings = self._text_embeddings(list(batch["captions"]), gens)
         return self._loss(batch, latents, noise, timesteps, embeddings)
 
@@ -197,20 +204,27 @@ class TrainingStep:
             pixels = batch["pixel_values"].to(device=self.device, non_blocking=True).to(self.vae.dtype)
             dist = self.vae.encode(pixels).latent_dist
             eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generator])
-            latents = dist.mean + dist.std * eps.to(device=dist.mean.device, dtype=dist.mean.dtype)
+            latents = dist.mean + dist.std * self._to_device(eps).to(dist.mean.dtype)
         return latents.float() * self.scaling_factor
 
-    def _noise_and_timesteps(self, shape, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _to_device(self, host: Tensor) -> Tensor:
+        """One host-to-device copy; from pinned memory on CUDA, so it does not block the host."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _noise_and_timesteps(self, shape, generator: torch.Generator, device=None) -> tuple[Tensor, Tensor]:
         s = self.settings
+        device = self.device if device is None else device
         noise = diffusion.sample_noise(
             tuple(shape),
             generator=generator,
-            device=self.device,
+            device=device,
             zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
             pyramid_noise_discount=s.pyramid_noise_discount,
         )
         timesteps = diffusion.sample_timesteps(
-            shape[0], start=s.timestep_start, end=s.timestep_end, generator=generator, device=self.device
+            shape[0], start=s.timestep_start, end=s.timestep_end, generator=generator, device=device
         )
         return noise, timesteps
 

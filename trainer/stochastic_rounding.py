@@ -9,10 +9,10 @@ on average (Gupta et al. 2015, "Deep learning with limited numerical precision";
 training by OneTrainer and others).
 
 `stochastic_round_` is the rounding; `step_with_stochastic_rounding` runs any optimizer's step
-on bf16 parameters by temporarily giving each an fp32 copy of its weight and gradient (so the
-optimizer's state is created and kept in fp32, or 8-bit), then rounding the result into the
-bf16 storage. Peak extra memory is an fp32 copy of every parameter being stepped; with the fused
-backward step (trainer/optim/fused_backward.py, one parameter at a time) it is one parameter.
+on bf16 parameters by giving it fp32 stand-ins of the weights and gradients, chunk by chunk (so
+the optimizer's state is created and kept in fp32, or 8-bit), then rounding each chunk into the
+bf16 storage in one pass. Peak extra memory is about 2.5x one chunk (64 MiB of fp32 weights by
+default); with the fused backward step (trainer/optim/fused_backward.py) it is one parameter.
 """
 
 from __future__ import annotations
@@ -52,33 +52,109 @@ def stochastic_round_(dst_bf16: Tensor, src_fp32: Tensor, generator: torch.Gener
     return dst_bf16
 
 
+# fp32 weights + gradients made at once for one optimizer call (bounded memory, few launches).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
 @torch.no_grad()
 def step_with_stochastic_rounding(
-    optimizer: torch.optim.Optimizer, generator: torch.Generator | None
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None,
+    *,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> None:
     """`optimizer.step()` where bf16 parameters are updated in fp32 and rounded stochastically.
 
-    For each bf16 parameter with a gradient: swap in fp32 copies of weight and gradient, step,
-    round the new fp32 weight into the original bf16 storage, swap back (the gradient returns as
-    bf16). Parameters of other dtypes are stepped normally. The optimizer state is created from
-    the fp32 copies, so it is fp32 (or the optimizer's own 8-bit format), never bf16.
+    The optimizer steps fp32 *stand-ins*: views into one flat fp32 buffer per chunk, filled
+    from the bf16 weights and gradients with one foreach copy each, put in the optimizer's
+    param groups (and its state moved to them) for the call. The result is rounded in one
+    pass over the flat buffer and copied back into the bf16 storage. The model's parameters
+    are never retyped: swapping `p.data` to fp32 resets the autograd gradient accumulator that
+    DDP hooks into, so replicas silently stopped all-reducing after the first step.
+
+    Chunks of at most `chunk_bytes` of fp32 weights (at least one parameter; None = all at
+    once) bound the extra memory to ~2.5x the chunk instead of fp32 copies of every weight and
+    gradient together (+7 GB for the SD1.5 UNet). Optimizers that adapt their step size over
+    all parameters (D-Adaptation, Prodigy: param groups carry `d`) get a single call. Other
+    dtypes are stepped normally, once. The optimizer state is created from the fp32 stand-ins,
+    so it is fp32 (or 8-bit), never bf16.
     """
-    swapped: list[tuple[torch.nn.Parameter, Tensor, Tensor]] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None or p.dtype != torch.bfloat16:
-                continue
-            low, low_grad = p.data, p.grad
-            p.grad = None
-            p.data = low.float()
-            p.grad = low_grad.float()
-            swapped.append((p, low, low_grad))
-    optimizer.step()
-    for p, low, low_grad in swapped:
-        stochastic_round_(low, p.data, generator)
-        p.grad = None
-        p.data = low
-        p.grad = low_grad
+    groups = optimizer.param_groups
+    low = [[p for p in g["params"] if p.grad is not None and p.dtype == torch.bfloat16] for g in groups]
+    other = [[p for p in g["params"] if p.grad is not None and p.dtype != torch.bfloat16] for g in groups]
+    if not any(low):
+        optimizer.step()
+        return
+    chunks = [low] if chunk_bytes is None or any("d" in g for g in groups) else _chunks(low, chunk_bytes)
+    saved = [g["params"] for g in groups]
+    try:
+        for index, chunk in enumerate(chunks):
+            _step_chunk(optimizer, chunk, other if index == 0 else [[] for _ in groups], generator)
+    finally:
+        for g, params in zip(groups, saved, strict=True):
+            g["params"] = params
+
+
+def _chunks(low: list[list[Tensor]], chunk_bytes: int) -> list[list[list[Tensor]]]:
+    """Split per-group parameter lists into chunks of at most `chunk_bytes` of fp32 weights."""
+    chunks, current, size = [], [[] for _ in low], 0
+    for gi, params in enumerate(low):
+        for p in params:
+            if size and size + 4 * p.numel() > chunk_bytes:
+                chunks.append(current)
+                current, size = [[] for _ in low], 0
+            current[gi].append(p)
+            size += 4 * p.numel()
+    if size:
+        chunks.append(current)
+    return chunks
+
+
+def _step_chunk(optimizer, chunk: list[list[Tensor]], other: list[list[Tensor]], generator) -> None:
+    params = [p for group in chunk for p in group]
+    total = sum(p.numel() for p in params)
+    device = params[0].device
+    flat_w = torch.empty(total, dtype=torch.float32, device=device)
+    flat_g = torch.empty(total, dtype=torch.float32, device=device)
+    views, grad_views, spans, offset = [], [], [], 0
+    for p in params:
+        n = p.numel()
+        views.append(flat_w[offset : offset + n].view(p.shape))
+        grad_views.append(flat_g[offset : offset + n].view(p.shape))
+        spans.append((offset, n))
+        offset += n
+    torch._foreach_copy_(views, [p.data for p in params])
+    torch._foreach_copy_(grad_views, [p.grad for p in params])
+    stand_in = {}
+    for p, view, grad in zip(params, views, grad_views, strict=True):
+        view.grad = grad
+        stand_in[p] = view
+        if p in optimizer.state:
+            optimizer.state[view] = optimizer.state.pop(p)
+    for g, low_params, other_params in zip(optimizer.param_groups, chunk, other, strict=True):
+        g["params"] = [stand_in[p] for p in low_params] + other_params
+    try:
+        optimizer.step()
+    finally:
+        for p, view in stand_in.items():
+            if view in optimizer.state:
+                optimizer.state[p] = optimizer.state.pop(view)
+    for view, kept in zip([stand_in[p] for p in params], views, strict=True):
+        if view.data_ptr() != kept.data_ptr():  # an optimizer that replaced .data (not in place)
+            kept.copy_(view.data)
+    rounded = torch.empty(total, dtype=torch.bfloat16, device=device)
+    stochastic_round_(rounded, flat_w, generator)  # one pass for the whole chunk
+    torch._foreach_copy_(
+        [p.data for p in params],
+        [rounded[o : o + n].view(p.shape) for p, (o, n) in zip(params, spans, strict=True)],
+    )
+
+
+def rounding_seed(run_seed: int) -> int:
+    """The rounding generator's seed: derived from the run seed only, never from the rank, so
+    under DDP every replica rounds the same all-reduced update the same way (per-rank seeds made
+    the bf16 weights drift apart). Offset so its stream differs from the run's other generators."""
+    return (int(run_seed) + 0x5EED_B16) % 2**63
 
 
 class StochasticRounding:
@@ -88,11 +164,14 @@ class StochasticRounding:
     resumed run continues the same stream (`state_dict` / `load_state_dict`).
     """
 
-    def __init__(self, device: torch.device | str, seed: int) -> None:
+    def __init__(
+        self, device: torch.device | str, seed: int, *, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES
+    ) -> None:
         self.generator = torch.Generator(torch.device(device)).manual_seed(int(seed))
+        self.chunk_bytes = chunk_bytes  # None: every parameter in one call (bench/gpu_suite.py compares)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        step_with_stochastic_rounding(optimizer, self.generator)
+        step_with_stochastic_rounding(optimizer, self.generator, chunk_bytes=self.chunk_bytes)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -102,21 +181,33 @@ class StochasticRounding:
 
 
 @contextmanager
-def fp32_params(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
-    """Show bf16 parameters as fp32 (uninitialised placeholders) inside the block.
+def fp32_state(optimizers: Iterable[torch.optim.Optimizer]) -> Iterator[None]:
+    """Show bf16 parameters to the optimizers as fp32 stand-ins inside the block.
 
     For `optimizer.load_state_dict`: torch casts loaded state tensors to their parameter's dtype,
     which would round fp32 moments to bf16 (breaking exact resume and the fp32 step). Only the
-    dtype matters there, so the placeholders are never filled.
+    dtype matters there, so the (uninitialised) stand-ins are never filled; on exit the loaded
+    state moves to the real parameters. The parameters themselves are never retyped (that
+    would detach DDP's gradient hooks, see `step_with_stochastic_rounding`).
     """
-    swapped = []
-    with torch.no_grad():
-        for p in params:
-            if p.dtype == torch.bfloat16:
-                swapped.append((p, p.data))
-                p.data = torch.empty_like(p.data, dtype=torch.float32)
+    swaps = []
+    for opt in optimizers:
+        stand_in = {}
+        for g in opt.param_groups:
+            params = g["params"]
+            for i, p in enumerate(params):
+                if p.dtype == torch.bfloat16:
+                    # Right dtype, shape and device, no storage (a broadcast scalar).
+                    stand_in[p] = torch.empty((), dtype=torch.float32, device=p.device).expand(p.shape)
+                    params[i] = stand_in[p]
+        swaps.append((opt, stand_in))
     try:
         yield
     finally:
-        for p, data in swapped:
-            p.data = data
+        for opt, stand_in in swaps:
+            back = {v: p for p, v in stand_in.items()}
+            for g in opt.param_groups:
+                g["params"] = [back.get(q, q) for q in g["params"]]
+            for v, p in back.items():
+                if v in opt.state:
+                    opt.state[p] = opt.state.pop(v)

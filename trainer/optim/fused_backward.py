@@ -41,7 +41,7 @@ from trainer.optim.optimizer_set import (
     load_rounding_state,
 )
 from trainer.optim.registry import build_optimizer, get_spec
-from trainer.stochastic_rounding import fp32_params
+from trainer.stochastic_rounding import fp32_state
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class FusedOptimizerSet:
                 f"{sorted(self.fused)}. Use the same disable_unet_training / disable_textenc_training."
             )
         for name, fused in self.fused.items():
-            with fp32_params(fused.params):  # fp32 moments stay fp32 next to bf16 weights
+            with fp32_state(fused.optimizers):  # fp32 moments stay fp32 next to bf16 weights
                 fused.load_state_dict(state["fused"][name])
         load_rounding_state(self.rounding, state.get("stochastic_rounding"))
 

@@ -32,7 +32,7 @@ from trainer.optim.resolve import (
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
 from trainer.optim.table import render_summary
-from trainer.stochastic_rounding import fp32_params
+from trainer.stochastic_rounding import fp32_state
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class OptimizerSet:
                     f"{missing}, only now {extra}). Did text_encoder_freezing or clip_skip change?"
                 )
         for name, comp in self.components.items():
-            with fp32_params(comp.params):  # fp32 moments stay fp32 next to bf16 weights
+            with fp32_state([comp.optimizer]):  # fp32 moments stay fp32 next to bf16 weights
                 comp.optimizer.load_state_dict(saved[name]["optimizer"])
             comp.lr_scheduler.load_state_dict(saved[name]["lr_scheduler"])
         load_rounding_state(self.rounding, state.get("stochastic_rounding"))
