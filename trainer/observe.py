@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from trainer.optim.schedule_free import eval_weights
+
 log = logging.getLogger(__name__)
 
 
@@ -48,13 +50,17 @@ class Observers:
             unet=self.s.accelerator.unwrap_model(self.s.model.unet),
             text_encoder=self.s.accelerator.unwrap_model(self.s.model.text_encoder),
         )
-        paths = self.sampler.generate(components, self.s.state.global_step, self.s.metrics, ema=self.s.ema)
+        with eval_weights(self.s.optim):  # schedule-free optimizers: sample the eval-mode weights
+            paths = self.sampler.generate(
+                components, self.s.state.global_step, self.s.metrics, ema=self.s.ema
+            )
         log.info("wrote %d sample image(s) at step %d", len(paths), self.s.state.global_step)
 
     def _validate(self) -> None:
         if self.validator is None or not self.validator.enabled:
             return
-        results = self.validator.run(self.s.state.global_step, self.s.metrics)
+        with eval_weights(self.s.optim):
+            results = self.validator.run(self.s.state.global_step, self.s.metrics)
         val = results.get("val")
         if val is not None:
             self.last_val = val

@@ -10,6 +10,7 @@ from trainer.optim.grad_scaler import apply_grad_scaler_tweak, grad_scaler_tweak
 from trainer.optim.optimizer_set import ComponentOptimizer, OptimizerSet, StepResult, build_optimizers
 from trainer.optim.registry import REGISTRY, OptimizerSpec, OptionalDependencyError, get_spec
 from trainer.optim.resolve import ResolvedComponent, TrainOptimSettings, resolve_components
+from trainer.optim.schedule_free import eval_weights
 from trainer.optim.schedules import SCHEDULER_NAMES
 from trainer.optim.schema import (
     FreezingConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "apply_grad_scaler_tweak",
     "apply_text_encoder_freeze",
     "build_optimizers",
+    "eval_weights",
     "get_spec",
     "grad_scaler_tweak",
     "load_optimizer_file",

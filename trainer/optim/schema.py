@@ -16,9 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from trainer.errors import ConfigError
+from trainer.optim.bridge import is_bridge_name
 from trainer.optim.registry import ED2_ALWAYS_PRESENT_KEYS, closest_key, get_spec, normalize_name
 from trainer.optim.schedules import SCHEDULER_NAMES
 
@@ -83,10 +84,55 @@ class SectionConfig(BaseModel):
     relative_step: bool | None = None
     scale_parameter: bool | None = None
     warmup_init: bool | None = None
+    # schedule-free (schedulefree)
+    warmup_steps: int | None = None
+    r: float | None = None
+    weight_lr_power: float | None = None
+    silent_sgd_phase: bool | None = None
+    # Prodigy + schedule-free (prodigy-plus-schedule-free)
+    weight_decay_by_lr: bool | None = None
+    d_limiter: bool | None = None
+    prodigy_steps: int | None = None
+    schedulefree_c: float | None = None
+    split_groups: bool | None = None
+    split_groups_mean: bool | None = None
+    factored: bool | None = None
+    factored_fp32: bool | None = None
+    use_stableadamw: bool | None = None
+    use_schedulefree: bool | None = None
+    use_speed: bool | None = None
+    stochastic_rounding: bool | None = None
+    use_cautious: bool | None = None
+    use_grams: bool | None = None
+    use_adopt: bool | None = None
+    use_orthograd: bool | None = None
+    use_focus: bool | None = None
+    # CAME / ADOPT (pytorch-optimizer)
+    weight_decouple: bool | None = None
+    fixed_decay: bool | None = None
+    ams_bound: bool | None = None
+    eps1: float | None = None
+    # pytorch_optimizer.<Name>: keys of that class's signature that are not fields above; checked
+    # against the signature (closest-match errors) in check_section_keys.
+    bridge_options: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_bridge_options(cls, data: Any) -> Any:
+        """For `pytorch_optimizer.<Name>` only, keys that are not fields go to `bridge_options`
+        instead of being refused here: that optimizer's own signature decides."""
+        if not isinstance(data, dict) or not is_bridge_name(str(data.get("optimizer") or "")):
+            return data
+        extra = {k: v for k, v in data.items() if k not in cls.model_fields}
+        if not extra:
+            return data
+        return {**{k: v for k, v in data.items() if k not in extra}, "bridge_options": extra}
 
     def set_values(self) -> dict[str, Any]:
-        """The keys the user set to a non-null value."""
-        return self.model_dump(exclude_none=True)
+        """The keys the user set to a non-null value (bridge options flattened in)."""
+        values = self.model_dump(exclude_none=True, exclude={"bridge_options"})
+        values.update({k: v for k, v in (self.bridge_options or {}).items() if v is not None})
+        return values
 
 
 class FreezingConfig(BaseModel):
@@ -223,8 +269,10 @@ def check_section_keys(section: dict[str, Any], optimizer: str, where: str) -> d
         elif key in ED2_ALWAYS_PRESENT_KEYS:
             logger.warning("%s.%s: optimizer '%s' does not use %s; ignored", where, key, spec.name, key)
         else:
+            close = closest_key(key, accepted)
+            hint = f" Did you mean '{close}'?" if close else ""
             raise ConfigError(
-                f"{where}.{key}: optimizer '{spec.name}' does not take '{key}'. "
+                f"{where}.{key}: optimizer '{spec.name}' does not take '{key}'.{hint} "
                 f"Keys it takes: {', '.join(accepted)}."
             )
     if "betas" in kept and len(kept["betas"]) != spec.betas_len:
