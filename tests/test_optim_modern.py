@@ -233,7 +233,26 @@ RUN = dict(max_epochs=2, batch_size=4, lr=None, save_every_n_epochs=1, resolutio
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_tiny_model_resume_is_bitwise_and_checkpoints_hold_eval_weights(tmp_path, case):
+def test_tiny_model_resume_is_bitwise_and_checkpoints_hold_eval_weights(tmp_path, monkeypatch, case):
+    from trainer.sampling import SampleGenerator
+    from trainer.validation import Validator
+
+    seen = {}  # (what, step) -> the UNet weights samples / validation were given
+
+    def recording(method, what, unet_of, step_arg):
+        def wrapper(self, *args, **kwargs):
+            seen[(what, args[step_arg])] = {k: v.clone() for k, v in unet_of(self, args).state_dict().items()}
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        SampleGenerator, "generate", recording(SampleGenerator.generate, "sample", lambda s, a: a[0].unet, 1)
+    )
+    monkeypatch.setattr(Validator, "run", recording(Validator.run, "val", lambda s, a: s.step_fn.unet, 0))
+    val_folder = copy_images(tmp_path / "val", 4)
+    val_cfg = tmp_path / "val.json"
+    val_cfg.write_text(json.dumps({"val_split_mode": "manual", "manual_data_root": val_folder}))
     unet, te = RESUME_CASES[case]
     opt = tmp_path / "optimizer.json"
     opt.write_text(json.dumps({"base": unet, "text_encoder_overrides": te}))
@@ -244,7 +263,12 @@ def test_tiny_model_resume_is_bitwise_and_checkpoints_hold_eval_weights(tmp_path
 
     # The straight run samples every step and saves mid-run: neither may change the trajectory.
     straight, s_session = train_in_process(
-        tmp_path, project_name="straight", sample_prompts=str(samples), sample_steps=1, **run
+        tmp_path,
+        project_name="straight",
+        sample_prompts=str(samples),
+        sample_steps=1,
+        validation_config=str(val_cfg),
+        **run,
     )
     assert straight.status == "finished" and straight.global_step == 4
     assert list(s_session.run.samples.glob("*.png"))
@@ -267,3 +291,6 @@ def test_tiny_model_resume_is_bitwise_and_checkpoints_hold_eval_weights(tmp_path
         comp.optimizer.train()
         assert_bitwise_equal(evaluated, {k: final[k] for k in evaluated})
         assert any(not torch.equal(live[k[len("unet/") :]], v) for k, v in evaluated.items())
+        # Samples and validation after the last step saw those eval weights too.
+        for what in ("sample", "val"):
+            assert_bitwise_equal({f"unet/{k}": v for k, v in seen[(what, 4)].items()}, evaluated)
