@@ -98,11 +98,19 @@ def test_missing_package_is_an_error_naming_it_only_when_chosen(monkeypatch, opt
 def test_bridge_takes_keys_from_the_signature_and_refuses_others_with_closest():
     model = Regressor()
     opt_set = _build(
-        {"optimizer": "pytorch_optimizer.AdaBelief", "lr": 1e-2, "rectify": False, "epsilon": 1e-12}, model
+        {
+            "optimizer": "pytorch_optimizer.AdaBelief",
+            "lr": 1e-2,
+            "rectify": False,
+            "epsilon": 1e-12,
+            "betas": [0.8, 0.99],
+        },
+        model,
     )
     optimizer = opt_set.components["unet"].optimizer
     assert type(optimizer).__name__ == "AdaBelief"
-    assert optimizer.param_groups[0]["rectify"] is False and optimizer.param_groups[0]["eps"] == 1e-12
+    group = optimizer.param_groups[0]
+    assert (group["rectify"], group["eps"], group["betas"]) == (False, 1e-12, (0.8, 0.99))
     before = nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).item()
     _steps(model, opt_set, 30)
     assert nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).item() < 0.75 * before
@@ -113,6 +121,10 @@ def test_bridge_takes_keys_from_the_signature_and_refuses_others_with_closest():
         )
     with pytest.raises(ConfigError, match=r"Did you mean 'pytorch_optimizer\.adabelief'\?"):
         parse_optimizer_json(json.dumps({"base": {"optimizer": "pytorch_optimizer.adabelif"}}))
+    # The text encoder inherits the bridge optimizer, and its own signature keys with it.
+    te = {"optimizer": "pytorch_optimizer.AdaBelief", "rectify": True}
+    opt_file = parse_optimizer_json(json.dumps({"base": te, "text_encoder_overrides": {"rectify": False}}))
+    assert opt_file.text_encoder_overrides.set_values() == {"rectify": False}
     # A key of another optimizer's section model is still refused for a classic optimizer.
     with pytest.raises(ConfigError, match="unknown key"):
         parse_optimizer_json(json.dumps({"base": {"optimizer": "adamw", "rectify": True}}))

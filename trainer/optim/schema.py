@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from trainer.errors import ConfigError
 from trainer.optim.bridge import is_bridge_name
@@ -116,18 +116,6 @@ class SectionConfig(BaseModel):
     # against the signature (closest-match errors) in check_section_keys.
     bridge_options: dict[str, Any] | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _collect_bridge_options(cls, data: Any) -> Any:
-        """For `pytorch_optimizer.<Name>` only, keys that are not fields go to `bridge_options`
-        instead of being refused here: that optimizer's own signature decides."""
-        if not isinstance(data, dict) or not is_bridge_name(str(data.get("optimizer") or "")):
-            return data
-        extra = {k: v for k, v in data.items() if k not in cls.model_fields}
-        if not extra:
-            return data
-        return {**{k: v for k, v in data.items() if k not in extra}, "bridge_options": extra}
-
     def set_values(self) -> dict[str, Any]:
         """The keys the user set to a non-null value (bridge options flattened in)."""
         values = self.model_dump(exclude_none=True, exclude={"bridge_options"})
@@ -220,6 +208,8 @@ def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerF
         return default_optimizer_file()
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a JSON object at the top level, got {type(raw).__name__}")
+    if _collect_bridge_options(raw):
+        text = json.dumps(raw)
     try:
         parsed = OptimizerFile.model_validate_json(text)
     except ValidationError as exc:
@@ -227,6 +217,26 @@ def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerF
     parsed._source = label
     validate_sections(parsed)
     return parsed
+
+
+def _collect_bridge_options(raw: dict[str, Any]) -> bool:
+    """For `pytorch_optimizer.<Name>` sections, move keys that are not SectionConfig fields into
+    `bridge_options` (checked against that class's signature later) instead of refusing them.
+    Done on the raw JSON so validation stays in JSON mode (strict tuples accept JSON arrays).
+    Returns whether anything moved."""
+    moved = False
+    base_opt = raw.get("base", {}).get("optimizer") if isinstance(raw.get("base"), dict) else None
+    for key in ("base", "text_encoder_overrides"):
+        section = raw.get(key)
+        if not isinstance(section, dict) or not is_bridge_name(
+            str(section.get("optimizer") or base_opt or "")
+        ):
+            continue
+        extra = {k: v for k, v in section.items() if k not in SectionConfig.model_fields}
+        if extra:
+            raw[key] = {k: v for k, v in section.items() if k not in extra} | {"bridge_options": extra}
+            moved = True
+    return moved
 
 
 _MODELS_BY_PATH = {
