@@ -22,7 +22,7 @@ from tests.helpers import (
     pipeline_weights,
     train_in_process,
 )
-from trainer.errors import ConfigError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.optim import OptionalDependencyError, eval_weights, get_spec, parse_optimizer_json
 from trainer.optim.fused_backward import check_fused_backward
 
@@ -206,6 +206,16 @@ def test_eval_weights_are_the_optimizers_own_and_training_continues_bitwise(name
         _steps(m, s, 3)
     _assert_equal(_params(model), _params(untouched_model))
     _assert_equal(_params(resumed), _params(untouched_model))
+
+
+def test_schedule_free_state_without_train_weights_is_refused():
+    model = Regressor()
+    opt_set = _build({"optimizer": "adamw_schedulefree", "lr": 1e-2}, model)
+    _steps(model, opt_set, 2)
+    state = opt_set.state_dict()
+    del state["components"]["unet"]["schedule_free_train_weights"]
+    with pytest.raises(CheckpointError, match="no train-mode weights"):
+        _build({"optimizer": "adamw_schedulefree", "lr": 1e-2}, Regressor()).load_state_dict(state)
 
 
 def test_eval_weights_is_a_no_op_for_other_optimizers():

@@ -311,6 +311,12 @@ class OptimizerSet:
                 comp.optimizer.load_state_dict(saved[name]["optimizer"])
             comp.lr_scheduler.load_state_dict(saved[name]["lr_scheduler"])
             if comp.spec.schedule_free:  # the weights loaded from the pipeline are eval-mode ones
+                if "schedule_free_train_weights" not in saved[name]:
+                    raise CheckpointError(
+                        f"optimizer state: {name} uses schedule-free '{comp.spec.name}' but the checkpoint has "
+                        "no train-mode weights for it, so it cannot resume exactly. Start a new run from its "
+                        "pipeline weights instead."
+                    )
                 restore(comp.params, saved[name]["schedule_free_train_weights"])
         load_rounding_state(self.rounding, state.get("stochastic_rounding"))
 
