@@ -42,6 +42,12 @@ _LR = {
     "dadapt_adagrad": 1.0,
     "prodigy": 1.0,
     "adafactor": None,
+    "adamw_schedulefree": 1e-2,
+    "sgd_schedulefree": 0.05,
+    "radam_schedulefree": 1e-2,
+    "prodigy_schedulefree": 1.0,
+    "came": 1e-3,
+    "adopt": 1e-2,
 }
 # Extra options per case; "adafactor_constant" is Adafactor's second mode.
 _CASES = {name: (name, {}) for name in REGISTRY}
@@ -57,7 +63,7 @@ def test_every_registered_name_has_a_case():
 def _config(case: str) -> dict:
     name, extra = _CASES[case]
     base = {"optimizer": name, "lr": _LR[name], "weight_decay": 0.0, **extra}
-    if name in ("dadapt_adam", "dadapt_adan", "dadapt_adagrad", "prodigy"):
+    if name in ("dadapt_adam", "dadapt_adan", "dadapt_adagrad", "prodigy", "prodigy_schedulefree"):
         base["d0"] = 1e-3  # start closer to the toy problem's scale so 40 steps suffice
     return {"base": base}
 

@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 
 from trainer.eager import eager
+from trainer.optim.schedule_free import eval_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ class Observers:
             unet=self.s.accelerator.unwrap_model(self.s.model.unet),
             text_encoder=self.s.accelerator.unwrap_model(self.s.model.text_encoder),
         )
-        with eager(components.unet, components.text_encoder):  # never recompile the training graph
+        # Eager forward (never recompile the training graph) on the eval-mode weights of a
+        # schedule-free optimizer.
+        with eager(components.unet, components.text_encoder), eval_weights(self.s.optim):
             paths = self.sampler.generate(
                 components, self.s.state.global_step, self.s.metrics, ema=self.s.ema
             )
@@ -60,8 +63,12 @@ class Observers:
         if self.validator is None or not self.validator.enabled:
             return
         model = self.s.model
-        with eager(
-            self.s.accelerator.unwrap_model(model.unet), self.s.accelerator.unwrap_model(model.text_encoder)
+        with (
+            eager(
+                self.s.accelerator.unwrap_model(model.unet),
+                self.s.accelerator.unwrap_model(model.text_encoder),
+            ),
+            eval_weights(self.s.optim),
         ):
             results = self.validator.run(self.s.state.global_step, self.s.metrics)
         val = results.get("val")

@@ -18,6 +18,7 @@ from trainer.chaining import PIPELINE_DIR
 from trainer.checkpoint import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
 from trainer.fileperm import apply_umask
 from trainer.models import save_pipeline, save_single_file
+from trainer.optim.schedule_free import eval_weights
 from trainer.session import Session, config_hash, gather_rng_states, training_state_dict
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def save_checkpoint(session: Session, reason: str) -> Path | None:
         "model_family": session.model.family,
         "world_size": session.accelerator.num_processes,
     }
-    path = write_checkpoint(session.run.checkpoints, name, write, manifest)
+    with eval_weights(session.optim):  # schedule-free: save eval weights, resume from train weights
+        path = write_checkpoint(session.run.checkpoints, name, write, manifest)
     removed = apply_retention(session.run.checkpoints, cfg.keep_last_checkpoints)
     log.info(
         "saved checkpoint %s (%s, %.1fs)%s",

@@ -15,6 +15,7 @@ from trainer.optim.resolve import (
     check_text_encoder_lr_scale,
     resolve_components,
 )
+from trainer.optim.schedule_free import eval_weights
 from trainer.optim.schedules import SCHEDULER_NAMES
 from trainer.optim.schema import (
     FreezingConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "apply_grad_scaler_tweak",
     "apply_text_encoder_freeze",
     "build_optimizers",
+    "eval_weights",
     "get_spec",
     "grad_scaler_tweak",
     "load_optimizer_file",

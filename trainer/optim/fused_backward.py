@@ -17,6 +17,8 @@ Constraints (checked by `check_fused_backward`, ConfigError otherwise):
 * one process: under DDP the hook would fire on the local gradient before the all-reduce.
 * per-parameter optimizers only: D-Adaptation and Prodigy estimate their step size from all
   parameters together, so a per-parameter instance is a different algorithm; they are refused.
+* no schedule-free optimizer: its eval-mode weights (what is sampled and saved) are switched
+  per OptimizerSet (schedule_free.py), not per parameter; refused rather than saving y weights.
 
 Also: the non-finite-gradient skip of `OptimizerSet.step` cannot happen (each parameter has
 already stepped when the last gradient appears); check the loss for finiteness before calling
@@ -74,6 +76,12 @@ def check_fused_backward(
         spec = get_spec(name)
         if spec.adaptive:
             problems.append(f"optimizer '{spec.name}' (adapts its step size over all parameters together)")
+        elif spec.schedule_free:
+            problems.append(
+                f"optimizer '{spec.name}' (schedule-free: samples, validation and checkpoints switch its "
+                "weights to eval mode through the OptimizerSet, which per-parameter optimizers bypass; "
+                "set fused_back_pass: false)"
+            )
     if problems:
         raise ConfigError("fused backward optimizer step is not possible with: " + "; ".join(problems))
 

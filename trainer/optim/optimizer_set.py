@@ -29,6 +29,7 @@ from trainer.optim.resolve import (
     TrainOptimSettings,
     resolve_components,
 )
+from trainer.optim.schedule_free import restore, set_train_mode_flag, snapshot
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
 from trainer.optim.table import render_summary
@@ -141,6 +142,8 @@ def _build_component(
     spec = get_spec(resolved.optimizer)
     params = [p for _, p in named]
     optimizer = build_optimizer(spec, params, resolved.lr, resolved.options)
+    if spec.schedule_free:
+        optimizer.train()  # schedulefree's optimizers start in eval mode and refuse to step in it
     try:
         scheduler = build_component_scheduler(resolved, optimizer)
     except ConfigError as exc:
@@ -176,6 +179,8 @@ class OptimizerSet:
         self.log_grad_norm = log_grad_norm
         # bf16 weights (weight_dtype bf16): a StochasticRounding whose step() replaces optimizer.step().
         self.rounding = None
+        # Schedule-free train-mode weights while `schedule_free.eval_weights` is active.
+        self.train_weights: dict[str, list[torch.Tensor]] | None = None
 
     steps_in_backward = False  # FusedOptimizerSet updates inside backward instead
 
@@ -247,12 +252,27 @@ class OptimizerSet:
                 name: {
                     "optimizer_name": comp.spec.name,
                     "param_names": list(comp.param_names),
-                    "optimizer": comp.optimizer.state_dict(),
+                    "optimizer": self._optimizer_state(comp),
                     "lr_scheduler": comp.lr_scheduler.state_dict(),
+                    **self._train_weights_entry(comp),
                 }
                 for name, comp in self.components.items()
             },
         }
+
+    def _optimizer_state(self, comp: ComponentOptimizer) -> dict[str, Any]:
+        state = comp.optimizer.state_dict()
+        if comp.spec.schedule_free and self.train_weights is not None:
+            return set_train_mode_flag(state)  # saved as in train mode, with the train weights below
+        return state
+
+    def _train_weights_entry(self, comp: ComponentOptimizer) -> dict[str, Any]:
+        """Schedule-free: the exact train-mode weights (the checkpoint's pipeline has eval ones)."""
+        if not comp.spec.schedule_free:
+            return {}
+        if self.train_weights is not None:
+            return {"schedule_free_train_weights": self.train_weights[comp.name]}
+        return {"schedule_free_train_weights": snapshot(comp.params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Exact restore. Changed components, optimizer or trained parameters is a CheckpointError."""
@@ -290,6 +310,14 @@ class OptimizerSet:
             with fp32_state([comp.optimizer]):  # fp32 moments stay fp32 next to bf16 weights
                 comp.optimizer.load_state_dict(saved[name]["optimizer"])
             comp.lr_scheduler.load_state_dict(saved[name]["lr_scheduler"])
+            if comp.spec.schedule_free:  # the weights loaded from the pipeline are eval-mode ones
+                if "schedule_free_train_weights" not in saved[name]:
+                    raise CheckpointError(
+                        f"optimizer state: {name} uses schedule-free '{comp.spec.name}' but the checkpoint has "
+                        "no train-mode weights for it, so it cannot resume exactly. Start a new run from its "
+                        "pipeline weights instead."
+                    )
+                restore(comp.params, saved[name]["schedule_free_train_weights"])
         load_rounding_state(self.rounding, state.get("stochastic_rounding"))
 
     def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from trainer.errors import ConfigError, TrainerError
+from trainer.optim.bridge import bridge_spec, is_bridge_name
+from trainer.optim.modern import modern_specs
 
 
 class OptionalDependencyError(TrainerError, ImportError):
@@ -94,6 +96,9 @@ class OptimizerSpec:
     adaptive: bool = False  # D-Adaptation / Prodigy: the effective LR is d * lr
     betas_len: int = 2
     uses_log_every: bool = False  # D-Adaptation: `log_every` defaults to the run's log_step
+    # Schedule-free: train-mode and eval-mode weights differ (optimizer.train() / .eval()); see
+    # trainer/optim/schedule_free.py. The LR schedule must be constant.
+    schedule_free: bool = False
 
     @property
     def accepted_keys(self) -> tuple[str, ...]:
@@ -386,6 +391,7 @@ def _build_registry() -> dict[str, OptimizerSpec]:
             ),
             "Adafactor (transformers); adaptive (relative_step) or constant mode",
         ),
+        *modern_specs(_spec),
     ]
     return {s.name: s for s in specs}
 
@@ -395,19 +401,27 @@ REGISTRY: dict[str, OptimizerSpec] = _build_registry()
 
 def normalize_name(name: str) -> str:
     """Case-insensitive, and OneTrainer/kohya spellings (`AdamW_8bit`, `ADAMW-8BIT`) map to ours."""
-    key = name.strip().lower().replace("-", "_")
+    key = name.strip().lower()
+    if is_bridge_name(key):  # pytorch-optimizer's own names, lower-cased as its loader does
+        return key
+    key = key.replace("-", "_")
     return key.replace("_8bit", "8bit")
 
 
 def get_spec(name: str, where: str = "optimizer") -> OptimizerSpec:
-    """Look up an optimizer by name; an unknown name lists all names and the closest one."""
+    """Look up an optimizer by name; an unknown name lists all names and the closest one.
+
+    `pytorch_optimizer.<Name>` builds its spec from that class (imports pytorch-optimizer)."""
+    if is_bridge_name(name):
+        return bridge_spec(name, where, _spec)
     key = normalize_name(name)
     if key in REGISTRY:
         return REGISTRY[key]
     close = difflib.get_close_matches(key, list(REGISTRY), n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ConfigError(
-        f"{where}: unknown optimizer '{name}'.{hint} Known optimizers: {', '.join(sorted(REGISTRY))}."
+        f"{where}: unknown optimizer '{name}'.{hint} Known optimizers: {', '.join(sorted(REGISTRY))}, "
+        f"and pytorch_optimizer.<Name> for any optimizer of the pytorch-optimizer package."
     )
 
 

@@ -206,6 +206,8 @@ def _resolve_one(
         raise ConfigError(
             f"train lr_scheduler: unknown scheduler '{scheduler}'. Known: {', '.join(SCHEDULER_NAMES)}."
         )
+    if spec.schedule_free and options.get("use_schedulefree", True):
+        _check_schedule_free_schedule(where, spec.name, section, settings, scheduler)
     if is_adafactor_adaptive(spec, options):
         if section.get("lr_scheduler") not in (None, "adafactor"):
             raise ConfigError(
@@ -254,3 +256,27 @@ def _resolve_one(
         power=_first(section.get("lr_scheduler_power"), 1.0),
         options=options,
     )
+
+
+def _check_schedule_free_schedule(
+    where: str, optimizer: str, section: dict[str, Any], settings: TrainOptimSettings, scheduler: str
+) -> None:
+    """Schedule-free optimizers replace the LR schedule by iterate averaging: an outside schedule
+    would change the algorithm (its averaging weights follow the LR), so only `constant` is
+    allowed; warmup is the optimizer's own `warmup_steps` option."""
+    if scheduler != "constant":
+        source = "optimizer.json" if section.get("lr_scheduler") is not None else "train.json/CLI"
+        raise ConfigError(
+            f"{where}: optimizer '{optimizer}' is schedule-free and needs lr_scheduler 'constant', got "
+            f"'{scheduler}' (from {source}). Set lr_scheduler to 'constant'; for a warmup use the "
+            f"optimizer's own warmup_steps option (schedulefree AdamW/SGD; RAdam and Prodigy need none)."
+        )
+    warmup = _first(section.get("lr_warmup_steps"), settings.lr_warmup_steps)
+    if warmup:
+        logger.warning(
+            "%s: lr_warmup_steps=%s does nothing with the constant schedule of schedule-free '%s'; use its "
+            "own warmup_steps option instead",
+            where,
+            warmup,
+            optimizer,
+        )

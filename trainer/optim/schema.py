@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from trainer.errors import ConfigError
+from trainer.optim.bridge import is_bridge_name
 from trainer.optim.registry import ED2_ALWAYS_PRESENT_KEYS, closest_key, get_spec, normalize_name
 from trainer.optim.schedules import SCHEDULER_NAMES
 
@@ -83,10 +84,43 @@ class SectionConfig(BaseModel):
     relative_step: bool | None = None
     scale_parameter: bool | None = None
     warmup_init: bool | None = None
+    # schedule-free (schedulefree)
+    warmup_steps: int | None = None
+    r: float | None = None
+    weight_lr_power: float | None = None
+    silent_sgd_phase: bool | None = None
+    # Prodigy + schedule-free (prodigy-plus-schedule-free)
+    weight_decay_by_lr: bool | None = None
+    d_limiter: bool | None = None
+    prodigy_steps: int | None = None
+    schedulefree_c: float | None = None
+    split_groups: bool | None = None
+    split_groups_mean: bool | None = None
+    factored: bool | None = None
+    factored_fp32: bool | None = None
+    use_stableadamw: bool | None = None
+    use_schedulefree: bool | None = None
+    use_speed: bool | None = None
+    stochastic_rounding: bool | None = None
+    use_cautious: bool | None = None
+    use_grams: bool | None = None
+    use_adopt: bool | None = None
+    use_orthograd: bool | None = None
+    use_focus: bool | None = None
+    # CAME / ADOPT (pytorch-optimizer)
+    weight_decouple: bool | None = None
+    fixed_decay: bool | None = None
+    ams_bound: bool | None = None
+    eps1: float | None = None
+    # pytorch_optimizer.<Name>: keys of that class's signature that are not fields above; checked
+    # against the signature (closest-match errors) in check_section_keys.
+    bridge_options: dict[str, Any] | None = None
 
     def set_values(self) -> dict[str, Any]:
-        """The keys the user set to a non-null value."""
-        return self.model_dump(exclude_none=True)
+        """The keys the user set to a non-null value (bridge options flattened in)."""
+        values = self.model_dump(exclude_none=True, exclude={"bridge_options"})
+        values.update({k: v for k, v in (self.bridge_options or {}).items() if v is not None})
+        return values
 
 
 class FreezingConfig(BaseModel):
@@ -176,6 +210,8 @@ def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerF
         return default_optimizer_file()
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a JSON object at the top level, got {type(raw).__name__}")
+    if _collect_bridge_options(raw):
+        text = json.dumps(raw)
     try:
         parsed = OptimizerFile.model_validate_json(text)
     except ValidationError as exc:
@@ -183,6 +219,26 @@ def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerF
     parsed._source = label
     validate_sections(parsed)
     return parsed
+
+
+def _collect_bridge_options(raw: dict[str, Any]) -> bool:
+    """For `pytorch_optimizer.<Name>` sections, move keys that are not SectionConfig fields into
+    `bridge_options` (checked against that class's signature later) instead of refusing them.
+    Done on the raw JSON so validation stays in JSON mode (strict tuples accept JSON arrays).
+    Returns whether anything moved."""
+    moved = False
+    base_opt = raw.get("base", {}).get("optimizer") if isinstance(raw.get("base"), dict) else None
+    for key in ("base", "text_encoder_overrides"):
+        section = raw.get(key)
+        if not isinstance(section, dict) or not is_bridge_name(
+            str(section.get("optimizer") or base_opt or "")
+        ):
+            continue
+        extra = {k: v for k, v in section.items() if k not in SectionConfig.model_fields}
+        if extra:
+            raw[key] = {k: v for k, v in section.items() if k not in extra} | {"bridge_options": extra}
+            moved = True
+    return moved
 
 
 _MODELS_BY_PATH = {
@@ -225,8 +281,10 @@ def check_section_keys(section: dict[str, Any], optimizer: str, where: str) -> d
         elif key in ED2_ALWAYS_PRESENT_KEYS:
             logger.warning("%s.%s: optimizer '%s' does not use %s; ignored", where, key, spec.name, key)
         else:
+            close = closest_key(key, accepted)
+            hint = f" Did you mean '{close}'?" if close else ""
             raise ConfigError(
-                f"{where}.{key}: optimizer '{spec.name}' does not take '{key}'. "
+                f"{where}.{key}: optimizer '{spec.name}' does not take '{key}'.{hint} "
                 f"Keys it takes: {', '.join(accepted)}."
             )
     if "betas" in kept and len(kept["betas"]) != spec.betas_len:
