@@ -63,6 +63,7 @@ def test_validation_and_sampling_do_not_recompile_the_training_graph():
         state=SimpleNamespace(global_step=1),
         metrics=None,
         ema=None,
+        optim=None,  # not schedule-free: eval_weights is a no-op
     )
     observers = Observers(session, sampler=Sampler(), validator=Validator())
     observers._validate()
