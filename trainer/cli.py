@@ -13,6 +13,7 @@ import sys
 
 from trainer.config import TrainConfig, load_config
 from trainer.errors import TrainerError
+from trainer.threads import configure_threads
 
 log = logging.getLogger("trainer")
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = split_config_arg(argv)
         cfg = resolve_seed(load_config(config_path, overrides))
+        configure_threads()  # before torch loads: OpenMP reads its wait policy once
         from trainer.loop import train  # heavy imports (torch, diffusers) only after the config is valid
         from trainer.session import build_session
 
