@@ -12,7 +12,7 @@ after `--busy_limit` seconds and are killed when each measurement ends. Policies
 * `torch`: `SDTRAINER_THREADS=torch`, torch's and OpenMP's own defaults (before the fix);
 * `auto`: the trainer's thread settings (trainer/threads.py), what `train.py` uses;
 * a number N: `SDTRAINER_THREADS=N`;
-* `auto+spin`: the trainer's thread counts with OpenMP's default (spinning) wait policy.
+* `torch+passive`: torch's thread counts, only the OpenMP wait policy changed to PASSIVE.
 
 Runs are interleaved (policy A idle, A loaded, B idle, B loaded, next round ...) so the noise of
 a shared machine hits every policy alike; the table gives the median seconds/step per policy
@@ -39,8 +39,8 @@ SPIN = "import time\nend = time.time() + {limit}\nwhile time.time() < end:\n    
 def policy_env(policy: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     env["PYTHONPATH"] = str(ROOT)
-    if policy == "auto+spin":
-        env.update(SDTRAINER_THREADS="auto", OMP_WAIT_POLICY="ACTIVE")
+    if policy == "torch+passive":
+        env.update(SDTRAINER_THREADS="torch", OMP_WAIT_POLICY="PASSIVE")
     else:
         env["SDTRAINER_THREADS"] = policy
     return env
@@ -88,7 +88,7 @@ def measure(policy: str, steps: int, busy: int, busy_limit: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", action="append", help="torch | auto | auto+spin | N (repeatable)")
+    p.add_argument("--policy", action="append", help="torch | auto | torch+passive | N (repeatable)")
     p.add_argument("--busy", type=int, default=8, help="busy background processes when loaded")
     p.add_argument("--busy_limit", type=float, default=300.0, help="seconds a busy process lives at most")
     p.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")
