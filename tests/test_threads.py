@@ -1,5 +1,6 @@
 """CPU thread settings: the plan (pure), and that train.py applies it before torch loads."""
 
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_bad_override_names_the_variable_and_the_choices(value):
 
 
 def _in_fresh_python(code: str, **env) -> str:
-    clean = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env}
+    keep = ("SDTRAINER_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # the test session's cache
+    clean = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **{k: os.environ[k] for k in keep}, **env}
     return subprocess.run(
         [sys.executable, "-c", code],
         env=clean,
@@ -56,3 +58,17 @@ def test_configure_threads_applies_the_plan_in_a_fresh_process():
     )
     assert _in_fresh_python(code) == f"{available_cpus()} 1 PASSIVE"
     assert _in_fresh_python(code, SDTRAINER_THREADS="1", OMP_WAIT_POLICY="ACTIVE") == "1 1 ACTIVE"
+
+
+def test_train_cli_applies_the_thread_settings(tmp_path):
+    """Through the real entry point: settings applied before torch loads (a run that then stops
+    at its missing data_root, which is all this needs)."""
+    config = tmp_path / "train.json"
+    config.write_text('{"resume_ckpt": "builtin:tiny-sd1", "data_root": "%s"}' % (tmp_path / "missing"))
+    code = (
+        "import os, sys; from trainer.cli import main; "
+        f"rc = main(['--config', {str(config)!r}, '--logdir', {str(tmp_path / 'logs')!r}]); import torch; "
+        "print(rc, torch.get_num_threads(), torch.get_num_interop_threads(), os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    rc, intra, interop, policy = _in_fresh_python(code).split()[-4:]
+    assert rc != "0" and (intra, interop, policy) == (str(available_cpus()), "1", "PASSIVE")
