@@ -20,9 +20,9 @@ from trainer.models.tiny_vae import train_tiny_vae as script
 
 SHAPES = Path(__file__).resolve().parents[1] / "data" / "shapes"
 # Measured on the 16 first bundled data/shapes images (never seen in training: the script draws
-# its own), centre-cropped to 128 px: the shipped VAE gives 16.2 dB, random VAEs of the same
-# config (seeds 0-2) 8.1-9.0 dB. The threshold sits between them with margin on both sides.
-PSNR_THRESHOLD_DB = 14.0
+# its own), centre-cropped to 128 px: the shipped VAE gives 15.7 dB, random VAEs of the same
+# config (seeds 0-2) 8.3-9.3 dB. The threshold sits between them with margin on both sides.
+PSNR_THRESHOLD_DB = 13.0
 
 
 def _bundled_shapes(count: int = 16) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_shipped_weights_match_the_scripts_config_and_record():
     record = json.loads((FOLDER / script.RECIPE).read_text(encoding="utf-8"))
     assert record["recipe"] == asdict(script.Recipe())
     assert hashlib.sha256(WEIGHTS.read_bytes()).hexdigest() == record["weights_sha256"]
-    assert WEIGHTS.stat().st_size < 400_000
+    assert WEIGHTS.stat().st_size < 1_000_000  # shipped in the package: kept under 1 MB
     expected = AutoencoderKL.from_config(config).state_dict()
     with safe_open(str(WEIGHTS), "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
