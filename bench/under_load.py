@@ -70,12 +70,15 @@ def measure(policy: str, steps: int, busy: int, busy_limit: float) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             started = time.perf_counter()
-            subprocess.run(
-                [sys.executable, __file__, "--child", str(out), "--steps", str(steps)],
-                env=policy_env(policy),
-                check=True,
-                timeout=busy_limit,
-            )
+            try:
+                subprocess.run(
+                    [sys.executable, __file__, "--child", str(out), "--steps", str(steps)],
+                    env=policy_env(policy),
+                    check=True,
+                    timeout=busy_limit,
+                )
+            except subprocess.TimeoutExpired:  # a figure too: slower than the limit allows
+                return {"seconds_per_step": float("inf"), "plan": policy, "wall_s": f"> {busy_limit:.0f}"}
             result = json.loads(out.read_text())
             result["wall_s"] = round(time.perf_counter() - started, 1)
             return result
