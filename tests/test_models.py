@@ -17,6 +17,7 @@ from trainer.errors import ModelLoadError  # noqa: E402
 from trainer.models import BUILTINS, build_builtin, cache_dir, load_model, save_pipeline  # noqa: E402
 from trainer.models import builtin as builtin_mod  # noqa: E402
 from trainer.models.components import load_tokenizer  # noqa: E402
+from trainer.models.tiny_vae import tiny_vae_config  # noqa: E402
 
 CROSS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 CROSS_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
@@ -45,8 +46,8 @@ def test_builtin_build_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(rng, torch.get_rng_state())
     for part in ("unet", "vae", "text_encoder"):
         _assert_same_weights(getattr(a, part), getattr(b, part))
-    other = build_builtin("tiny-sd2")  # a different seed gives different weights
-    assert not torch.equal(a.vae.encoder.conv_in.weight, other.vae.encoder.conv_in.weight)
+    other = build_builtin("tiny-sd2")  # a different seed gives different weights (the VAE is shared)
+    assert not torch.equal(a.unet.conv_in.weight, other.unet.conv_in.weight)
 
 
 def _assert_sd_unet_topology(unet) -> None:
@@ -65,7 +66,7 @@ def _assert_sd_unet_topology(unet) -> None:
 
 def _assert_sd_vae(vae) -> None:
     assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == 4
-    assert vae.config.scaling_factor == 0.18215
+    assert vae.config.scaling_factor == tiny_vae_config()["scaling_factor"]  # the trained tiny VAE's
     with torch.no_grad():
         latents = vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
     assert latents.shape == (1, 4, 16, 16)  # 8x downsampling

@@ -16,6 +16,7 @@ from trainer.config import load_config
 from trainer.console import progress_safe_logging
 from trainer.errors import RunFinished, TrainerError
 from trainer.signals import StopFlag
+from trainer.threads import configure_threads
 
 log = logging.getLogger("trainer")
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = split_config_arg(argv)
         cfg = load_config(config_path, overrides)  # seed -1 is resolved by build_session (resume)
+        configure_threads()  # before torch loads: OpenMP reads its wait policy once
         from trainer.loop import train  # heavy imports (torch, diffusers) only after the config is valid
         from trainer.session import build_session
 

@@ -63,6 +63,7 @@ from trainer.state import TrainingState, capture_global_rng, restore_global_rng,
 from trainer.step import StepSettings, TrainingStep
 from trainer.stochastic_rounding import StochasticRounding, rounding_seed
 from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
+from trainer.threads import describe_threads
 from trainer.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,7 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         data.windows_per_epoch(),
         cfg.max_epochs,
     )
+    log.info("%s", describe_threads())
     return session
 
 

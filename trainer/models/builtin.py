@@ -1,8 +1,10 @@
-"""Built-in generated models: SD topology with random weights from a fixed seed.
+"""Built-in generated models: SD topology, UNet and text encoder random from a fixed seed.
 
 `tiny-sd1` / `tiny-sd2` keep SD's exact block structure (so every key conversion is exercised
 as on real models) and shrink only widths and text-encoder depth, so tests and CPU runs are
-fast. `sd15-arch` / `sd21-arch` are full-size with random weights, for benchmarks.
+fast. Their VAE is not random: both carry the trained tiny VAE of `trainer/models/tiny_vae/`
+(as SD1.x and SD2.x share one VAE), so their samples decode to images rather than colour noise.
+`sd15-arch` / `sd21-arch` are full-size with random weights, for benchmarks.
 
 Built models are cached as diffusers folders under `$SDTRAINER_CACHE` (else
 `~/.cache/sdtrainer`) in `builtin/v<CACHE_VERSION>/<name>`; a build is written to a temporary
@@ -33,10 +35,11 @@ from trainer.models.components import (
 )
 from trainer.models.loading import load_pipeline_folder
 from trainer.models.saving import save_pipeline
+from trainer.models.tiny_vae import tiny_vae_state_dict
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when configs or the build procedure change: old caches are then unused
+CACHE_VERSION = 2  # bump when configs or the build procedure change: old caches are then unused
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,21 @@ class BuiltinSpec:
     config: str  # folder under configs/
     seed: int
     description: str
+    trained_vae: bool = False  # the VAE of trainer/models/tiny_vae/ instead of a random one
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
-    "tiny-sd1": BuiltinSpec("tiny-sd1", 1, "SD1.x topology, tiny widths, 6-layer CLIP (quick_gelu), epsilon"),
+    "tiny-sd1": BuiltinSpec(
+        "tiny-sd1",
+        1,
+        "SD1.x topology, tiny widths, 6-layer CLIP (quick_gelu), epsilon, trained tiny VAE",
+        True,
+    ),
     "tiny-sd2": BuiltinSpec(
-        "tiny-sd2", 2, "SD2.x traits, tiny widths, 5-layer OpenCLIP-style (gelu), v-pred"
+        "tiny-sd2",
+        2,
+        "SD2.x traits, tiny widths, 5-layer OpenCLIP-style (gelu), v-pred, trained tiny VAE",
+        True,
     ),
     "sd15-arch": BuiltinSpec("sd15", 15, "full-size SD1.5 architecture, random weights"),
     "sd21-arch": BuiltinSpec("sd21", 21, "full-size SD2.1 (768-v) architecture, random weights"),
@@ -80,6 +92,8 @@ def build_builtin(name: str) -> SDComponents:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         unet, vae, text_encoder = cfg.instantiate(torch.float32)
+    if spec.trained_vae:  # strict: the bundled vae/config.json must describe the shipped weights
+        vae.load_state_dict(tiny_vae_state_dict(), strict=True)
     return SDComponents(
         unet=unet,
         vae=vae,

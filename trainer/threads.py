@@ -1,0 +1,123 @@
+"""CPU thread settings, chosen once at start-up, before torch is imported.
+
+Why this exists: on a busy machine the quick start ran 40-75x slower than idle while other
+programs slowed about in proportion to the load. The torch CPU wheels use GNU OpenMP, whose
+default is to *spin* at every barrier (hundreds of thousands of iterations) before sleeping,
+and a training step of a small model is thousands of short parallel regions. With every core
+shared, the spinning thread holds a core the other team thread (or another program) needs, and
+each region then waits for a scheduler time slice instead of microseconds. The settings here:
+
+* `OMP_WAIT_POLICY=PASSIVE` (unless the user set it): waiting threads sleep at once, giving the
+  core back. It must be in the environment before torch loads libgomp, so `configure_threads`
+  is called before the first `import torch` (the CLI does it right after reading the config).
+* intra-op threads = the CPUs this process may run on (`os.sched_getaffinity`, not the machine's
+  count: containers and `taskset` restrict it). Inter-op threads: 1 (the trainer issues no
+  parallel graph work; torch's default starts one per core and they only compete).
+* data-loader workers are single-threaded already (torch's worker loop sets one thread), so
+  they add one process each, not a thread team.
+
+`SDTRAINER_THREADS` overrides: a number of intra-op threads, `auto` (the default) or `torch`
+(leave every torch/OpenMP default alone: the old behaviour, for comparison). An explicit
+`OMP_NUM_THREADS` is respected as the intra-op count. The start-up summary logs the plan.
+Thread counts change float summation order, so runs meant to be bitwise identical (exact
+resume) need the same count: set `SDTRAINER_THREADS` when resuming on another machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV = "SDTRAINER_THREADS"
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """What `configure_threads` applies; None leaves torch's default."""
+
+    cpus: int  # CPUs this process may run on
+    intra_op: int | None
+    interop: int | None
+    wait_policy: str | None  # OMP_WAIT_POLICY in effect (None: libgomp's default, spinning)
+    source: str  # why: "auto", "SDTRAINER_THREADS=...", "OMP_NUM_THREADS=..."
+
+    def summary(self) -> str:
+        if self.intra_op is None:
+            return f"threads: torch defaults ({self.source}), {self.cpus} CPU(s) available"
+        return (
+            f"threads: {self.intra_op} intra-op, {self.interop} inter-op, OpenMP wait policy "
+            f"{self.wait_policy or 'default (spin)'}, {self.cpus} CPU(s) available ({self.source}; "
+            f"override with {ENV}=N|auto|torch)"
+        )
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity mask), not the machine's core count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux: no affinity API
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_threads(environ: Mapping[str, str], cpus: int) -> ThreadPlan:
+    """Pure: the thread plan for `cpus` available CPUs and the environment's overrides.
+
+    Processes of one data-parallel launch share the CPUs: each gets its share
+    (`LOCAL_WORLD_SIZE`, set by torchrun / accelerate launch)."""
+    value = environ.get(ENV, "auto").strip().lower()
+    wait_policy = environ.get("OMP_WAIT_POLICY") or "PASSIVE"
+    if value == "torch":
+        return ThreadPlan(cpus, None, None, environ.get("OMP_WAIT_POLICY"), f"{ENV}=torch")
+    if value == "auto":
+        omp = environ.get("OMP_NUM_THREADS", "").strip()
+        if omp.isdigit() and int(omp) > 0:
+            return ThreadPlan(cpus, int(omp), 1, wait_policy, f"OMP_NUM_THREADS={omp}")
+        local = environ.get("LOCAL_WORLD_SIZE", "1")
+        share = max(1, cpus // int(local)) if local.isdigit() and int(local) > 0 else cpus
+        return ThreadPlan(
+            cpus, share, 1, wait_policy, "auto" if share == cpus else f"auto, {local} local processes"
+        )
+    if value.isdigit() and int(value) > 0:
+        return ThreadPlan(cpus, int(value), 1, wait_policy, f"{ENV}={value}")
+    raise ConfigError(
+        f"environment variable {ENV}={environ.get(ENV)!r} is not valid: use a positive number of "
+        "threads, 'auto' (the default: the CPUs this process may use) or 'torch' (torch's own defaults)"
+    )
+
+
+def configure_threads(environ: Mapping[str, str] | None = None) -> ThreadPlan | None:
+    """Apply the plan to this process, before the first `import torch` (OpenMP reads its wait
+    policy when it loads). When torch is already imported, the program that imported it (a
+    test, a notebook) owns the thread settings: nothing is changed and None is returned."""
+    environ = os.environ if environ is None else environ
+    plan = plan_threads(environ, available_cpus())
+    if "torch" in sys.modules:
+        log.debug("torch already imported: thread settings left as they are")
+        return None
+    if plan.intra_op is None:
+        return plan
+    if plan.wait_policy is not None:
+        os.environ.setdefault("OMP_WAIT_POLICY", plan.wait_policy)
+    import torch
+
+    torch.set_num_threads(plan.intra_op)
+    torch.set_num_interop_threads(plan.interop)  # a fresh process: the pool has not started yet
+    return plan
+
+
+def describe_threads() -> str:
+    """The thread settings in effect in this process, for the start-up summary."""
+    import torch
+
+    return (
+        f"threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op, "
+        f"OpenMP wait policy {os.environ.get('OMP_WAIT_POLICY', 'default (spin)')}, "
+        f"{available_cpus()} CPU(s) available ({ENV}={os.environ.get(ENV, 'auto')})"
+    )
