@@ -91,6 +91,18 @@ def pipeline_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def start_weights(name: str = "builtin:tiny-sd1") -> dict[str, torch.Tensor]:
+    """UNet + text-encoder tensors (float32) of a model before training, keyed like pipeline_weights."""
+    from trainer.models import load_model
+
+    m = load_model(name)
+    return {
+        f"{comp}/{k}": t.float()
+        for comp in ("unet", "text_encoder")
+        for k, t in getattr(m, comp).state_dict().items()
+    }
+
+
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]

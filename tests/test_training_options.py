@@ -25,6 +25,7 @@ from tests.helpers import (
     checkpoint_dirs,
     copy_images,
     pipeline_weights,
+    start_weights,
     train_in_process,
 )
 from trainer import diffusion
@@ -101,17 +102,6 @@ def scalars(run_folder, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def start_weights(name: str = "builtin:tiny-sd1") -> dict[str, torch.Tensor]:
-    from trainer.models import load_model
-
-    m = load_model(name)
-    return {
-        f"{comp}/{k}": t.float()
-        for comp in ("unet", "text_encoder")
-        for k, t in getattr(m, comp).state_dict().items()
-    }
 
 
 @pytest.fixture(scope="module")
