@@ -25,6 +25,15 @@ def copy_images(dest: Path, count: int) -> str:
     return str(dest)
 
 
+def adamw_file(folder: Path, lr: float = 3e-4) -> str:
+    """An optimizer.json with plain AdamW for both components: for runs whose subject is not the
+    optimizer (the shipped optimizer.json's 8-bit AdamW is slow on CPU)."""
+    path = Path(folder) / "optimizer_adamw.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": lr}, "text_encoder_overrides": None}))
+    return str(path)
+
+
 def base_args(tmp_path: Path, **overrides) -> list[str]:
     """CLI overrides for a small, fast run on the bundled data in an isolated logdir."""
     values = {

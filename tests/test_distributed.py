@@ -63,7 +63,7 @@ def optimizer_file(tmp_path, optimizer="adamw", lr=3e-4):
 def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path, small_data):
     """Plain SGD: the update is lr x gradient, so a wrong loss scale across ranks or micro-batches
     (which AdamW would hide) shows in the weights."""
-    opt = optimizer_file(tmp_path, "sgd", 0.5)
+    opt = optimizer_file(tmp_path, "sgd", 0.02)
     ranks = torchrun(
         tmp_path,
         tmp_path / "ddp",

@@ -123,10 +123,12 @@ def test_effective_lr_is_d_times_lr_for_adaptive():
 def test_adafactor_adaptive_reports_its_own_lr():
     model = Regressor()
     opt_set = _build("adafactor", model)
+    first = next(model.parameters()).detach().clone()
     x, y = regression_data()
     _train_step(model, opt_set, x, y)
-    lr = opt_set.learning_rates()["unet"]
-    assert 0 < lr < 1
+    # relative_step: min(1e-2, 1/sqrt(step 1)) scaled by max(eps2 = 1e-3, RMS of the parameter).
+    rms = float(first.pow(2).mean().sqrt())
+    assert opt_set.learning_rates()["unet"] == pytest.approx(1e-2 * max(1e-3, rms), rel=1e-6)
 
 
 @pytest.mark.parametrize(

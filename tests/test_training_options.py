@@ -126,7 +126,6 @@ def baseline(tmp_path_factory, fast):
         {"loss_type": "huber"},
         {"clip_skip": 2},
         {"embedding_perturbation": 0.5},
-        {"timestep_start": 300, "timestep_end": 700},
     ],
     ids=lambda o: ",".join(o),
 )
@@ -137,6 +136,21 @@ def test_option_changes_the_trained_weights_and_stays_finite(tmp_path, fast, bas
     trained = weights(session)
     assert all_finite(trained)
     assert max_diff(trained, baseline["weights"]) > 100 * SAME_TOL, f"{option} had no effect on training"
+
+
+def test_timesteps_are_drawn_only_from_timestep_start_to_end(tmp_path, fast, monkeypatch):
+    drawn: list[int] = []
+    real_call = TrainingStep.__call__
+
+    def call(self, batch, generator):
+        out = real_call(self, batch, generator)
+        drawn.extend(out.timesteps.tolist())
+        return out
+
+    monkeypatch.setattr(TrainingStep, "__call__", call)
+    summary, _ = run(tmp_path, fast, timestep_start=500, timestep_end=502)  # end is exclusive
+    assert summary.global_step == 2 and math.isfinite(summary.final_loss)
+    assert len(drawn) == 2 * fast["batch_size"] and set(drawn) <= {500, 501}
 
 
 def test_max_token_length_changes_nothing_for_short_captions(tmp_path, fast, baseline):
