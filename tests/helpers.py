@@ -75,6 +75,15 @@ def train_in_process(tmp_path: Path, **overrides):
         session.close()
 
 
+def scalars(run_folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar tag in a run folder, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def run_folders(logdir: Path) -> list[Path]:
     return sorted(p for p in Path(logdir).iterdir() if p.is_dir() and not p.name.startswith("."))
 

@@ -120,17 +120,6 @@ def test_effective_lr_is_d_times_lr_for_adaptive():
     assert opt_set.learning_rates()["unet"] == pytest.approx(group["d"] * group["lr"])
 
 
-def test_adafactor_adaptive_reports_its_own_lr():
-    model = Regressor()
-    opt_set = _build("adafactor", model)
-    first = next(model.parameters()).detach().clone()
-    x, y = regression_data()
-    _train_step(model, opt_set, x, y)
-    # relative_step: min(1e-2, 1/sqrt(step 1)) scaled by max(eps2 = 1e-3, RMS of the parameter).
-    rms = float(first.pow(2).mean().sqrt())
-    assert opt_set.learning_rates()["unet"] == pytest.approx(1e-2 * max(1e-3, rms), rel=1e-6)
-
-
 @pytest.mark.parametrize(
     ("name", "cuda", "options", "expected"),
     [

@@ -6,9 +6,8 @@ import json
 import math
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import assert_bitwise_equal, checkpoint_dirs, train_in_process
+from tests.helpers import assert_bitwise_equal, checkpoint_dirs, scalars, train_in_process
 from trainer.errors import CheckpointError
 
 # Warmup 2 then cosine to 0 at step 10: the resume at step 3 lands in the decay.
@@ -67,13 +66,13 @@ def test_resume_is_bitwise_exact(tmp_path, name):
     spec = OPTIMIZERS[name]
     expected = [(step, spec["lr"] * _schedule(spec, step)) for step in range(1, 11)]
     for tag in ("lr/unet", "lr/text_encoder"):
-        resumed = _scalars(r_session.run.path, tag)
-        assert resumed == _scalars(s_session.run.path, tag)
+        resumed = scalars(r_session.run.path, tag)
+        assert resumed == scalars(s_session.run.path, tag)
         assert [s for s, _ in resumed] == [s for s, _ in expected]
         assert [v for _, v in resumed] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-12)
     if spec["optimizer"].startswith("dadapt"):  # d x lr: D-Adaptation's estimate continues too
-        effective = _scalars(r_session.run.path, "lr_effective/unet")
-        assert effective == _scalars(s_session.run.path, "lr_effective/unet")
+        effective = scalars(r_session.run.path, "lr_effective/unet")
+        assert effective == scalars(s_session.run.path, "lr_effective/unet")
         assert len(effective) == 10 and len({v for _, v in effective}) > 2
 
 
@@ -85,12 +84,6 @@ def _schedule(spec: dict, step: int) -> float:
     if step < warmup:
         return step / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
-
-
-def _scalars(run_folder, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def _weights(checkpoint, folder):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import (
     ROOT,
@@ -16,15 +15,10 @@ from tests.helpers import (
     pipeline_weights,
     run_folders,
     run_train,
+    scalars,
     start_weights,
     train_in_process,
 )
-
-
-def scalars(run_folder, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def test_train_py_runs_saves_and_checkpoint_generates(tmp_path):

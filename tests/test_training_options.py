@@ -16,7 +16,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import (
     DATA,
@@ -25,6 +24,7 @@ from tests.helpers import (
     checkpoint_dirs,
     copy_images,
     pipeline_weights,
+    scalars,
     start_weights,
     train_in_process,
 )
@@ -96,12 +96,6 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def all_finite(w: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in w.values())
-
-
-def scalars(run_folder, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 @pytest.fixture(scope="module")
