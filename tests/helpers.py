@@ -25,6 +25,15 @@ def copy_images(dest: Path, count: int) -> str:
     return str(dest)
 
 
+def adamw_file(folder: Path, lr: float = 3e-4) -> str:
+    """An optimizer.json with plain AdamW for both components: for runs whose subject is not the
+    optimizer (the shipped optimizer.json's 8-bit AdamW is slow on CPU)."""
+    path = Path(folder) / "optimizer_adamw.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": lr}, "text_encoder_overrides": None}))
+    return str(path)
+
+
 def base_args(tmp_path: Path, **overrides) -> list[str]:
     """CLI overrides for a small, fast run on the bundled data in an isolated logdir."""
     values = {
@@ -66,6 +75,15 @@ def train_in_process(tmp_path: Path, **overrides):
         session.close()
 
 
+def scalars(run_folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar tag in a run folder, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def run_folders(logdir: Path) -> list[Path]:
     return sorted(p for p in Path(logdir).iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -96,6 +114,18 @@ def canonical_key(key: str) -> str:
     """One spelling for text-encoder keys: the files hold `text_model.*` (the published layout),
     while transformers 5 names a freshly built CLIPTextModel's tensors without the prefix."""
     return key.replace("text_encoder/text_model.", "text_encoder/", 1)
+
+
+def start_weights(name: str = "builtin:tiny-sd1") -> dict[str, torch.Tensor]:
+    """UNet + text-encoder tensors (float32) of a model before training, keyed like pipeline_weights."""
+    from trainer.models import load_model
+
+    m = load_model(name)
+    return {
+        f"{comp}/{k}": t.float()
+        for comp in ("unet", "text_encoder")
+        for k, t in getattr(m, comp).state_dict().items()
+    }
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

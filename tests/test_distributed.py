@@ -17,6 +17,7 @@ from tests.helpers import (
     copy_images,
     pipeline_weights,
     run_train,
+    start_weights,
 )
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
@@ -48,17 +49,21 @@ def torchrun(tmp_path, out, args, nproc=2):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-RUN = dict(batch_size=3, max_epochs=3, cond_dropout=0.2, flip_p=0.5, shuffle_tags=True, lr=None)
+RUN = dict(
+    batch_size=3, max_epochs=3, cond_dropout=0.2, flip_p=0.5, shuffle_tags=True, lr=None, resolution=64
+)
 
 
-def optimizer_file(tmp_path):
-    path = tmp_path / "adamw.json"
-    path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 3e-4}, "text_encoder_overrides": None}))
+def optimizer_file(tmp_path, optimizer="adamw", lr=3e-4):
+    path = tmp_path / f"{optimizer}.json"
+    path.write_text(json.dumps({"base": {"optimizer": optimizer, "lr": lr}, "text_encoder_overrides": None}))
     return str(path)
 
 
 def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path, small_data):
-    opt = optimizer_file(tmp_path)
+    """Plain SGD: the update is lr x gradient, so a wrong loss scale across ranks or micro-batches
+    (which AdamW would hide) shows in the weights."""
+    opt = optimizer_file(tmp_path, "sgd", 0.02)
     ranks = torchrun(
         tmp_path,
         tmp_path / "ddp",
@@ -82,20 +87,11 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path, 
     single_run = next(p for p in logdir.iterdir() if p.name.startswith("single-"))
     a = pipeline_weights(checkpoint_dirs(runs[0])[-1])
     b = pipeline_weights(checkpoint_dirs(single_run)[-1])
-    import torch
-
+    start = start_weights()
+    moved = max((b[k] - start[k]).abs().max().item() for k in b)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-4, worst
-    assert any(not torch.equal(a[k], pipeline_weights_start()[k]) for k in a)
-
-
-def pipeline_weights_start():
-    from trainer.models import load_model
-
-    m = load_model("builtin:tiny-sd1")
-    out = {f"unet/{k}": v for k, v in m.unet.state_dict().items()}
-    out.update({f"text_encoder/{k}": v for k, v in m.text_encoder.state_dict().items()})
-    return out
+    assert moved > 1e-3  # the runs trained ...
+    assert worst <= 1e-4 * moved, (worst, moved)  # ... and took the same steps
 
 
 def test_two_process_run_resumes_exactly(tmp_path, small_data):

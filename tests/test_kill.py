@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import (
     ROOT,
+    adamw_file,
     assert_bitwise_equal,
     base_args,
     checkpoint_dirs,
@@ -23,7 +24,7 @@ from tests.helpers import (
 )
 from trainer.checkpoint import find_last, list_checkpoints
 
-RUN = dict(batch_size=6, save_every_n_epochs=1, cond_dropout=0.1, flip_p=0.5)
+RUN = dict(batch_size=6, save_every_n_epochs=1, cond_dropout=0.1, flip_p=0.5, resolution=64, max_epochs=30)
 STEPS_PER_EPOCH = 2  # 12 images at batch 6: saves come often, so the kill lands in one quickly
 
 
@@ -31,6 +32,12 @@ STEPS_PER_EPOCH = 2  # 12 images at batch 6: saves come often, so the kill lands
 def small_data(tmp_path):
     """12 of the bundled images (with captions)."""
     return copy_images(tmp_path / "data", 12)
+
+
+@pytest.fixture(autouse=True)
+def adamw(tmp_path, monkeypatch):
+    """Plain AdamW (the optimizer is not the subject; 8-bit AdamW resumes exactly in test_resume)."""
+    monkeypatch.setitem(RUN, "optimizer_config", adamw_file(tmp_path))
 
 
 def start_train(args, log_path):
@@ -61,8 +68,7 @@ def wait_for(predicate, proc, timeout=240.0, poll=0.002):
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path, small_data):
     logdir = tmp_path / "logs"
     proc = start_train(
-        base_args(tmp_path, max_epochs=30, project_name="crash", **RUN, data_root=small_data),
-        tmp_path / "crash.log",
+        base_args(tmp_path, project_name="crash", **RUN, data_root=small_data), tmp_path / "crash.log"
     )
 
     def saving_after_a_complete_one():
@@ -79,30 +85,38 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path, small
 
     last = find_last(logdir, "crash")
     assert last.path.parent == run / "checkpoints" and not last.path.name.startswith(".")
+    # Resume to one epoch past the last complete checkpoint; a run never killed must agree bitwise.
+    stop = last.step + STEPS_PER_EPOCH
     resumed = run_train(
         base_args(
             tmp_path,
-            max_epochs=last.manifest["epoch"] + 1,
             project_name="crash",
             resume_ckpt="findlast",
+            stop_at_step=stop,
             **RUN,
             data_root=small_data,
         )
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 130, resumed.stderr[-3000:]  # stop_at_step stops like Ctrl-C
     assert f"resumed {last.path}" in resumed.stderr
+    final = find_last(logdir, "crash")
+    assert final.path.parent == run / "checkpoints" and final.step == stop
+    straight = run_train(
+        base_args(tmp_path, project_name="straight", stop_at_step=stop, **RUN, data_root=small_data)
+    )
+    assert straight.returncode == 130, straight.stderr[-3000:]
+    assert_bitwise_equal(pipeline_weights(find_last(logdir, "straight").path), pipeline_weights(final.path))
 
 
 def test_sigint_saves_and_the_checkpoint_resumes_exactly(tmp_path, small_data):
     epochs = 6
-    straight = run_train(
-        base_args(tmp_path, max_epochs=epochs, project_name="straight", **RUN, data_root=small_data)
-    )
+    run = {**RUN, "max_epochs": epochs}
+    straight = run_train(base_args(tmp_path, project_name="straight", **run, data_root=small_data))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     logdir = tmp_path / "logs"
     proc = start_train(
-        base_args(tmp_path, max_epochs=epochs, project_name="stopped", **RUN, data_root=small_data),
+        base_args(tmp_path, project_name="stopped", **run, data_root=small_data),
         tmp_path / "s.log",
     )
     wait_for(lambda: any(checkpoint_dirs(r) for r in logdir.glob("stopped-*")), proc)
@@ -116,14 +130,7 @@ def test_sigint_saves_and_the_checkpoint_resumes_exactly(tmp_path, small_data):
     assert last.step < epochs * STEPS_PER_EPOCH, "the interrupt should land before the end of the run"
 
     resumed = run_train(
-        base_args(
-            tmp_path,
-            max_epochs=epochs,
-            project_name="stopped",
-            resume_ckpt="findlast",
-            **RUN,
-            data_root=small_data,
-        )
+        base_args(tmp_path, project_name="stopped", resume_ckpt="findlast", **run, data_root=small_data)
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -126,15 +126,6 @@ def test_effective_lr_is_d_times_lr_for_adaptive():
     assert opt_set.learning_rates()["unet"] == pytest.approx(group["d"] * group["lr"])
 
 
-def test_adafactor_adaptive_reports_its_own_lr():
-    model = Regressor()
-    opt_set = _build("adafactor", model)
-    x, y = regression_data()
-    _train_step(model, opt_set, x, y)
-    lr = opt_set.learning_rates()["unet"]
-    assert 0 < lr < 1
-
-
 @pytest.mark.parametrize(
     ("name", "cuda", "options", "expected"),
     [

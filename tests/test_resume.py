@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from tests.helpers import assert_bitwise_equal, checkpoint_dirs, train_in_process
+from tests.helpers import assert_bitwise_equal, checkpoint_dirs, scalars, train_in_process
 from trainer.errors import CheckpointError
 
+# Warmup 2 then cosine to 0 at step 10: the resume at step 3 lands in the decay.
+COSINE = {"lr_scheduler": "cosine", "lr_warmup_steps": 2, "lr_decay_steps": 10}
 OPTIMIZERS = {
-    "adamw": {"optimizer": "adamw", "lr": 2e-4},
+    "adamw": {"optimizer": "adamw", "lr": 2e-4, **COSINE},
     "adamw8bit": {"optimizer": "adamw8bit", "lr": 2e-4},
-    "dadapt_adam": {"optimizer": "dadapt_adam", "lr": 1.0, "decouple": True},
+    "dadapt_adam": {"optimizer": "dadapt_adam", "lr": 1.0, "decouple": True, **COSINE},
 }
 
 # grad_accum 2 and batch 3 on 60 images: 20 batches = 10 optimizer steps per epoch; stopping
 # at step 3 resumes in the middle of epoch 0, at batch 6.
 RUN = dict(
+    resolution=64,
     max_epochs=1,
     batch_size=3,
     grad_accum=2,
@@ -58,6 +62,29 @@ def test_resume_is_bitwise_exact(tmp_path, name):
     assert_bitwise_equal(_weights(a, "pipeline"), _weights(b, "pipeline"))
     assert_bitwise_equal(_weights(a, "pipeline_ema"), _weights(b, "pipeline_ema"))
 
+    # The LR logged after each step, before and after the resume, is the schedule's value there.
+    spec = OPTIMIZERS[name]
+    expected = [(step, spec["lr"] * _schedule(spec, step)) for step in range(1, 11)]
+    for tag in ("lr/unet", "lr/text_encoder"):
+        resumed = scalars(r_session.run.path, tag)
+        assert resumed == scalars(s_session.run.path, tag)
+        assert [s for s, _ in resumed] == [s for s, _ in expected]
+        assert [v for _, v in resumed] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-12)
+    if spec["optimizer"].startswith("dadapt"):  # d x lr: D-Adaptation's estimate continues too
+        effective = scalars(r_session.run.path, "lr_effective/unet")
+        assert effective == scalars(s_session.run.path, "lr_effective/unet")
+        assert len(effective) == 10 and len({v for _, v in effective}) > 2
+
+
+def _schedule(spec: dict, step: int) -> float:
+    """diffusers' cosine with linear warmup (half a cycle), or constant."""
+    if spec.get("lr_scheduler") != "cosine":
+        return 1.0
+    warmup, total = spec["lr_warmup_steps"], spec["lr_decay_steps"]
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
 
 def _weights(checkpoint, folder):
     from safetensors.torch import load_file
@@ -89,7 +116,13 @@ def test_findlast_without_checkpoint_names_project(tmp_path):
 
 
 SPEED_RUN = dict(
-    max_epochs=1, batch_size=4, resolution=64, lr=None, cond_dropout=0.2, flip_p=0.5, no_save_ckpt=True
+    max_epochs=1,
+    batch_size=4,
+    resolution=64,
+    lr=None,
+    cond_dropout=0.2,
+    flip_p=0.5,
+    no_save_ckpt=True,
 )
 
 

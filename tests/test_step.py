@@ -131,6 +131,12 @@ def reference_draws(step: TrainingStep, batch: dict, seed: int, s: StepSettings)
     return latents, noise, t
 
 
+def alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    """SD's scaled_linear schedule in closed form (float64): betas evenly spaced in sqrt."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_target_matches_prediction_type(models, prediction_type):
     step = make_step(
@@ -140,10 +146,11 @@ def test_target_matches_prediction_type(models, prediction_type):
     out = step(batch, torch.Generator().manual_seed(5))
     latents, noise, t = reference_draws(step, batch, 5, step.settings)
     assert torch.equal(out.timesteps, t)
-    target = D.prediction_target(step.schedule, latents, noise, t)
     if prediction_type == "epsilon":
-        assert torch.equal(target, noise)
-    torch.testing.assert_close(out.loss, target.pow(2).mean(dim=(1, 2, 3)))
+        target = noise.double()
+    else:  # v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0
+        target = alpha_bar(t).sqrt() * noise.double() - (1 - alpha_bar(t)).sqrt() * latents.double()
+    torch.testing.assert_close(out.loss.double(), target.pow(2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-7)
 
 
 def test_min_snr_and_loss_scale_are_applied(models):
@@ -152,10 +159,12 @@ def test_min_snr_and_loss_scale_are_applied(models):
     step = make_step(models, unet=ZeroUNet(), prediction_type="v_prediction", min_snr_gamma=5.0)
     out = step(batch, torch.Generator().manual_seed(6))
     latents, noise, t = reference_draws(step, batch, 6, step.settings)
-    v = D.prediction_target(step.schedule, latents, noise, t)
-    snr = D.snr(step.schedule, t)
-    weight = torch.clamp(snr, max=5.0) / (snr + 1)
-    torch.testing.assert_close(out.loss, v.pow(2).mean(dim=(1, 2, 3)) * weight * torch.tensor([1.0, 3.0]))
+    ab = alpha_bar(t)
+    v = ab.sqrt() * noise.double() - (1 - ab).sqrt() * latents.double()
+    snr = (ab / (1 - ab)).flatten()
+    weight = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-gamma for v-prediction
+    expected = v.pow(2).mean(dim=(1, 2, 3)) * weight * torch.tensor([1.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_vae_scaling_factor_from_config_and_cached_latents(models):

@@ -16,7 +16,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import (
     DATA,
@@ -25,6 +24,8 @@ from tests.helpers import (
     checkpoint_dirs,
     copy_images,
     pipeline_weights,
+    scalars,
+    start_weights,
     train_in_process,
 )
 from trainer import diffusion
@@ -97,23 +98,6 @@ def all_finite(w: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in w.values())
 
 
-def scalars(run_folder, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(run_folder), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def start_weights(name: str = "builtin:tiny-sd1") -> dict[str, torch.Tensor]:
-    from trainer.models import load_model
-
-    m = load_model(name)
-    return {
-        f"{comp}/{k}": t.float()
-        for comp in ("unet", "text_encoder")
-        for k, t in getattr(m, comp).state_dict().items()
-    }
-
-
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, fast):
     summary, session = run(tmp_path_factory.mktemp("baseline"), fast)
@@ -136,7 +120,6 @@ def baseline(tmp_path_factory, fast):
         {"loss_type": "huber"},
         {"clip_skip": 2},
         {"embedding_perturbation": 0.5},
-        {"timestep_start": 300, "timestep_end": 700},
     ],
     ids=lambda o: ",".join(o),
 )
@@ -147,6 +130,21 @@ def test_option_changes_the_trained_weights_and_stays_finite(tmp_path, fast, bas
     trained = weights(session)
     assert all_finite(trained)
     assert max_diff(trained, baseline["weights"]) > 100 * SAME_TOL, f"{option} had no effect on training"
+
+
+def test_timesteps_are_drawn_only_from_timestep_start_to_end(tmp_path, fast, monkeypatch):
+    drawn: list[int] = []
+    real_call = TrainingStep.__call__
+
+    def call(self, batch, generator):
+        out = real_call(self, batch, generator)
+        drawn.extend(out.timesteps.tolist())
+        return out
+
+    monkeypatch.setattr(TrainingStep, "__call__", call)
+    summary, _ = run(tmp_path, fast, timestep_start=500, timestep_end=502)  # end is exclusive
+    assert summary.global_step == 2 and math.isfinite(summary.final_loss)
+    assert len(drawn) == 2 * fast["batch_size"] and set(drawn) <= {500, 501}
 
 
 def test_max_token_length_changes_nothing_for_short_captions(tmp_path, fast, baseline):

@@ -8,7 +8,8 @@ fast. Their VAE is not random: both carry the trained tiny VAE of `trainer/model
 
 Built models are cached as diffusers folders under `$SDTRAINER_CACHE` (else
 `~/.cache/sdtrainer`) in `builtin/v<CACHE_VERSION>/<name>`; a build is written to a temporary
-folder and renamed into place, so concurrent or killed builds never leave a broken cache.
+folder, verified and renamed into place under a file lock, so concurrent or killed builds
+never leave a broken cache, and an entry missing any file is rebuilt, never loaded.
 
     python -m trainer.models.builtin NAME OUTDIR
 """
@@ -16,15 +17,18 @@ folder and renamed into place, so concurrent or killed builds never leave a brok
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from trainer.errors import ModelLoadError
 from trainer.models.components import (
@@ -105,26 +109,98 @@ def build_builtin(name: str) -> SDComponents:
     )
 
 
+# Files a complete cache entry holds besides its weights (written by save_pipeline).
+_ENTRY_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+)
+_WEIGHTS = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+
+
+def missing_cache_files(folder: Path) -> list[str]:
+    """What a cache entry lacks to be loadable: configs, tokenizer, and every weight file (a
+    component's single `.safetensors`, or its shard index and every shard it names)."""
+    missing = [f for f in _ENTRY_FILES if not (folder / f).is_file()]
+    for comp, weights in _WEIGHTS.items():
+        if not (folder / comp / "config.json").is_file():
+            missing.append(f"{comp}/config.json")
+        single, index = folder / comp / weights, folder / comp / f"{weights}.index.json"
+        if single.is_file() and single.stat().st_size > 0:
+            continue
+        if not index.is_file():
+            missing.append(f"{comp}/{weights}")
+            continue
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [f"{comp}/{s}" for s in shards if not (folder / comp / s).is_file()]
+    return missing
+
+
+def _save_build(name: str, out_dir: str) -> None:
+    """Build `name` and write it to `out_dir` (run in a child process by `_build_entry`)."""
+    save_pipeline(build_builtin(name), Path(out_dir))
+
+
+def _build_entry(name: str, out_dir: Path) -> None:
+    """Write the built model to `out_dir`. transformers' save_pretrained writes no weights on a
+    rank != 0 once torch.distributed is initialised (it assumes rank 0 saves the same model), so
+    such a process builds in a child process, which has no process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        _save_build(name, str(out_dir))
+        return
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from trainer.models.builtin import _save_build; _save_build(sys.argv[1], sys.argv[2])"
+    result = subprocess.run(
+        [sys.executable, "-c", code, name, str(out_dir)], env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise ModelLoadError(f"building builtin:{name} in a child process failed:\n{result.stderr[-3000:]}")
+
+
 def ensure_cached(name: str) -> Path:
-    """Return the cached pipeline folder of a builtin, building it first if needed."""
+    """Return the cached pipeline folder of a builtin, building it first if needed.
+
+    An entry is used only when `missing_cache_files` finds nothing; a broken one (from an older
+    version of this code, or a damaged disk) is rebuilt with a warning, never loaded. Builds take
+    a file lock, so concurrent processes (DDP ranks, parallel tests) build once and the others
+    wait for and reuse that build; the build goes to a temporary folder that is verified, then
+    renamed into place.
+    """
     final = cache_dir(name)
-    if (final / "model_index.json").is_file():
+    if not missing_cache_files(final):
         return final
     _spec(name)
     final.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building builtin:%s into %s", name, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=final.parent))
-    try:
-        save_pipeline(build_builtin(name), tmp)
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (final / "model_index.json").is_file():  # another process finished the same build first
-            return final
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with FileLock(str(final.parent / f".{name}.lock")):
+        if final.exists():
+            missing = missing_cache_files(final)
+            if not missing:  # another process built it while we waited
+                return final
+            logger.warning(
+                "built-in model cache %s is incomplete (missing %s); rebuilding it", final, ", ".join(missing)
+            )
+            broken = Path(tempfile.mkdtemp(prefix=f".{name}-broken-", dir=final.parent))
+            os.replace(final, broken / name)
+            shutil.rmtree(broken)
+        logger.info("building builtin:%s into %s", name, final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=final.parent))
+        try:
+            _build_entry(name, tmp)
+            missing = missing_cache_files(tmp)
+            if missing:
+                raise ModelLoadError(f"building builtin:{name} wrote no {', '.join(missing)} in {tmp}")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 
