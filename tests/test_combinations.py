@@ -250,6 +250,18 @@ def one_cpu_thread():
 _STRAIGHT: dict[int, dict] = {}  # case index -> what its straight run left (shared by the tests below)
 
 
+def live_export_weights(session) -> dict:
+    """The weights an export must hold: the trained tensors as they are, and frozen tensors that
+    placement stored in a lower precision (a partly frozen text encoder under bf16 weights) with
+    their loaded values, which is what exports write (docs/TRAINING_STEP.md, precision)."""
+    with session.export_precision.restored(session.model):
+        return {
+            f"{comp}/{k}": t.detach().float().clone()
+            for comp in ("unet", "text_encoder")
+            for k, t in getattr(session.model, comp).state_dict().items()
+        }
+
+
 def straight_run(case: dict, files: dict[str, str], runs_root: Path) -> dict:
     """Train the case once (2 epochs x 2 steps, a checkpoint after each epoch), cached per module.
 
@@ -271,11 +283,7 @@ def straight_run(case: dict, files: dict[str, str], runs_root: Path) -> dict:
             "first": first,
             "final": final,
             "folders": {folder: pipeline_weights(final, folder) for folder in folders},
-            "live": {
-                f"{comp}/{k}": t.detach().float().clone()
-                for comp in ("unet", "text_encoder")
-                for k, t in getattr(session.model, comp).state_dict().items()
-            },
+            "live": live_export_weights(session),
             "samples": sorted(p.name.split("-")[:2] for p in session.run.samples.glob("*.png")),
             "cache": session.latent_cache,
             "cache_entries": len(session.latent_cache) if session.latent_cache is not None else None,

@@ -97,14 +97,14 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path, small
             data_root=small_data,
         )
     )
-    assert resumed.returncode == 130, resumed.stderr[-3000:]  # stop_at_step stops like Ctrl-C
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # stop_at_step is a normal end
     assert f"resumed {last.path}" in resumed.stderr
     final = find_last(logdir, "crash")
     assert final.path.parent == run / "checkpoints" and final.step == stop
     straight = run_train(
         base_args(tmp_path, project_name="straight", stop_at_step=stop, **RUN, data_root=small_data)
     )
-    assert straight.returncode == 130, straight.stderr[-3000:]
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert_bitwise_equal(pipeline_weights(find_last(logdir, "straight").path), pipeline_weights(final.path))
 
 
