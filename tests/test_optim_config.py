@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_optim_tiny_models import Regressor, build_from_json, tiny_clip
+from optim_models import Regressor, build_from_json, tiny_clip
 
 from trainer.errors import ConfigError
 from trainer.optim import TrainOptimSettings, load_optimizer_file, parse_optimizer_json, resolve_components

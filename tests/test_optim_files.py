@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_optim_tiny_models import tiny_clip, tiny_unet
+from optim_models import tiny_clip, tiny_unet
 from torch import nn
 
 from trainer.optim import TrainOptimSettings, build_optimizers, load_optimizer_file

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_optim_tiny_models import Regressor, build_from_json, tiny_clip
+from optim_models import Regressor, build_from_json, tiny_clip
 
 from trainer.errors import ConfigError
 from trainer.optim import FreezingConfig, plan_text_encoder_freeze

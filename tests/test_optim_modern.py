@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from test_optim_tiny_models import Regressor, build_from_json, regression_data, tiny_clip
+from optim_models import Regressor, build_from_json, regression_data, tiny_clip
 from torch import nn
 
 from tests.helpers import (

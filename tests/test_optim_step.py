@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_optim_tiny_models import Regressor, build_from_json, regression_data, tiny_clip
+from optim_models import Regressor, build_from_json, regression_data, tiny_clip
 from torch import nn
 
 from trainer.errors import CheckpointError
