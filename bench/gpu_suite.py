@@ -1,7 +1,7 @@
 """Everything a CPU cannot check, checked and measured on a CUDA GPU in one call.
 
     python bench/gpu_suite.py --out gpu_suite          # on the GPU machine (docs/PERFORMANCE.md)
-    python bench/gpu_suite.py --dry-run --out /tmp/x    # the same on CPU with tiny models (CI)
+    python bench/gpu_suite.py --dry-run --out gpu_suite_out    # the same on CPU with tiny models (CI)
 
 Writes `<out>/gpu_suite.json` and `<out>/gpu_suite.md` (one markdown table) and exits 1 when a
 correctness test or a measurement failed (each failure is recorded with its error; the other
