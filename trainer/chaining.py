@@ -130,7 +130,8 @@ def optimizer_layout(optim) -> dict[str, str]:
     for name, comp in optim.components.items():
         digest = hashlib.sha256("\n".join(comp.param_names).encode()).hexdigest()[:12]
         layout[name] = f"{comp.spec.name} ({len(comp.param_names)} tensors, {digest})"
-    return layout
+    # A component whose training stopped mid-run (trainer/te_stop.py) keeps its place in the guard.
+    return layout | getattr(optim, "stopped_layouts", {})
 
 
 def check_settings(plan: ResumePlan, current_guard: dict[str, Any]) -> ResumePlan:

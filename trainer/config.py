@@ -15,14 +15,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 
 from trainer.errors import ConfigError
+from trainer.extra_options import KOHYA_MULTIRES_DISCOUNT, check_extra_options
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,28 @@ class TrainConfig(BaseModel):
         False, description="Encode each image with the VAE once and reuse the latents (disables crop jitter)."
     )
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers (null = automatic).")
+    keep_tokens_separator: str = Field(
+        "",
+        description="kohya: with shuffle_tags, caption text before this separator stays in place, and text "
+        "after a second one is a fixed suffix; '' = off (keep_tags counts instead).",
+    )
+    caption_dropout_every_n_epochs: int = Field(
+        0, ge=0, description="kohya: train every N-th epoch (N, 2N, ...) with all captions empty; 0 = off."
+    )
+    masked_loss: bool = Field(
+        False,
+        description="Weight the loss per pixel by a mask: <image stem>-masklabel.png beside the image "
+        "(white = train), or the alpha channel with mask_from_alpha. No mask = full weight.",
+    )
+    mask_from_alpha: bool = Field(
+        False, description="masked_loss: take each image's mask from its alpha channel (kohya's alpha_mask)."
+    )
+    unmasked_weight: float = Field(
+        0.1, ge=0.0, le=1.0, description="masked_loss: loss weight where the mask is black (OneTrainer's)."
+    )
+    normalize_masked_area_loss: bool = Field(
+        False, description="masked_loss: divide each sample's loss by its mean weight (OneTrainer's)."
+    )
 
     # --- optimisation ---------------------------------------------------------------------
     optimizer_config: str | None = Field(
@@ -96,6 +120,11 @@ class TrainConfig(BaseModel):
     )
     disable_unet_training: bool = Field(
         False, description="Freeze the whole UNet (text-encoder-only training)."
+    )
+    stop_text_encoder_training: StrictInt | StrictFloat | None = Field(
+        None,
+        description="Stop training the text encoder after this many optimizer steps (an integer >= 1) or "
+        "this fraction of the run (0 < x < 1); its optimizer state is freed then (kohya's key).",
     )
     clip_skip: int = Field(0, ge=0, le=4, description="Use the k-th last text-encoder layer (0/1 = last).")
     max_token_length: Literal[75, 150, 225] = Field(
@@ -158,6 +187,32 @@ class TrainConfig(BaseModel):
     pyramid_noise_discount: float | None = Field(
         None, ge=0.0, le=1.0, description="Pyramid (multi-resolution) noise discount; null/0 = off."
     )
+    multires_noise_iterations: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="Pyramid noise levels (kohya); null = EveryDream2's 10. Alone it turns pyramid noise on "
+        "with kohya's discount 0.3.",
+    )
+    multires_noise_discount: float | None = Field(
+        None, ge=0.0, le=1.0, description="kohya's name for pyramid_noise_discount (set one of them)."
+    )
+    noise_offset_random_strength: bool = Field(
+        False, description="Offset noise strength ~ U(0, zero_frequency_noise_ratio) per sample (kohya)."
+    )
+    ip_noise_gamma: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Input perturbation noise strength (arXiv 2301.11706, ~0.1); null/0 = off.",
+    )
+    ip_noise_gamma_random_strength: bool = Field(
+        False, description="Input perturbation strength ~ U(0, ip_noise_gamma) per sample (kohya)."
+    )
+    debiased_estimation_loss: bool = Field(
+        False,
+        description="Weight the loss by 1/sqrt(SNR) (v: 1/(SNR+1)), SNR capped at 1000 (arXiv 2310.08442).",
+    )
     enable_zero_terminal_snr: bool = Field(
         False, description="Rescale betas to zero terminal SNR before anything is derived from them."
     )
@@ -191,6 +246,14 @@ class TrainConfig(BaseModel):
     save_ckpts_from_n_epochs: int = Field(0, ge=0, description="Epoch-based saves start at this epoch.")
     save_full_precision: bool = Field(
         False, description="Write the single-file export in fp32 instead of fp16."
+    )
+    save_precision: Literal["fp16", "bf16", "fp32"] | None = Field(
+        None,
+        description="dtype of the single-file exports (kohya's key; 'float' imports as fp32); null = fp16, "
+        "or fp32 with save_full_precision.",
+    )
+    save_every_n_steps: int | None = Field(
+        None, ge=0, description="Save a checkpoint every N optimizer steps; 0/null = off (kohya's key)."
     )
     save_optimizer: bool = Field(
         True, description="Make checkpoints resumable (optimizer, RNG, data position)."
@@ -263,7 +326,27 @@ class TrainConfig(BaseModel):
                 "weight_dtype bf16 with mixed_precision fp16 would compute in fp16 on bf16 weights; "
                 "use mixed_precision bf16 (or no)"
             )
+        check_extra_options(self)
         return self
+
+    @property
+    def pyramid_discount(self) -> float:
+        """The effective pyramid noise discount: either key, or kohya's 0.3 when only
+        multires_noise_iterations turns it on; 0 = off."""
+        if self.multires_noise_discount is not None:
+            return self.multires_noise_discount
+        if self.pyramid_noise_discount is not None:
+            return self.pyramid_noise_discount
+        return KOHYA_MULTIRES_DISCOUNT if self.multires_noise_iterations is not None else 0.0
+
+    def text_encoder_stop_step(self, total_optimizer_steps: int) -> int | None:
+        """The optimizer step after which the text encoder stops training (None = never)."""
+        value = self.stop_text_encoder_training
+        if value is None:
+            return None
+        if isinstance(value, float):
+            return max(1, round(value * total_optimizer_steps))
+        return value
 
     @property
     def ema_enabled(self) -> bool:
@@ -401,7 +484,12 @@ def _accepts_none(key: str) -> bool:
 def _allowed(key: str) -> str:
     """Human description of a field's type and constraints, e.g. 'int, >= 64, <= 2048, multiple of 64'."""
     field = FIELDS[key]
-    parts = [str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")]
+    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = re.sub(r"Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", text)  # StrictInt -> int
+    text = re.sub(r"^Union\[(.*)\]$", lambda m: m.group(1).replace(", ", " | "), text).replace(
+        "NoneType", "None"
+    )
+    parts = [text]
     for meta in field.metadata:
         for attr, label in (
             ("ge", ">="),

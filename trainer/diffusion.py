@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from trainer.errors import ConfigError
+from trainer.losses import masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -143,19 +144,28 @@ def sample_timesteps(
     return t.to(device)
 
 
+PYRAMID_LEVELS = 10  # EveryDream2's fixed count; kohya's multires_noise_iterations sets it
+
+
 def pyramid_noise(
-    shape: tuple[int, ...], *, discount: float, generator: torch.Generator, device: torch.device | str
+    shape: tuple[int, ...],
+    *,
+    discount: float,
+    generator: torch.Generator,
+    device: torch.device | str,
+    iterations: int = PYRAMID_LEVELS,
 ) -> Tensor:
     """Multi-resolution ("pyramid") noise with unit std, ED2's `pyramid_noise_like` rule.
 
-    Starting from N(0,1), up to 10 levels of bilinearly upsampled noise are added with weight
-    discount**i; at each level the resolution is divided by r**i with r ~ U[2, 4) drawn from
-    `generator` (ED2 uses Python's global `random`; the compounding of the divisions is kept).
-    The sum is divided by its own std.
+    Starting from N(0,1), up to `iterations` levels (ED2: 10; kohya's multires_noise_iterations)
+    of bilinearly upsampled noise are added with weight discount**i; at each level the
+    resolution is divided by r**i with r ~ U[2, 4) drawn from `generator` (ED2 and kohya use
+    Python's global `random`; the compounding of the divisions is kept). The loop stops early
+    once a side reaches 1 pixel. The sum is divided by its own std (over the whole batch).
     """
     b, c, h, w = shape
     noise = _draw_randn(shape, generator, device, torch.float32)
-    for i in range(10):
+    for i in range(iterations):
         r = float(torch.rand((), generator=generator, device=generator.device)) * 2 + 2
         h, w = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
         level = _draw_randn((b, c, h, w), generator, device, torch.float32)
@@ -173,26 +183,61 @@ def sample_noise(
     dtype: torch.dtype = torch.float32,
     zero_frequency_noise_ratio: float = 0.0,
     pyramid_noise_discount: float = 0.0,
+    pyramid_iterations: int = PYRAMID_LEVELS,
+    offset_random_strength: bool = False,
 ) -> Tensor:
     """Training noise for latents of `shape` (B, C, H, W).
 
-    Order of draws (fixed): the base/pyramid noise, then the offset noise. Pyramid noise is used
-    when `pyramid_noise_discount > 0`; offset noise ("zero-frequency", Guttenberg 2023) adds
+    Order of draws (fixed): the base/pyramid noise, then (with `offset_random_strength`) one
+    U(0,1) strength, then the offset noise. Pyramid noise is used when
+    `pyramid_noise_discount > 0`; offset noise ("zero-frequency", Guttenberg 2023) adds
     `ratio * N(0,1)` per (sample, channel) when `zero_frequency_noise_ratio > 0`, which raises
-    each element's variance to 1 + ratio**2.
+    each element's variance to 1 + ratio**2. With `offset_random_strength` (kohya's
+    noise_offset_random_strength) the ratio is `u * ratio`, u ~ U(0,1) once per call (kohya:
+    once per batch; the training step calls this once per sample).
     """
     if zero_frequency_noise_ratio < 0:
         raise ConfigError(f"zero_frequency_noise_ratio={zero_frequency_noise_ratio}: must be >= 0.")
     if pyramid_noise_discount < 0:
         raise ConfigError(f"pyramid_noise_discount={pyramid_noise_discount}: must be >= 0.")
     if pyramid_noise_discount > 0:
-        noise = pyramid_noise(shape, discount=pyramid_noise_discount, generator=generator, device=device)
+        noise = pyramid_noise(
+            shape,
+            discount=pyramid_noise_discount,
+            generator=generator,
+            device=device,
+            iterations=pyramid_iterations,
+        )
     else:
         noise = _draw_randn(shape, generator, device, torch.float32)
     if zero_frequency_noise_ratio > 0:
+        ratio = zero_frequency_noise_ratio
+        if offset_random_strength:
+            ratio = ratio * float(torch.rand((), generator=generator, device=generator.device))
         offset = _draw_randn((shape[0], shape[1], 1, 1), generator, device, torch.float32)
-        noise = noise + zero_frequency_noise_ratio * offset
+        noise = noise + ratio * offset
     return noise.to(dtype)
+
+
+def input_perturbation(
+    shape: tuple[int, ...],
+    *,
+    gamma: float,
+    random_strength: bool,
+    generator: torch.Generator,
+    device: torch.device | str,
+) -> Tensor:
+    """Input perturbation (Ning et al. 2023, arXiv 2301.11706; kohya's ip_noise_gamma): the
+    extra noise `s * N(0,1)` added to the noise that makes x_t, not to the target, so the model
+    learns from inputs slightly off the forward process (it meets such inputs when sampling).
+
+    s = gamma, or with `random_strength` s = u * gamma, u ~ U(0,1) drawn first (kohya: once per
+    batch; here once per call, i.e. per sample). Each element's variance is s**2.
+    """
+    strength = gamma
+    if random_strength:
+        strength = gamma * float(torch.rand((), generator=generator, device=generator.device))
+    return strength * _draw_randn(shape, generator, device, torch.float32)
 
 
 def _coefficients(schedule: NoiseSchedule, timesteps: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,6 +298,8 @@ def per_sample_loss(
     loss_type: str,
     num_train_timesteps: int,
     huber_delta: float = 1.0,
+    weight_map: Tensor | None = None,
+    normalize_weight_map: bool = False,
 ) -> Tensor:
     """Element-wise loss averaged over all but the batch dimension -> shape [B], float32.
 
@@ -263,6 +310,10 @@ def per_sample_loss(
       huber_mse = (1 - b) * Huber + b * MSE   -> Huber at t=0, MSE at t=999
     ED2's *code* does the opposite of its docs for both names; ED2's actual `mse_huber` is
     this `huber_mse` (see docs/TRAINING_STEP.md).
+
+    `weight_map` (masked loss, trainer/losses.py) multiplies the element-wise loss before the
+    mean; `normalize_weight_map` then divides each sample by its map's mean (OneTrainer's
+    normalize_masked_area_loss).
     """
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"loss_type {loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}.")
@@ -271,7 +322,9 @@ def per_sample_loss(
     dims = tuple(range(1, pred.ndim))
 
     def reduce(elementwise: Tensor) -> Tensor:
-        return elementwise.mean(dim=dims)
+        if weight_map is None:
+            return elementwise.mean(dim=dims)
+        return masked_mean(elementwise, weight_map, normalize=normalize_weight_map)
 
     if loss_type == "mse":
         return reduce(F.mse_loss(pred, target, reduction="none"))

@@ -102,6 +102,7 @@ class EMA:
         self.device = torch.device(device)
         self.num_updates = 0
         self._modules = dict(modules)
+        self._frozen: set[str] = set()  # components whose training stopped (stop_text_encoder_training)
         self.shadow: dict[str, dict[str, Tensor]] = {}
         self.buffers: dict[str, dict[str, Tensor]] = {}
         with torch.no_grad():
@@ -130,6 +131,8 @@ class EMA:
         """ema <- decay * ema + (1 - decay) * p for every tracked parameter; buffers copied."""
         weight = 1.0 - self.decay
         for name, module in self._modules.items():
+            if name in self._frozen:
+                continue
             live = _trainable(module)
             shadow = self.shadow[name]
             if live.keys() != shadow.keys():
@@ -149,6 +152,14 @@ class EMA:
             for n, b in module.named_buffers():
                 self.buffers[name][n].copy_(b.detach())
         self.num_updates += 1
+
+    def freeze(self, name: str) -> None:
+        """Stop updating component `name` (its training stopped): its average so far is kept
+        and still swapped in for samples and exports. Not part of the state: the run re-applies
+        it when it resumes past the point where training stopped."""
+        if name not in self.shadow:
+            raise KeyError(f"EMA has no component {name!r}; it tracks {sorted(self.shadow)}")
+        self._frozen.add(name)
 
     @torch.no_grad()
     def copy_to(self, name: str, module: nn.Module) -> None:

@@ -24,6 +24,7 @@ from trainer.progress import StepTracker
 from trainer.saving import SavePolicy, save_checkpoint
 from trainer.session import Session
 from trainer.signals import StopFlag
+from trainer.te_stop import maybe_stop_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
                 if not is_end:
                     continue
                 _optimizer_step(s, tracker, window_paths)
+                maybe_stop_text_encoder(s)
                 s.observers.after_step(window_of_end[batch["batch_index"]], len(plan.windows))
                 window_paths = []
                 at_limit = cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step
@@ -90,8 +92,10 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
                 stop_now, time_due = _agree(s, bool(stop.requested), policy.time_due())
                 if stop_now and not stop.requested:
                     stop.requested = "another process's stop request"
-                if stop.requested or time_due:
-                    saved.append(save_checkpoint(s, "interrupted" if stop.requested else "timed"))
+                step_due = policy.step_due(st.global_step, s.total_optimizer_steps)
+                if stop.requested or time_due or step_due:
+                    reason = "interrupted" if stop.requested else "timed" if time_due else "steps"
+                    saved.append(save_checkpoint(s, reason))
                     policy.saved()
                 if stop.requested:
                     log.warning(

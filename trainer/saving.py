@@ -14,6 +14,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from trainer.chaining import PIPELINE_DIR
 from trainer.checkpoint import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
 from trainer.fileperm import apply_umask
@@ -45,15 +47,14 @@ def save_checkpoint(session: Session, reason: str) -> Path | None:
 
     def _write_exports(tmp: Path, components) -> None:
         save_pipeline(components, tmp / PIPELINE_DIR)
+        dtype = export_dtype(cfg)
         if not cfg.no_save_ckpt:
-            save_single_file(components, tmp / f"{name}.safetensors", half=not cfg.save_full_precision)
+            save_single_file(components, tmp / f"{name}.safetensors", dtype=dtype)
         if session.ema is not None:
             with session.ema.swapped_in({"unet": components.unet, "text_encoder": components.text_encoder}):
                 save_pipeline(components, tmp / f"{PIPELINE_DIR}_ema")
                 if not cfg.no_save_ckpt:
-                    save_single_file(
-                        components, tmp / f"{name}-ema.safetensors", half=not cfg.save_full_precision
-                    )
+                    save_single_file(components, tmp / f"{name}-ema.safetensors", dtype=dtype)
         if cfg.save_optimizer:
             save_training_state(tmp / TRAINING_STATE, training_state_dict(session, all_rng))
         apply_umask(tmp)  # safetensors writes 0600 files
@@ -83,6 +84,17 @@ def save_checkpoint(session: Session, reason: str) -> Path | None:
     return path
 
 
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def export_dtype(cfg) -> torch.dtype:
+    """Floating-point dtype of the single-file exports: save_precision (kohya's key), else fp16,
+    or fp32 with save_full_precision. The pipeline/ folders keep the training dtype (resume)."""
+    if cfg.save_precision is not None:
+        return EXPORT_DTYPES[cfg.save_precision]
+    return torch.float32 if cfg.save_full_precision else torch.float16
+
+
 def _unwrapped_components(session: Session):
     acc = session.accelerator
     m = session.model
@@ -100,6 +112,7 @@ class SavePolicy:
     every_n_minutes: float | None
     from_epoch: int = 0
     _last_time: float = 0.0
+    every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
         self._last_time = time.monotonic()
@@ -107,11 +120,17 @@ class SavePolicy:
     @classmethod
     def from_config(cls, cfg) -> SavePolicy:
         """EveryDream2's cadence: 0 turns a trigger off; with neither set, every 20 minutes."""
-        epochs, minutes = cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes
-        if epochs is None and minutes is None:
+        epochs, minutes, steps = cfg.save_every_n_epochs, cfg.ckpt_every_n_minutes, cfg.save_every_n_steps
+        if epochs is None and minutes is None and not steps:
             log.info("no save cadence set: saving every %d minutes (EveryDream2's default)", DEFAULT_MINUTES)
             minutes = DEFAULT_MINUTES
-        return cls(epochs or None, minutes or None, cfg.save_ckpts_from_n_epochs)
+        return cls(epochs or None, minutes or None, cfg.save_ckpts_from_n_epochs, every_n_steps=steps or None)
+
+    def step_due(self, global_step: int, total_steps: int) -> bool:
+        """kohya's save_every_n_steps: after optimizer steps N, 2N, ...; not after the run's last
+        step, which the final save covers."""
+        n = self.every_n_steps
+        return n is not None and global_step % n == 0 and global_step < total_steps
 
     def epoch_end_due(self, finished_epoch: int, max_epochs: int) -> bool:
         """After epoch index `finished_epoch` completes (the final save covers the last epoch)."""

@@ -35,6 +35,7 @@ from trainer.determinism import configure_determinism
 from trainer.diffusion import NoiseSchedule
 from trainer.ema import EMA, ema_decay_for_run
 from trainer.errors import CheckpointError, RunFinished
+from trainer.extra_options import active_extra_options, extra_step_settings
 from trainer.logging import Metrics, config_text
 from trainer.models import SDComponents, load_model
 from trainer.observe import Observers
@@ -62,6 +63,7 @@ from trainer.sampling import (
 from trainer.state import TrainingState, capture_global_rng, restore_global_rng, seed_everything
 from trainer.step import StepSettings, TrainingStep
 from trainer.stochastic_rounding import StochasticRounding, rounding_seed
+from trainer.te_stop import stop_text_encoder_on_resume
 from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 from trainer.threads import describe_threads
 from trainer.validation import Validator
@@ -237,6 +239,7 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         export_precision=export_precision,
     )
     if resuming:
+        stop_text_encoder_on_resume(session, plan.state["progress"]["global_step"])
         _restore(session, plan)
     session.run, session.log_handler = _start_run_folder(
         cfg, accelerator, plan.checkpoint if resuming else None, startup_log
@@ -253,7 +256,9 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
     if cfg.cache_latents:
         # Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights
         # (and the dtype it encodes in), not the model's path, so a resume reuses every entry.
-        session.latent_cache = LatentCache(cache_directory(cfg.logdir), vae_id)
+        session.latent_cache = LatentCache(
+            cache_directory(cfg.logdir), vae_id, masks=data.settings.mask_source
+        )
         log.info("latent cache: %s, VAE fingerprint %s", session.latent_cache.directory, vae_id)
         eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
         with accelerator.main_process_first():  # rank 0 fills the shared cache; the others reuse it
@@ -282,6 +287,8 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         cfg.max_epochs,
     )
     log.info("%s", describe_threads())
+    if extras := active_extra_options(cfg):
+        log.info("kohya/OneTrainer options: %s", "; ".join(extras))
     return session
 
 
@@ -328,13 +335,18 @@ def _data_settings(cfg: TrainConfig, accelerator: Accelerator) -> DataSettings:
         scan_cache=Path(cfg.logdir) / ".cache" / "scan.json",
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
+        masked_loss=cfg.masked_loss,
+        mask_from_alpha=cfg.mask_from_alpha,
+        caption_dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs,
+        keep_tokens_separator=cfg.keep_tokens_separator,
     )
 
 
 def _step_settings(cfg: TrainConfig) -> StepSettings:
     return StepSettings(
+        **extra_step_settings(cfg),
         zero_frequency_noise_ratio=cfg.zero_frequency_noise_ratio,
-        pyramid_noise_discount=cfg.pyramid_noise_discount or 0.0,
+        pyramid_noise_discount=cfg.pyramid_discount,
         timestep_start=cfg.timestep_start,
         timestep_end=cfg.timestep_end,
         min_snr_gamma=cfg.min_snr_gamma,

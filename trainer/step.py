@@ -7,7 +7,8 @@ always in this order (docs/TRAINING_STEP.md):
   1. VAE latent sample (only when the batch has "pixel_values", not cached "latents")
   2. noise: base or pyramid noise, then offset noise
   3. timesteps
-  4. embedding perturbation (only when embedding_perturbation > 0)
+  4. input perturbation (only when ip_noise_gamma > 0: its U(0,1) strength, then its noise)
+  5. embedding perturbation (only when embedding_perturbation > 0)
 
 so saving `generator.get_state()` at a step boundary makes resume bitwise exact.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trainer import diffusion
+from trainer import diffusion, losses
 from trainer.errors import ConfigError
 from trainer.text import ALLOWED_MAX_TOKEN_LENGTHS, encode_captions, perturb_embeddings
 from trainer.text_cache import TextEmbeddingCache
@@ -42,6 +43,15 @@ class StepSettings:
     clip_skip: int = 0
     max_token_length: int = 75
     embedding_perturbation: float = 0.0
+    # kohya / OneTrainer options (docs/CONFIG.md); the defaults change nothing.
+    pyramid_iterations: int = diffusion.PYRAMID_LEVELS
+    noise_offset_random_strength: bool = False
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
+    debiased_estimation_loss: bool = False
+    masked_loss: bool = False
+    unmasked_weight: float = 1.0
+    normalize_masked_area_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.zero_frequency_noise_ratio < 0:
@@ -176,6 +186,7 @@ class TrainingStep:
         if seeds is None:
             latents = self._latents(batch, generator)
             noise, timesteps = self._noise_and_timesteps(latents.shape, generator)
+            perturbation = self._input_perturbation(latents.shape, generator, self.device)
             embeddings = self._text_embeddings(list(batch["captions"]), generator)
         else:
             gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -188,8 +199,14 @@ class TrainingStep:
                 torch.cat([noise.flatten(), t_host.to(torch.float32)])
             )  # t < 2^24: exact
             noise, timesteps = packed[: noise.numel()].view(noise.shape), packed[noise.numel() :].long()
+            perturbation = None
+            if self.settings.ip_noise_gamma > 0:
+                shape = (1, *latents.shape[1:])
+                perturbation = self._to_device(
+                    torch.cat([self._input_perturbation(shape, g, "cpu") for g in gens])
+                )
             embeddings = self._text_embeddings(list(batch["captions"]), gens)
-        return self._loss(batch, latents, noise, timesteps, embeddings)
+        return self._loss(batch, latents, noise, timesteps, embeddings, perturbation)
 
     def _latents(self, batch: dict, generator) -> Tensor:
         """Batch latents: cached, or VAE-encoded with a posterior sample from `generator`
@@ -222,19 +239,42 @@ class TrainingStep:
             device=device,
             zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
             pyramid_noise_discount=s.pyramid_noise_discount,
+            pyramid_iterations=s.pyramid_iterations,
+            offset_random_strength=s.noise_offset_random_strength,
         )
         timesteps = diffusion.sample_timesteps(
             shape[0], start=s.timestep_start, end=s.timestep_end, generator=generator, device=device
         )
         return noise, timesteps
 
+    def _input_perturbation(self, shape, generator: torch.Generator, device) -> Tensor | None:
+        """ip_noise_gamma's extra input noise (None when off): draw 4 of the documented order."""
+        s = self.settings
+        if s.ip_noise_gamma <= 0:
+            return None
+        return diffusion.input_perturbation(
+            tuple(shape),
+            gamma=s.ip_noise_gamma,
+            random_strength=s.ip_noise_gamma_random_strength,
+            generator=generator,
+            device=device,
+        )
+
     def _loss(
-        self, batch: dict, latents: Tensor, noise: Tensor, timesteps: Tensor, embeddings: Tensor
+        self,
+        batch: dict,
+        latents: Tensor,
+        noise: Tensor,
+        timesteps: Tensor,
+        embeddings: Tensor,
+        perturbation: Tensor | None = None,
     ) -> StepOutput:
         s = self.settings
         bsz = latents.shape[0]
 
-        noisy = diffusion.add_noise(self.schedule, latents, noise, timesteps)
+        # Input perturbation changes the model's input only; the target keeps the plain noise.
+        input_noise = noise if perturbation is None else noise + perturbation
+        noisy = diffusion.add_noise(self.schedule, latents, input_noise, timesteps)
         target = diffusion.prediction_target(self.schedule, latents, noise, timesteps)
         unet_dtype = next(self.unet.parameters()).dtype
         noisy = noisy.to(unet_dtype)
@@ -249,15 +289,29 @@ class TrainingStep:
             timesteps,
             loss_type=s.loss_type,
             num_train_timesteps=self.schedule.num_train_timesteps,
+            weight_map=self._mask_weights(batch, latents) if s.masked_loss else None,
+            normalize_weight_map=s.normalize_masked_area_loss,
         )
         weights = None
         if s.min_snr_gamma is not None:
             weights = diffusion.min_snr_weight(
                 diffusion.snr(self.schedule, timesteps), s.min_snr_gamma, self.schedule.prediction_type
             )
+        if s.debiased_estimation_loss:
+            debiased = losses.debiased_weight(
+                diffusion.snr(self.schedule, timesteps), self.schedule.prediction_type
+            )
+            weights = losses.combine_weights(weights, debiased)
         loss_scale = torch.as_tensor(batch["loss_scale"], dtype=torch.float32).to(
             self.device, non_blocking=True
         )
         loss_scale = loss_scale.expand(bsz) if loss_scale.ndim == 0 else loss_scale
         loss = diffusion.weighted_loss(per_sample, loss_scale=loss_scale, weights=weights)
         return StepOutput(loss=loss, timesteps=timesteps)
+
+    def _mask_weights(self, batch: dict, latents: Tensor) -> Tensor:
+        """Per-latent-element loss weights from the batch's masks (masked_loss)."""
+        if "masks" not in batch:
+            raise KeyError("masked_loss is on but the batch has no 'masks' (build the loader with masks)")
+        masks = batch["masks"].to(device=self.device, non_blocking=True)
+        return losses.latent_weight_map(masks, tuple(latents.shape[2:]), self.settings.unmasked_weight)

@@ -61,6 +61,40 @@ def shuffled_caption(spec: CaptionSpec, rng: random.Random, keep_tags: int = 0) 
     return ", ".join([spec.main_prompt, *kept, *tail])
 
 
+def split_at_separator(text: str, separator: str) -> tuple[list[str], list[str], list[str]] | None:
+    """kohya's keep_tokens_separator: `fixed ||| flexible ||| fixed suffix` -> three tag lists
+    (split on ',' and stripped, empty chunks dropped); None when `separator` is "" or absent.
+
+    Only the first two separators count: a third stays inside the suffix text, as in kohya.
+    """
+    if not separator or separator not in text:
+        return None
+    fixed, flex = text.split(separator, 1)
+    suffix = ""
+    if separator in flex:
+        flex, suffix = flex.split(separator, 1)
+
+    def chunks(part: str) -> list[str]:
+        return [c.strip() for c in part.split(",") if c.strip()]
+
+    return chunks(fixed), chunks(flex), chunks(suffix)
+
+
+def separated_caption(
+    parts: tuple[list[str], list[str], list[str]], rng: random.Random, shuffle: bool
+) -> str:
+    """Fixed part, then the flexible part (shuffled when asked), then the fixed suffix.
+
+    Unlike kohya, the separator never reaches the text encoder: without shuffling the three
+    parts are joined with ', ' too (kohya leaves the literal separator in unshuffled captions).
+    """
+    fixed, flex, suffix = parts
+    flex = list(flex)
+    if shuffle:
+        rng.shuffle(flex)
+    return ", ".join([*fixed, *flex, *suffix])
+
+
 def sample_caption(
     spec: CaptionSpec,
     rng: random.Random,
@@ -68,13 +102,25 @@ def sample_caption(
     shuffle: bool,
     keep_tags: int,
     cond_dropout: float,
+    separator: str = "",
 ) -> str:
     """The caption one sample trains with: shuffled when asked, then dropped to "" with
     probability `cond_dropout` (unconditional training for classifier-free guidance).
 
     The dropout draw is taken first and always, so toggling shuffling does not change which
-    samples are dropped.
+    samples are dropped. A caption containing `separator` (keep_tokens_separator) is shuffled
+    by kohya's rule instead of keep_tags and tag weights (`split_at_separator`).
     """
     dropped = rng.random() < cond_dropout
-    text = shuffled_caption(spec, rng, keep_tags) if shuffle else spec.text
+    parts = split_at_separator(spec.text, separator)
+    if parts is not None:
+        text = separated_caption(parts, rng, shuffle)
+    else:
+        text = shuffled_caption(spec, rng, keep_tags) if shuffle else spec.text
     return "" if dropped else text
+
+
+def epoch_drops_captions(epoch: int, every_n_epochs: int) -> bool:
+    """kohya's caption_dropout_every_n_epochs: every caption of the N-th, 2N-th, ... epoch is
+    empty. kohya counts epochs from 1, so with 0-based `epoch` that is (epoch + 1) % N == 0."""
+    return every_n_epochs > 0 and (epoch + 1) % every_n_epochs == 0

@@ -23,9 +23,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.buckets import Bucket, nearest_bucket
-from trainer.data.caption_sampling import sample_caption
+from trainer.data.caption_sampling import epoch_drops_captions, sample_caption
 from trainer.data.items import ImageItem, Problem
 from trainer.data.latent_cache import LatentCache
+from trainer.data.masks import MaskSource, process_image_and_mask, stack_masks
 from trainer.data.planner import EpochPlan, SampleRef, plan_epoch, sample_rng
 from trainer.data.transforms import load_image, process_image
 from trainer.errors import DataError
@@ -44,6 +45,9 @@ class SampleOptions:
     keep_tags: int = 0
     cond_dropout: float = 0.04
     random_trim: bool = True  # False: exact centre crop (evaluation)
+    masks: MaskSource | None = None  # masked_loss: batches carry "masks"
+    caption_dropout_every_n_epochs: int = 0
+    keep_tokens_separator: str = ""
 
 
 class _SampleFailed(Exception):
@@ -74,25 +78,32 @@ class PlanBatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.epoch_plan.batches)
 
-    def _pixels_or_latent(self, item_index: int, ref: SampleRef) -> torch.Tensor:
+    def _pixels_or_latent(self, item_index: int, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sample's pixels (or cached latent) and, with masked_loss, its mask."""
         if item_index in self._bad:
             raise _SampleFailed(self._bad[item_index])
         path = self.items[item_index].path
         try:
             if self.latent_cache is not None:
                 return self._cached_latent(path, ref)
-            img = load_image(path)
             rng = sample_rng(ref, "image") if self.options.random_trim else None
-            return process_image(img, ref.bucket, rng=rng, jitter=self.options.crop_jitter, flip=ref.flip)
+            jitter, masks = self.options.crop_jitter, self.options.masks
+            if masks is None:
+                return process_image(
+                    load_image(path), ref.bucket, rng=rng, jitter=jitter, flip=ref.flip
+                ), None
+            img, mask = masks.load(path)
+            return process_image_and_mask(img, mask, ref.bucket, rng=rng, jitter=jitter, flip=ref.flip)
         except DECODE_ERRORS as err:
             reason = f"cannot decode at batch time ({type(err).__name__}: {err})"
             self._bad[item_index] = reason
             raise _SampleFailed(reason) from err
 
-    def _cached_latent(self, path: str, ref: SampleRef) -> torch.Tensor:
+    def _cached_latent(self, path: str, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor | None]:
         assert self.latent_cache is not None
         try:
-            return self.latent_cache.get(self.latent_cache.key(path, ref.bucket, ref.flip))
+            entry = self.latent_cache.get_entry(self.latent_cache.key(path, ref.bucket, ref.flip))
+            return entry["latent"], entry.get("mask")
         except KeyError:
             load_image(path)  # a decode error here means fill skipped it: substitute
             raise DataError(
@@ -100,7 +111,7 @@ class PlanBatchDataset(Dataset):
                 "call fill_latent_cache(plan, cache, encode_fn) before make_loader"
             ) from None
 
-    def _sample(self, ref: SampleRef, problems: list[Problem]) -> tuple[torch.Tensor, ImageItem]:
+    def _sample(self, ref: SampleRef, problems: list[Problem]) -> tuple[tuple, ImageItem]:
         try:
             return self._pixels_or_latent(ref.item_index, ref), self.items[ref.item_index]
         except _SampleFailed as err:
@@ -119,21 +130,26 @@ class PlanBatchDataset(Dataset):
     def __getitem__(self, batch_index: int) -> dict:
         refs = self.epoch_plan.batches[batch_index]
         problems: list[Problem] = []
-        tensors, captions, scales, paths = [], [], [], []
+        tensors, masks, captions, scales, paths = [], [], [], [], []
         for ref in refs:
-            tensor, item = self._sample(ref, problems)
+            (tensor, mask), item = self._sample(ref, problems)
             shuffle = self.options.shuffle_tags or bool(item.shuffle_tags)
             dropout = item.cond_dropout if item.cond_dropout is not None else self.options.cond_dropout
+            caption = sample_caption(
+                item.caption,
+                sample_rng(ref, "caption"),
+                shuffle=shuffle,
+                keep_tags=self.options.keep_tags,
+                cond_dropout=dropout,
+                separator=self.options.keep_tokens_separator,
+            )
             captions.append(
-                sample_caption(
-                    item.caption,
-                    sample_rng(ref, "caption"),
-                    shuffle=shuffle,
-                    keep_tags=self.options.keep_tags,
-                    cond_dropout=dropout,
-                )
+                ""
+                if epoch_drops_captions(ref.epoch, self.options.caption_dropout_every_n_epochs)
+                else caption
             )
             tensors.append(tensor)
+            masks.append(mask)
             scales.append(item.loss_scale)
             paths.append(item.path)
         batch = {
@@ -150,6 +166,8 @@ class PlanBatchDataset(Dataset):
             "window_end": self.epoch_plan.is_window_end(batch_index),
             "problems": problems,
         }
+        if self.options.masks is not None:
+            batch["masks"] = stack_masks(masks, tensors)
         return batch
 
 
@@ -209,6 +227,9 @@ def make_loader(
         shuffle_tags=settings.shuffle_tags,
         keep_tags=settings.keep_tags,
         cond_dropout=settings.cond_dropout,
+        masks=settings.mask_source,
+        caption_dropout_every_n_epochs=settings.caption_dropout_every_n_epochs,
+        keep_tokens_separator=settings.keep_tokens_separator,
     )
     dataset = PlanBatchDataset(plan.train_items, plan.item_buckets, epoch_plan, options, latent_cache)
     workers = 0 if latent_cache is not None else settings.num_workers
@@ -245,7 +266,13 @@ def make_eval_loader(
         rank=s.rank,
     )
     options = SampleOptions(
-        crop_jitter=0.0, shuffle_tags=False, keep_tags=0, cond_dropout=0.0, random_trim=False
+        crop_jitter=0.0,
+        shuffle_tags=False,
+        keep_tags=0,
+        cond_dropout=0.0,
+        random_trim=False,
+        masks=s.mask_source,
+        keep_tokens_separator=s.keep_tokens_separator,
     )
     dataset = PlanBatchDataset(fixed, buckets, epoch_plan, options, latent_cache)
     workers = 0 if latent_cache is not None else s.num_workers

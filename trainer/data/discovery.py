@@ -31,6 +31,7 @@ from trainer.data.folder_settings import global_layer, local_layer
 from trainer.data.image_probe import ProbeError, ProbeResult, ScanCache, probe_image
 from trainer.data.items import DEFAULT_BATCH_ID, ImageItem, Problem
 from trainer.data.manifest import read_manifest
+from trainer.data.masks import is_mask_file
 from trainer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class _FolderWalker:
         for path in files.values():
             sidecars.setdefault((path.stem, path.suffix.lower()), path)
         for path in files.values():
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(path):
                 self._add_image(path, base, sidecars)
         for sub in subfolders:
             self.walk(sub, folder_global)

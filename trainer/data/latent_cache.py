@@ -27,10 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from trainer.data.buckets import Bucket, nearest_bucket
 from trainer.data.items import ImageItem, Problem
+from trainer.data.masks import MaskSource, process_image_and_mask
 from trainer.data.transforms import TRANSFORM_VERSION, load_image, process_image
 from trainer.fileperm import apply_umask
 
@@ -39,10 +41,13 @@ logger = logging.getLogger(__name__)
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def key_fields(path: str, bucket: Bucket, flip: bool, vae_fingerprint: str) -> dict[str, str]:
-    """What one cached latent depends on (also stored as the entry's metadata)."""
+def key_fields(
+    path: str, bucket: Bucket, flip: bool, vae_fingerprint: str, mask: str | None = None
+) -> dict[str, str]:
+    """What one cached latent depends on (also stored as the entry's metadata). `mask` is the
+    loss mask's identity (masks.MaskSource.identity) when the entry also holds a mask."""
     st = os.stat(path)
-    return {
+    fields = {
         "image": os.path.abspath(path),
         "size": str(st.st_size),
         "mtime_ns": str(st.st_mtime_ns),
@@ -51,18 +56,23 @@ def key_fields(path: str, bucket: Bucket, flip: bool, vae_fingerprint: str) -> d
         "transform": f"transform-v{TRANSFORM_VERSION}",
         "vae": vae_fingerprint,
     }
+    if mask is not None:
+        fields["mask"] = mask
+    return fields
 
 
 def key_of_fields(fields: dict[str, str]) -> str:
-    return hashlib.sha256("\x1f".join(fields[k] for k in KEY_FIELDS).encode("utf-8")).hexdigest()
+    """An entry without a mask keeps the key it had before masks existed (old caches stay valid)."""
+    parts = [fields[k] for k in KEY_FIELDS] + ([fields["mask"]] if "mask" in fields else [])
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
 
 
 KEY_FIELDS = ("image", "size", "mtime_ns", "bucket", "flip", "transform", "vae")
 
 
-def latent_key(path: str, bucket: Bucket, flip: bool, vae_fingerprint: str) -> str:
+def latent_key(path: str, bucket: Bucket, flip: bool, vae_fingerprint: str, mask: str | None = None) -> str:
     """Cache key of one image variant; stat() makes an edited file a different key."""
-    return key_of_fields(key_fields(path, bucket, flip, vae_fingerprint))
+    return key_of_fields(key_fields(path, bucket, flip, vae_fingerprint, mask))
 
 
 def vae_fingerprint(state_dict: dict[str, torch.Tensor], encode_dtype: torch.dtype = torch.float32) -> str:
@@ -86,23 +96,30 @@ def vae_fingerprint(state_dict: dict[str, torch.Tensor], encode_dtype: torch.dty
 class LatentCache:
     """Latents by key, in memory (`directory=None`) or as safetensors files in `directory`."""
 
-    def __init__(self, directory: Path | None, vae_fingerprint: str):
+    def __init__(self, directory: Path | None, vae_fingerprint: str, masks: MaskSource | None = None):
+        """With `masks` (masked_loss) every entry also holds its loss mask at latent resolution."""
         if not vae_fingerprint:
             raise ValueError("vae_fingerprint must be a non-empty string identifying the VAE weights")
         self.directory = Path(directory) if directory is not None else None
         self.vae_fingerprint = vae_fingerprint
-        self._memory: dict[str, torch.Tensor] = {}
+        self.masks = masks
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
 
-    def key(self, path: str, bucket: Bucket, flip: bool) -> str:
-        return latent_key(path, bucket, flip, self.vae_fingerprint)
+    def _mask_identity(self, path: str) -> str | None:
+        return self.masks.identity(path) if self.masks is not None else None
 
-    def put_item(self, path: str, bucket: Bucket, flip: bool, latent: torch.Tensor) -> str:
-        """Store the latent of one image variant with its key fields as metadata; returns the key."""
-        fields = key_fields(path, bucket, flip, self.vae_fingerprint)
+    def key(self, path: str, bucket: Bucket, flip: bool) -> str:
+        return latent_key(path, bucket, flip, self.vae_fingerprint, self._mask_identity(path))
+
+    def put_item(
+        self, path: str, bucket: Bucket, flip: bool, latent: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> str:
+        """Store the latent (and mask) of one image variant with its key fields as metadata."""
+        fields = key_fields(path, bucket, flip, self.vae_fingerprint, self._mask_identity(path))
         key = key_of_fields(fields)
-        self.put(key, latent, metadata=fields)
+        self.put(key, latent, metadata=fields, mask=mask)
         return key
 
     def _file(self, key: str) -> Path:
@@ -121,21 +138,33 @@ class LatentCache:
 
     def get(self, key: str) -> torch.Tensor:
         """The latent [C, h, w]; KeyError if it was never stored."""
+        return self.get_entry(key)["latent"]
+
+    def get_entry(self, key: str) -> dict[str, torch.Tensor]:
+        """{"latent": [C, h, w]} plus "mask": [1, h, w] for a masked entry; KeyError if absent."""
         if self.directory is None:
             return self._memory[key]
         file = self._file(key)
         if not file.is_file():
             raise KeyError(key)
-        return load_file(str(file))["latent"]
+        return load_file(str(file))
 
-    def put(self, key: str, latent: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
-        latent = latent.detach().to("cpu").clone()  # own storage, not a view of the batch
+    def put(
+        self,
+        key: str,
+        latent: torch.Tensor,
+        metadata: dict[str, str] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        entry = {"latent": latent.detach().to("cpu").clone()}  # own storage, not a view of the batch
+        if mask is not None:
+            entry["mask"] = mask.detach().to("cpu", torch.float32).clone()
         if self.directory is None:
-            self._memory[key] = latent
+            self._memory[key] = entry
             return
         file = self._file(key)
         tmp = file.with_suffix(f".tmp{os.getpid()}")
-        save_file({"latent": latent.contiguous()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in entry.items()}, str(tmp), metadata=metadata)
         apply_umask(tmp)  # safetensors writes 0600 files
         os.replace(tmp, file)
 
@@ -170,15 +199,16 @@ def fill_latent_cache(
     for bucket in sorted(todo):
         jobs = todo[bucket]
         for start in range(0, len(jobs), batch_size):
-            done, pixels = [], []
+            done, pixels, masks = [], [], []
             for path, flip in jobs[start : start + batch_size]:
                 try:
-                    img = load_image(path)
+                    sample, mask = _centre_sample(path, bucket, flip, cache.masks)
                 except (OSError, ValueError, SyntaxError) as err:
                     failed += 1
                     plan.record_problem(Problem(path, f"cannot decode for the latent cache: {err}"))
                     continue
-                pixels.append(process_image(img, bucket, rng=None, jitter=0.0, flip=flip))
+                pixels.append(sample)
+                masks.append(mask)
                 done.append((path, flip))
             if not done:
                 continue
@@ -186,8 +216,10 @@ def fill_latent_cache(
                 latents = encode_fn(torch.stack(pixels))
             if latents.shape[0] != len(done):
                 raise ValueError(f"encode_fn returned {latents.shape[0]} latents for {len(done)} images")
-            for (path, flip), latent in zip(done, latents, strict=True):
-                cache.put_item(path, bucket, flip, latent)
+            for (path, flip), latent, mask in zip(done, latents, masks, strict=True):
+                if mask is not None:  # stored at latent resolution: area average, as the step does
+                    mask = F.interpolate(mask[None], size=tuple(latent.shape[1:]), mode="area")[0]
+                cache.put_item(path, bucket, flip, latent, mask)
             computed += len(done)
     seconds = time.perf_counter() - started
     where = cache.directory if cache.directory is not None else "memory"
@@ -200,6 +232,16 @@ def fill_latent_cache(
         seconds,
     )
     return {"computed": computed, "reused": reused, "failed": failed, "seconds": seconds}
+
+
+def _centre_sample(
+    path: str, bucket: Bucket, flip: bool, masks: MaskSource | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The exact centre-cropped pixels of one variant, and its mask when the cache holds masks."""
+    if masks is None:
+        return process_image(load_image(path), bucket, rng=None, jitter=0.0, flip=flip), None
+    img, mask = masks.load(path)
+    return process_image_and_mask(img, mask, bucket, rng=None, jitter=0.0, flip=flip)
 
 
 def cache_directory(logdir: str | Path) -> Path:

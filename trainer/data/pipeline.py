@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainer.data.buckets import Bucket, get_buckets, is_ed2_table, is_undersized, nearest_bucket
 from trainer.data.items import ImageItem, Problem
+from trainer.data.masks import MaskSource, scan_masks
 from trainer.data.planner import EpochPlan, plan_epoch
 from trainer.errors import ConfigError, DataError
 
@@ -44,6 +45,17 @@ class DataSettings:
     scan_cache: Path | None = None
     num_replicas: int = 1
     rank: int = 0
+    masked_loss: bool = False
+    mask_from_alpha: bool = False
+    caption_dropout_every_n_epochs: int = 0
+    keep_tokens_separator: str = ""
+
+    @property
+    def mask_source(self) -> MaskSource | None:
+        """Where masks come from (trainer.data.masks.MaskSource), or None without masked_loss."""
+        if not self.masked_loss:
+            return None
+        return MaskSource("alpha" if self.mask_from_alpha else "file")
 
     def validate(self) -> None:
         get_buckets(self.resolution)  # ConfigError naming `resolution`
@@ -92,6 +104,8 @@ class DataPlan:
         self.problems.extend(self.undersized)
         self._reported = {p.path for p in self.problems}
         self._plans: dict[int, EpochPlan] = {}
+        source = settings.mask_source
+        self.mask_report = scan_masks(self.train_items, source) if source is not None else None
 
     def record_problem(self, problem: Problem) -> None:
         """Record a batch-time failure; logged and stored once per path."""
@@ -171,6 +185,8 @@ class DataPlan:
         if self.undersized:
             lines.append(f"  {len(self.undersized)} undersized image(s) (trained, upscaled):")
             lines.extend(f"    {p.path}" for p in self.undersized)
+        if self.mask_report is not None:
+            lines.extend(self.mask_report.summary_lines())
         return "\n".join(lines)
 
 

@@ -56,46 +56,88 @@ def load_image(path: str | Path) -> Image.Image:
         return _to_rgb(img)
 
 
-def crop_jitter(img: Image.Image, bucket: Bucket, jitter: float, rng: random.Random) -> Image.Image:
+Box = tuple[int, int, int, int]
+
+
+def jitter_box(size: tuple[int, int], bucket: Bucket, jitter: float, rng: random.Random) -> Box | None:
     """ED2's jitter: up to `min(w, h) * j` pixels off each side, `j` capped by the size slack.
 
     `j = clamp(min((w - bw) / bw, (h - bh) / bh), 0, jitter)`, so an image barely larger than
-    its bucket is not jittered (it would have to be upscaled again).
+    its bucket is not jittered (it would have to be upscaled again). None = no crop (no draw).
     """
-    w, h = img.size
+    w, h = size
     bw, bh = bucket
     j = min(max(min((w - bw) / bw, (h - bh) / bh), 0.0), jitter)
     max_px = int(min(w, h) * j)
     if max_px <= 0:
-        return img
+        return None
     left, top, right, bottom = (rng.uniform(0, max_px) for _ in range(4))
-    return img.crop((int(left), int(top), w - int(right), h - int(bottom)))
+    return (int(left), int(top), w - int(right), h - int(bottom))
 
 
-def trim_to_aspect(img: Image.Image, bucket: Bucket, rng: random.Random | None) -> Image.Image:
-    """Crop the overflowing axis to the bucket aspect; offset ~ triangular (mode = centre).
+def trim_box(size: tuple[int, int], bucket: Bucket, rng: random.Random | None) -> Box | None:
+    """Crop box of the overflowing axis to the bucket aspect; offset ~ triangular (mode = centre).
 
     `rng=None` gives the exact centre crop (used for cached latents, which must not vary).
     """
-    w, h = img.size
+    w, h = size
     target = bucket[0] / bucket[1]
     if w / h > target:  # too wide
         new_w = max(1, round(h * target))
         overflow = w - new_w
         x = rng.triangular(0, overflow) if rng is not None else overflow / 2
-        return img.crop((int(x), 0, int(x) + new_w, h))
+        return (int(x), 0, int(x) + new_w, h)
     new_h = max(1, round(w / target))
     overflow = h - new_h
     if overflow <= 0:
-        return img
+        return None
     y = rng.triangular(0, overflow) if rng is not None else overflow / 2
-    return img.crop((0, int(y), w, int(y) + new_h))
+    return (0, int(y), w, int(y) + new_h)
+
+
+def crop_jitter(img: Image.Image, bucket: Bucket, jitter: float, rng: random.Random) -> Image.Image:
+    """`jitter_box` applied to an image."""
+    box = jitter_box(img.size, bucket, jitter, rng)
+    return img if box is None else img.crop(box)
+
+
+def trim_to_aspect(img: Image.Image, bucket: Bucket, rng: random.Random | None) -> Image.Image:
+    """`trim_box` applied to an image."""
+    box = trim_box(img.size, bucket, rng)
+    return img if box is None else img.crop(box)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """uint8 HWC RGB -> float CHW in [-1, 1] (ED2: ToTensor + Normalize(0.5, 0.5))."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def geometry(
+    size: tuple[int, int], bucket: Bucket, *, rng: random.Random | None, jitter: float
+) -> tuple[Box | None, Box | None]:
+    """The two crops of one sample (jitter, then trim), drawn in ED2's order, so an image and
+    its loss mask can be cut identically. `rng=None`: no jitter and the exact centre trim."""
+    first = jitter_box(size, bucket, jitter, rng) if rng is not None and jitter > 0 else None
+    cropped = size if first is None else (first[2] - first[0], first[3] - first[1])
+    return first, trim_box(cropped, bucket, rng)
+
+
+def apply_geometry(
+    img: Image.Image, boxes: tuple[Box | None, Box | None], bucket: Bucket, flip: bool
+) -> Image.Image:
+    """Crop by `boxes`, resize to the bucket, mirror when `flip`.
+
+    Resizing uses Lanczos when shrinking (sharp, alias-free) and bicubic when enlarging
+    (Lanczos rings on upscales); a mask goes through the same filter, so it stays aligned.
+    """
+    for box in boxes:
+        if box is not None:
+            img = img.crop(box)
+    if img.size != bucket:
+        shrinking = img.size[0] >= bucket[0]
+        img = img.resize(bucket, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
+    return ImageOps.mirror(img) if flip else img
 
 
 def process_image(
@@ -108,15 +150,8 @@ def process_image(
 ) -> torch.Tensor:
     """Jitter, trim, resize and flip one RGB image into a [3, bh, bw] tensor in [-1, 1].
 
-    Resizing uses Lanczos when shrinking (sharp, alias-free) and bicubic when enlarging
-    (Lanczos rings on upscales). `rng=None` disables all randomness (centre crop, no jitter).
+    `rng=None` disables all randomness (centre crop, no jitter). For an image with a loss mask
+    use `trainer.data.masks.process_image_and_mask`, which cuts both with one `geometry`.
     """
-    if rng is not None and jitter > 0:
-        img = crop_jitter(img, bucket, jitter, rng)
-    img = trim_to_aspect(img, bucket, rng)
-    if img.size != bucket:
-        shrinking = img.size[0] >= bucket[0]
-        img = img.resize(bucket, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
-    if flip:
-        img = ImageOps.mirror(img)
-    return to_tensor(img)
+    boxes = geometry(img.size, bucket, rng=rng, jitter=jitter)
+    return to_tensor(apply_geometry(img, boxes, bucket, flip))

@@ -292,8 +292,13 @@ def _a1111_yaml(components: SDComponents) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def save_single_file(components: SDComponents, path: Path, *, half: bool = True) -> list[Path]:
+def save_single_file(
+    components: SDComponents, path: Path, *, half: bool = True, dtype: torch.dtype | None = None
+) -> list[Path]:
     """Write an A1111/ComfyUI-loadable `.safetensors` (and the SD2 `.yaml`); returns written paths.
+
+    Floating-point tensors are written in `dtype` when given (save_precision), else fp16 when
+    `half`, else in their own dtype.
 
     The file is written under a temporary name and renamed, so a crash never leaves a
     truncated checkpoint under the final name.
@@ -304,8 +309,10 @@ def save_single_file(components: SDComponents, path: Path, *, half: bool = True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for k, v in ldm_state_dict(components).items():
-        dtype = torch.float16 if half and v.is_floating_point() else v.dtype
-        tensors[k] = v.detach().to(device="cpu", dtype=dtype).contiguous()  # no GPU-side copies
+        want = v.dtype
+        if v.is_floating_point():
+            want = dtype if dtype is not None else torch.float16 if half else v.dtype
+        tensors[k] = v.detach().to(device="cpu", dtype=want).contiguous()  # no GPU-side copies
     metadata = {
         "format": "pt",
         META_FAMILY: components.family,
