@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -60,14 +59,51 @@ MAPPED = [
         "toml",
         {"noise_offset": 0.09, "noise_offset_random_strength": True},
         "train:zero_frequency_noise_ratio",
-        round(0.09 / math.sqrt(3), 6),
+        0.09,
     ),
+    (
+        "toml",
+        {"noise_offset": 0.09, "noise_offset_random_strength": True},
+        "train:noise_offset_random_strength",
+        True,
+    ),
+    ("toml", {"noise_offset_random_strength": True}, "train:noise_offset_random_strength", "<unset>"),
     (
         "toml",
         {"multires_noise_iterations": 8, "multires_noise_discount": 0.4},
         "train:pyramid_noise_discount",
         0.4,
     ),
+    ("toml", {"multires_noise_iterations": 8}, "train:multires_noise_iterations", 8),
+    ("toml", {"multires_noise_iterations": 8}, "train:pyramid_noise_discount", 0.3),
+    ("toml", {"masked_loss": True}, "train:masked_loss", True),
+    ("toml", {"masked_loss": True}, "train:unmasked_weight", 0.0),
+    ("toml", {"alpha_mask": True}, "train:masked_loss", True),
+    ("toml", {"alpha_mask": True}, "train:mask_from_alpha", True),
+    ("toml", {"masked_loss": False}, "train:masked_loss", "<unset>"),
+    ("toml", {"debiased_estimation_loss": True}, "train:debiased_estimation_loss", True),
+    ("toml", {"ip_noise_gamma": 0.1}, "train:ip_noise_gamma", 0.1),
+    (
+        "toml",
+        {"ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True},
+        "train:ip_noise_gamma_random_strength",
+        True,
+    ),
+    ("gui", {"ip_noise_gamma": 0}, "train:ip_noise_gamma", "<unset>"),
+    ("toml", {"caption_dropout_every_n_epochs": 3}, "train:caption_dropout_every_n_epochs", 3),
+    ("toml", {"keep_tokens_separator": "|||"}, "train:keep_tokens_separator", "|||"),
+    ("toml", {"stop_text_encoder_training": 400}, "train:stop_text_encoder_training", 400),
+    ("gui", {"stop_text_encoder_training": 0}, "train:stop_text_encoder_training", "<unset>"),
+    ("toml", {"stop_text_encoder_training": -1}, "train:disable_textenc_training", True),
+    ("gui", {"stop_text_encoder_training_pct": 25}, "train:stop_text_encoder_training", 0.25),
+    (
+        "toml",
+        {"train_text_encoder": False, "stop_text_encoder_training": 10},
+        "train:stop_text_encoder_training",
+        "<unset>",
+    ),
+    ("toml", {"save_every_n_steps": 500}, "train:save_every_n_steps", 500),
+    ("gui", {"save_every_n_steps": 0}, "train:save_every_n_steps", "<unset>"),
     ("toml", {"multires_noise_discount": 0.4}, "train:pyramid_noise_discount", "<unset>"),
     ("toml", {"min_snr_gamma": 5}, "train:min_snr_gamma", 5.0),
     ("gui", {"min_snr_gamma": 0}, "train:min_snr_gamma", None),
@@ -103,8 +139,9 @@ MAPPED = [
     ("toml", {}, "train:save_optimizer", False),
     ("toml", {"save_model_as": "diffusers"}, "train:no_save_ckpt", True),
     ("toml", {"save_model_as": "safetensors"}, "train:no_save_ckpt", False),
-    ("toml", {"save_precision": "float"}, "train:save_full_precision", True),
-    ("toml", {"save_precision": "fp16"}, "train:save_full_precision", False),
+    ("toml", {"save_precision": "float"}, "train:save_precision", "fp32"),
+    ("toml", {"save_precision": "fp16"}, "train:save_precision", "fp16"),
+    ("toml", {"save_precision": "bf16"}, "train:save_precision", "bf16"),
     ("toml", {}, "train:sample_prompts", None),
     ("toml", {"sample_every_n_steps": 150}, "train:sample_steps", 150),
     ("toml", {"sample_at_first": True}, "train:sample_at_start", True),
@@ -261,9 +298,13 @@ def test_unknown_key_is_named_in_the_table_with_a_suggestion():
 
 
 def test_not_supported_feature_is_reported_but_off_values_are_not_lossy():
+    result = convert("toml", {"color_aug": True, "adaptive_noise_scale": 0.0})
+    rows = {r.source: r for r in result.rows}
+    assert rows["color_aug"].status == NOT_SUPPORTED
+    assert rows["adaptive_noise_scale"] not in result.lossy_rows()
     result = convert("toml", {"ip_noise_gamma": 0.1, "color_aug": False})
     rows = {r.source: r for r in result.rows}
-    assert rows["ip_noise_gamma"].status == NOT_SUPPORTED
+    assert rows["ip_noise_gamma"].status == "mapped"
     assert rows["color_aug"] not in result.lossy_rows()
 
 
@@ -322,7 +363,7 @@ def test_seed_configuration_imports_every_key():
         "lr_decay_steps": 250,
     }
     assert result.text_encoder == {"lr": 5e-05}
-    assert result.train["zero_frequency_noise_ratio"] == round(0.06 / math.sqrt(3), 6)
+    assert result.train["zero_frequency_noise_ratio"] == 0.06 and result.train["noise_offset_random_strength"]
     assert result.train["keep_tags"] == 2 and result.train["max_epochs"] == 10
 
 

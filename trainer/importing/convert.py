@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.importing import dataset as dataset_mod
-from trainer.importing import map_options, map_output
+from trainer.importing import map_extras, map_options, map_output
 from trainer.importing.kohya_keys import NO_COUNTERPART, NOT_SUPPORTED
 from trainer.importing.map_training import KEYS as TRAINING_KEYS
 from trainer.importing.map_training import convert_training
@@ -52,6 +52,7 @@ GUI_ZERO_IS_UNSET = frozenset(
 )
 KNOWN_CONVERTED = frozenset(
     TRAINING_KEYS
+    + map_extras.KEYS
     + [
         "sdxl",
         "pretrained_model_name_or_path",
@@ -247,7 +248,7 @@ def convert_values(
     for row in extra_rows:
         ctx.row(row)
     convert_training(ctx)
-    for converter in (*map_options.CONVERTERS, *map_output.CONVERTERS):
+    for converter in (*map_options.CONVERTERS, *map_output.CONVERTERS, *map_extras.CONVERTERS):
         converter(ctx)
     if subsets:
         dataset_mod.convert_subsets(ctx, subsets)

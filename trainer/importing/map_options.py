@@ -5,9 +5,9 @@ One small function per key (or per pair of keys that only make sense together), 
 in docs/MIGRATING.md:
 
 * `noise_offset` x is `zero_frequency_noise_ratio` x (same formula: x * N(0,1) per sample and
-  channel). kohya's offset is off by default, ours is 0.02, so an absent/0 offset writes 0. With
-  `noise_offset_random_strength` kohya scales it by one U(0,1) draw per batch; the import keeps the
-  offset's variance: x / sqrt(3).
+  channel). kohya's offset is off by default, ours is 0.02, so an absent/0 offset writes 0.
+  `noise_offset_random_strength` scales it by a U(0,1) draw: kohya draws once per batch, this
+  trainer once per sample.
 * `keep_tokens` N counts the first caption chunk; our main prompt (chunk 0) always stays in
   place and `keep_tags` counts the tags after it: keep_tags = max(N - 1, 0).
 * `flip_aug` flips with probability 0.5: flip_p 0.5.
@@ -178,43 +178,29 @@ def _captions(ctx) -> None:
 
 def _noise(ctx) -> None:
     offset = ctx.get("noise_offset") or 0.0
-    random_strength = bool(ctx.get("noise_offset_random_strength"))
-    if random_strength and offset:
-        value = round(offset / math.sqrt(3), 6)
-        ctx.result.set_train(
-            "zero_frequency_noise_ratio",
-            value,
-            "noise_offset",
-            offset,
-            "random strength: same variance, x / sqrt(3)",
-        )
-        ctx.row(
-            Row(
+    status = "mapped" if ctx.has("noise_offset") else DEFAULT
+    note = "same formula" if offset else "kohya: off unless set (ours defaults to 0.02)"
+    ctx.result.set_train(
+        "zero_frequency_noise_ratio",
+        float(offset),
+        "noise_offset",
+        ctx.raw("noise_offset"),
+        note,
+        status=status,
+    )
+    if ctx.has("noise_offset_random_strength"):
+        if ctx.get("noise_offset_random_strength") and offset:
+            ctx.result.set_train(
                 "noise_offset_random_strength",
                 True,
-                OFF,
-                note="folded into zero_frequency_noise_ratio (see noise_offset)",
+                "noise_offset_random_strength",
+                ctx.raw("noise_offset_random_strength"),
+                "strength drawn per sample (kohya: per batch)",
             )
-        )
-    else:
-        status = "mapped" if ctx.has("noise_offset") else DEFAULT
-        note = "same formula" if offset else "kohya: off unless set (ours defaults to 0.02)"
-        ctx.result.set_train(
-            "zero_frequency_noise_ratio",
-            float(offset),
-            "noise_offset",
-            ctx.raw("noise_offset"),
-            note,
-            status=status,
-        )
-        if ctx.has("noise_offset_random_strength"):
+        else:
+            note = "no offset noise" if not offset else "off in the source"
             ctx.row(
-                Row(
-                    "noise_offset_random_strength",
-                    ctx.raw("noise_offset_random_strength"),
-                    OFF,
-                    note="no offset noise",
-                )
+                Row("noise_offset_random_strength", ctx.raw("noise_offset_random_strength"), OFF, note=note)
             )
     iterations = ctx.get("multires_noise_iterations")
     if iterations:
@@ -225,15 +211,10 @@ def _noise(ctx) -> None:
             discount,
             "multires_noise_discount",
             discount,
-            "EveryDream2's pyramid noise: levels down to 1x1, not a fixed count",
+            "EveryDream2's pyramid noise",
         )
-        ctx.row(
-            Row(
-                "multires_noise_iterations",
-                iterations,
-                OFF,
-                note="pyramid noise on (see multires_noise_discount); levels are not counted here",
-            )
+        ctx.result.set_train(
+            "multires_noise_iterations", int(iterations), "multires_noise_iterations", iterations, "levels"
         )
     else:
         for key in ("multires_noise_iterations", "multires_noise_discount"):

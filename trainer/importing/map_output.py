@@ -60,15 +60,19 @@ def _saving(ctx) -> None:
         ctx.result.set_train("no_save_ckpt", diffusers_only, "save_model_as", fmt, note)
     prec = ctx.get("save_precision")
     if prec is not None:
-        note = "bf16 files are not written: fp16" if prec == "bf16" else ""
-        ctx.result.set_train("save_full_precision", prec == "float", "save_precision", prec, note)
+        ours = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(str(prec))
+        if ours is None:
+            ctx.row(Row("save_precision", prec, NOT_SUPPORTED, note="use fp16, bf16 or float"))
+        else:
+            note = "kohya's 'float'" if prec == "float" else ""
+            ctx.result.set_train("save_precision", ours, "save_precision", prec, note)
     elif ctx.has("save_precision"):
         ctx.row(
             Row(
                 "save_precision",
                 ctx.raw("save_precision"),
                 OFF,
-                note="single file in fp16 (save_full_precision false)",
+                note="single file in fp16 (save_precision null)",
             )
         )
 
