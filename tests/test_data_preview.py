@@ -52,3 +52,20 @@ def test_preview_bad_resolution_names_key(tmp_path, capsys):
     _dataset(tmp_path)
     assert main(["--data_root", str(tmp_path), "--resolution", "500"]) == 2
     assert "resolution" in capsys.readouterr().err
+
+
+def test_preview_reports_images_without_a_mask_once(tmp_path, capsys):
+    _dataset(tmp_path)
+    Image.new("L", (140, 130), 255).save(tmp_path / "img0-masklabel.png")
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"data_root": str(tmp_path), "resolution": 128, "masked_loss": True}))
+    assert main(["--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "4 training images" in text  # the mask file is not an image
+    assert "masks (file): 1 with a mask, 3 without (full weight)" in text
+    assert [line.strip() for line in text.splitlines() if "no mask:" in line] == [
+        f"no mask: {tmp_path / name}" for name in ("img1.png", "img2.png", "img3.png")
+    ]
+    assert main(["--config", str(config), "--json"]) == 0
+    masks = json.loads(capsys.readouterr().out)["masks"]
+    assert masks["with_mask"] == 1 and len(masks["without_mask"]) == 3

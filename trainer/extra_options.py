@@ -52,9 +52,11 @@ def check_extra_options(cfg) -> None:
             raise ValueError(
                 f"{key} is true but does nothing without {needed} (set {needed}, or {key} false)"
             )
-    if "unmasked_weight" in cfg.model_fields_set and not cfg.masked_loss:
+    default_weight = type(cfg).model_fields["unmasked_weight"].default
+    if cfg.unmasked_weight != default_weight and not cfg.masked_loss:  # the default: train_effective.json
         raise ValueError(
-            "unmasked_weight is set but masked_loss is false: set masked_loss true or drop the key"
+            f"unmasked_weight {cfg.unmasked_weight} does nothing without masked_loss: set masked_loss true "
+            "or drop the key"
         )
     if (
         cfg.multires_noise_discount is not None

@@ -65,6 +65,7 @@ def build_report(plan: DataPlan) -> dict:
         "repeats": {f"{m:g}": n for m, n in sorted(Counter(it.multiply for it in plan.train_items).items())},
         "validation": {name: [it.path for it in items] for name, items in plan.val_sets.items()},
         "stabilize": [it.path for it in plan.stabilize_items],
+        "masks": plan.mask_report.as_dict() if plan.mask_report is not None else None,
         "problems": [
             {
                 "path": p.path,
@@ -115,9 +116,24 @@ def format_report(report: dict) -> str:
         lines.append(f"validation set {name!r}: {len(paths)} images")
     if report["stabilize"]:
         lines.append(f"stabilize-train set: {len(report['stabilize'])} images")
+    lines.extend(_mask_lines(report["masks"]))
     lines.append(f"problems: {len(report['problems'])}")
     lines.extend(_problem_lines(report["problems"]))
     return "\n".join(lines)
+
+
+def _mask_lines(masks: dict | None, keep: int = 3) -> list[str]:
+    """masked_loss: how many images have a mask; the ones without (full weight), listed once."""
+    if masks is None:
+        return []
+    missing = masks["without_mask"]
+    lines = [
+        f"masks ({masks['source']}): {masks['with_mask']} with a mask, {len(missing)} without (full weight)"
+    ]
+    lines.extend(f"  no mask: {path}" for path in missing[:keep])
+    if len(missing) > keep:
+        lines.append(f"  ... and {len(missing) - keep} more without a mask (--json lists all)")
+    return lines
 
 
 def _problem_lines(problems: list[dict], keep: int = 3) -> list[str]:
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad_accum", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--validation_config", default=None)
+    parser.add_argument("--masked_loss", action="store_true", help="report each image's loss mask")
+    parser.add_argument("--mask_from_alpha", action="store_true", help="masks from the alpha channel")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     repeats = RepeatLimiter()
@@ -172,7 +190,7 @@ def _settings(args) -> DataSettings:
 
         cfg = load_config(args.config, [])
         keys = ("data_root", "resolution", "batch_size", "grad_accum", "seed", "validation_config")
-        from_file = {k: getattr(cfg, k) for k in keys}
+        from_file = {k: getattr(cfg, k) for k in (*keys, "masked_loss", "mask_from_alpha")}
     elif not args.data_root:
         raise ConfigError("give --config train.json or --data_root DIR")
     flags = {
@@ -181,7 +199,9 @@ def _settings(args) -> DataSettings:
     if args.data_root:
         flags["data_root"] = args.data_root[0] if len(args.data_root) == 1 else list(args.data_root)
     defaults = {"resolution": 512, "batch_size": 1, "grad_accum": 1, "seed": 555, "validation_config": None}
+    flags |= {k: True for k in ("masked_loss", "mask_from_alpha") if getattr(args, k)}
     merged = {**defaults, **from_file, **{k: v for k, v in flags.items() if v is not None}}
+    merged["masked_loss"] = merged.get("masked_loss", False) or merged.get("mask_from_alpha", False)
     return DataSettings(**merged)
 
 
