@@ -106,6 +106,7 @@ GROUPS = {
         noise_offset_random_strength=True,
         multires_noise_iterations=3,
         debiased_estimation_loss=True,
+        masked_loss=True,  # half masks, read and cut from the image files at every step
     ),
     "captions_and_step_saves": dict(
         caption_dropout_every_n_epochs=2,

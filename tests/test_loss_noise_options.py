@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from tests.test_step import CAPTIONS, make_tokenizer
 from trainer import diffusion, losses
+from trainer.step import StepSettings, TrainingStep
 
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
@@ -136,3 +140,71 @@ def test_all_ones_weight_map_is_bitwise_the_plain_loss(loss_type):
             pred, target, t, weight_map=ones, normalize_weight_map=normalize, **kwargs
         )
         assert torch.equal(masked, plain)
+
+
+class RecordingZeroUNet(torch.nn.Module):
+    """Predicts zeros (loss = the target's weighted mean square) and records its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x, t, emb):
+        self.inputs.append(x.detach().clone())
+        return SimpleNamespace(sample=torch.zeros_like(x) * self.w)
+
+
+def test_training_step_perturbs_the_input_only_and_weights_by_mask_and_debiasing():
+    tok = make_tokenizer()
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        )
+    )
+    unet = RecordingZeroUNet()
+    schedule = diffusion.NoiseSchedule.from_scheduler_config(SD_SCHEDULE)
+    settings = StepSettings(
+        zero_frequency_noise_ratio=0.0,
+        ip_noise_gamma=0.1,
+        ip_noise_gamma_random_strength=True,
+        debiased_estimation_loss=True,
+        masked_loss=True,
+        unmasked_weight=0.2,
+        normalize_masked_area_loss=True,
+    )
+    step = TrainingStep(
+        unet=unet,
+        text_encoder=te,
+        vae=None,
+        tokenizer=tok,
+        schedule=schedule,
+        settings=settings,
+        device="cpu",
+    )
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[..., :32] = 1.0  # left half
+    batch = {"latents": latents, "captions": CAPTIONS, "loss_scale": torch.ones(2), "masks": masks}
+    out = step(batch, torch.Generator().manual_seed(4))
+
+    g = torch.Generator().manual_seed(4)  # the documented order: noise, timesteps, perturbation
+    noise = diffusion.sample_noise((2, 4, 8, 8), generator=g, device="cpu")
+    t = diffusion.sample_timesteps(2, start=0, end=1000, generator=g, device="cpu")
+    perturbation = diffusion.input_perturbation(
+        (2, 4, 8, 8), gamma=0.1, random_strength=True, generator=g, device="cpu"
+    )
+    assert torch.equal(out.timesteps, t)
+    assert torch.equal(unet.inputs[0], diffusion.add_noise(schedule, latents, noise + perturbation, t))
+    weights = torch.full((2, 1, 8, 8), 0.2)
+    weights[..., :4] = 1.0
+    per_sample = (noise.pow(2) * weights).mean(dim=(1, 2, 3)) / weights.mean(
+        dim=(1, 2, 3)
+    )  # target: plain noise
+    snr = diffusion.snr(schedule, t)
+    torch.testing.assert_close(out.loss, per_sample / snr.clamp(max=1000).sqrt(), rtol=1e-6, atol=0)
