@@ -561,7 +561,7 @@ def _build_observers(session: Session, autocast_dtype) -> Observers:
             vae=model.vae,
             tokenizer=model.tokenizer,
             schedule=session.step.schedule,
-            settings=replace(session.step.settings, embedding_perturbation=0.0),
+            settings=replace(session.step.settings, embedding_perturbation=0.0, ip_noise_gamma=0.0),
             device=session.device,
             autocast_dtype=autocast_dtype,
             text_cache=session.step.text_cache,  # outputs depend only on the caption: safe to share
