@@ -108,15 +108,16 @@ GROUPS = {
         debiased_estimation_loss=True,
         masked_loss=True,  # half masks, read and cut from the image files at every step
     ),
-    "captions_and_step_saves": dict(
+    "captions_masks_in_the_cache_and_saves": dict(
         caption_dropout_every_n_epochs=2,
         keep_tokens_separator="|||",
         shuffle_tags=True,
+        masked_loss=True,
+        normalize_masked_area_loss=True,
+        cache_latents=True,
         save_every_n_steps=1,
         keep_last_checkpoints=9,
-    ),
-    "masks_in_the_latent_cache": dict(
-        masked_loss=True, normalize_masked_area_loss=True, cache_latents=True, save_precision="bf16"
+        save_precision="bf16",
     ),
     "te_stop_before_the_resume": dict(
         stop_text_encoder_training=2,

@@ -180,3 +180,15 @@ def _caption_plan(folder):
         data_root=str(folder), resolution=64, batch_size=2, cond_dropout=0.0, caption_dropout_every_n_epochs=2
     )
     return DataPlan(s, items, {}, [], [])
+
+
+def test_mask_file_modes_rgb_luminance_and_transparent_is_background(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    painted = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    painted.paste((255, 255, 255, 255), (0, 0, 4, 8))  # left half painted white, the rest transparent
+    painted.save(mask_file_for(tmp_path / "a.png"))
+    _, mask = MaskSource("file").load(str(tmp_path / "a.png"))
+    assert mask.mode == "L" and np.asarray(mask)[0].tolist() == [255] * 4 + [0] * 4
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(mask_file_for(tmp_path / "a.png"))
+    _, mask = MaskSource("file").load(str(tmp_path / "a.png"))
+    assert np.asarray(mask).min() == 255

@@ -11,6 +11,10 @@ A cached latent must be the same every epoch, so with the cache on **crop jitter
 the trim to the bucket aspect is the exact centre crop**; a flipped sample is served from a
 second, flipped latent, which is only computed for items whose effective flip_p is > 0.
 
+With masked loss (`masks`) an entry also holds its image's loss mask, cut like the latent's
+image and area-averaged to the latent grid; the mask's identity (mask file path, size, mtime)
+joins the key. Entries without masks keep the keys they always had.
+
 Entries live in memory, or, when a directory is given, one `<key>.safetensors` file each
 (written to a temporary name and renamed, so a crash never leaves a half-written entry), which
 a later run reuses. Each file's metadata records what its key was made of, so the cache can be

@@ -62,10 +62,17 @@ def _alpha(img: Image.Image) -> Image.Image | None:
 
 
 def _as_grey(img: Image.Image) -> Image.Image:
-    """A mask file in any mode -> 8-bit grey (RGB masks use their luminance)."""
+    """A mask file in any mode -> 8-bit grey (RGB masks use their luminance; 16-bit is scaled).
+
+    A mask with transparency is composited on black: an unpainted, transparent pixel is
+    background, not subject.
+    """
+    alpha = _alpha(img)
+    if alpha is not None:
+        grey = Image.new("L", img.size, 0)
+        grey.paste(img.convert("RGBA").convert("L"), mask=alpha)
+        return grey
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _to_rgb(img).convert("L")
-    if img.mode == "RGBA":  # a painted mask with transparency: transparent = not painted
         return _to_rgb(img).convert("L")
     return img if img.mode == "L" else img.convert("L")
 
