@@ -76,6 +76,12 @@ class StepSettings:
             )
         if self.embedding_perturbation < 0:
             raise ConfigError(f"embedding_perturbation={self.embedding_perturbation}: must be >= 0.")
+        if self.ip_noise_gamma < 0:
+            raise ConfigError(f"ip_noise_gamma={self.ip_noise_gamma}: must be >= 0.")
+        if not 0.0 <= self.unmasked_weight <= 1.0:
+            raise ConfigError(f"unmasked_weight={self.unmasked_weight}: must be between 0 and 1.")
+        if self.pyramid_iterations < 1:
+            raise ConfigError(f"multires_noise_iterations={self.pyramid_iterations}: must be >= 1.")
 
 
 @dataclass
