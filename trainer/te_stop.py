@@ -33,9 +33,7 @@ def stop_text_encoder(session) -> None:
     optim = session.optim
     if COMPONENT not in optim.components:
         return
-    stopped = getattr(optim, "stopped_layouts", {})
-    stopped[COMPONENT] = optimizer_layout(optim)[COMPONENT]
-    optim.stopped_layouts = stopped
+    optim.stopped_layouts[COMPONENT] = optimizer_layout(optim)[COMPONENT]
     comp = optim.components.pop(COMPONENT)
     comp.optimizer.state.clear()  # the moments: freed now, not when the last reference goes
     model = session.model

@@ -181,6 +181,8 @@ class OptimizerSet:
         self.rounding = None
         # Schedule-free train-mode weights while `schedule_free.eval_weights` is active.
         self.train_weights: dict[str, list[torch.Tensor]] | None = None
+        # Components whose training stopped mid-run (trainer/te_stop.py): name -> resume-guard layout.
+        self.stopped_layouts: dict[str, str] = {}
 
     steps_in_backward = False  # FusedOptimizerSet updates inside backward instead
 
