@@ -62,8 +62,9 @@ def test_all_white_masks_train_bitwise_like_no_masks(tmp_path):
     assert_bitwise_equal(pipeline_weights(_final(plain)), pipeline_weights(_final(masked)))
 
 
-def test_all_black_masks_with_zero_unmasked_weight_leave_the_model_unchanged(tmp_path):
+def test_all_black_masks_with_zero_unmasked_weight_leave_the_model_unchanged(tmp_path, caplog):
     data = _dataset(tmp_path, mask_value=0)
+    caplog.set_level("INFO")
     summary, session = train_in_process(
         tmp_path,
         data_root=data,
@@ -73,6 +74,10 @@ def test_all_black_masks_with_zero_unmasked_weight_leave_the_model_unchanged(tmp
         **SMALL,
     )
     assert summary.global_step == 4 and summary.final_loss == 0.0
+    assert "kohya/OneTrainer options: masked_loss (masks from -masklabel.png files, unmasked_weight 0.0)" in (
+        caplog.text
+    )
+    assert "masked_loss: 4 image(s) with a -masklabel.png mask" in caplog.text  # the data summary
     trained = pipeline_weights(_final(session))
     start = start_weights()
     assert_bitwise_equal(
