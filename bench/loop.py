@@ -8,7 +8,9 @@ each t the wall time of a fresh `train.py` process: start-up, model load, the fi
 exit cancel out, what remains is what a step costs in the loop (data loading, VAE encode of
 every image, step, optimizer, logging, bookkeeping). The same work is then timed by
 bench/step.py (synthetic batches, no data loader) and the ratio loop / step printed: the loop's
-overhead over the bare step.
+overhead over the bare step. Both are also given in CPU seconds per step (the processes' user +
+system time, all threads and loader workers): on a shared machine these move far less with
+the load than wall time, and with the passive OpenMP wait (below) a waiting thread costs none.
 
 The data: `--images` generated PNGs (flat shapes on flat backgrounds, deterministic) with
 `.txt` captions, written with a train.json and an optimizer.json into a temporary folder (or
@@ -126,8 +128,9 @@ def time_train(train_py: Path, config: Path, threads: int | None) -> tuple[float
     return elapsed, cpu
 
 
-def time_step(train_py: Path, args: argparse.Namespace) -> float:
-    """Median s/step of bench/step.py (of the checkout holding `train_py`) on the same work."""
+def time_step(train_py: Path, args: argparse.Namespace) -> tuple[float, float | None]:
+    """Median wall and CPU s/step of bench/step.py (of the checkout holding `train_py`) on the
+    same work (CPU None from a bench/step.py that does not report it)."""
     bench_step = train_py.resolve().parent / "bench" / "step.py"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "step.json"
@@ -152,7 +155,8 @@ def time_step(train_py: Path, args: argparse.Namespace) -> float:
         subprocess.run(
             cmd, check=True, stdout=subprocess.DEVNULL, env=dict(thread_env(args.threads), PYTHONPATH="")
         )
-        return json.loads(out.read_text())["seconds_per_step_median"]
+        result = json.loads(out.read_text())
+        return result["seconds_per_step_median"], result.get("cpu_seconds_per_step_median")
 
 
 def load_average() -> str:
@@ -204,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"CPU {(cn - c1) / steps:.4f} s/step)"
             )
             if not args.no_step:
-                bare = time_step(args.train_py, args)
+                bare, bare_cpu = time_step(args.train_py, args)
                 line += f", bare step {bare:.4f} s/step, loop/step {loop / bare:.3f}"
+                if bare_cpu:
+                    line += f" (CPU {bare_cpu:.4f} s/step, loop/step {(cn - c1) / steps / bare_cpu:.3f})"
             print(f"{line}  [load average {load_average()}]", flush=True)
     return 0
 

@@ -350,12 +350,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         bench.run_step(i)
     _sync(device)
     scope = _reset_peak(device)
-    times = []
+    times, cpu_times = [], []
     for i in range(args.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         bench.run_step(args.warmup + i)
         _sync(device)  # only the benchmark syncs: the time must include the queued GPU work
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
     median = statistics.median(times)
     images_per_s = args.batch_size / median
     flops_per_image = flops / args.batch_size if flops is not None else None
@@ -368,6 +369,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "seconds_per_step_min": round(min(times), 5),
         "seconds_per_step_max": round(max(times), 5),
         "seconds_per_step_all": [round(t, 5) for t in times],
+        # CPU seconds of this process (all its threads) per step: steadier than wall time on a
+        # shared machine, and what bench/loop.py compares with the loop's
+        "cpu_seconds_per_step_median": round(statistics.median(cpu_times), 5),
         "images_per_s": images_per_s,
         "model_flops_per_image": flops_per_image,
         "model_tflops_per_image": round(flops_per_image / 1e12, 6) if flops_per_image is not None else None,
