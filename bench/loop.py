@@ -2,6 +2,7 @@
 
     python bench/loop.py                       # tiny SD1, 256 px, batch 4, AdamW fp32, UNet + TE
     python bench/loop.py --epochs 5 --repeats 2 --train_py OTHER_CHECKOUT/train.py
+    python bench/loop.py --phases     # and split the loop's CPU time: step vs the loop's own
 
 Whole-loop seconds per optimizer step = (t(N epochs) - t(1 epoch)) / steps of the extra epochs,
 each t the wall time of a fresh `train.py` process: start-up, model load, the final save and
@@ -16,6 +17,9 @@ The data: `--images` generated PNGs (flat shapes on flat backgrounds, determinis
 `.txt` captions, written with a train.json and an optimizer.json into a temporary folder (or
 `--workdir`). `--train_py` times another checkout's train.py on the same data and settings
 (before/after comparisons: bench/step.py then runs from that checkout too).
+`--phases` runs the long configuration once more inside one process, timing the loop's
+forward + backward and optimizer steps: what is left is the loop's own cost (data loading,
+bookkeeping, logging, the final save spread over the steps), without any start-up difference.
 Timings on a shared machine are noisy: compare interleaved runs and read the load average that
 is printed with each figure.
 """
@@ -159,6 +163,56 @@ def time_step(train_py: Path, args: argparse.Namespace) -> tuple[float, float | 
         return result["seconds_per_step_median"], result.get("cpu_seconds_per_step_median")
 
 
+def loop_phases(config: Path) -> dict:
+    """Run the loop of `trainer` (the one on sys.path) in this process on `config`, timing its
+    micro-steps (forward + backward) and optimizer steps; the loop's own share is the rest:
+    data loading, bookkeeping, logging (and the final save, spread over the steps). CPU seconds
+    of this process per optimizer step (a loader worker's own time is not in them)."""
+    from trainer.threads import configure_threads
+
+    configure_threads()  # before torch loads, as train.py does
+    from trainer import loop
+    from trainer.config import load_config
+    from trainer.session import build_session
+
+    spent = {"forward + backward": 0.0, "optimizer step": 0.0}
+
+    def timed(fn, name):
+        def wrapper(*a, **k):
+            started = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.process_time() - started
+
+        return wrapper
+
+    loop._micro_step = timed(loop._micro_step, "forward + backward")
+    loop._optimizer_step = timed(loop._optimizer_step, "optimizer step")
+    session = build_session(load_config(str(config), []))
+    started = time.process_time()
+    try:
+        summary = loop.train(session)
+    finally:
+        session.close()
+    total = time.process_time() - started
+    steps = summary.global_step
+    result = {name: t / steps for name, t in spent.items()}
+    result["loop's own (data, bookkeeping, save)"] = (total - sum(spent.values())) / steps
+    result["total"] = total / steps
+    return result
+
+
+def time_phases(train_py: Path, config: Path, threads: int | None) -> dict:
+    """`loop_phases` in a fresh process importing the trainer next to `train_py`."""
+    env = dict(thread_env(threads), PYTHONPATH=str(train_py.resolve().parent))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phases_of", str(config)]
+    done = subprocess.run(cmd, env=env, cwd=config.parent, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"loop phases failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -182,11 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS / torch threads")
     p.add_argument("--train_py", type=Path, default=HERE.parent / "train.py", help="the train.py to time")
     p.add_argument("--workdir", type=Path, default=None, help="keep data and runs here")
+    p.add_argument(
+        "--phases", action="store_true", help="also split a long run's CPU time: step vs the loop's own"
+    )
+    p.add_argument("--phases_of", type=Path, default=None, help=argparse.SUPPRESS)  # internal
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.phases_of is not None:
+        print(json.dumps(loop_phases(args.phases_of)))
+        return 0
     if args.epochs < 2:
         raise SystemExit("--epochs must be at least 2 (the short run has 1)")
     if args.images % args.batch_size:
@@ -213,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 if bare_cpu:
                     line += f" (CPU {bare_cpu:.4f} s/step, loop/step {(cn - c1) / steps / bare_cpu:.3f})"
             print(f"{line}  [load average {load_average()}]", flush=True)
+        if args.phases:
+            phases = time_phases(args.train_py, long, args.threads)
+            own = phases["loop's own (data, bookkeeping, save)"]
+            text = ", ".join(f"{name} {t:.4f}" for name, t in phases.items())
+            print(
+                f"CPU s/step in the loop: {text}; the loop's own share {own / phases['total'] * 100:.1f} %"
+                f"  [load average {load_average()}]"
+            )
     return 0
 
 
