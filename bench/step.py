@@ -19,6 +19,11 @@ data pipeline (see bench/data_throughput.py for that).
   it without the cache (the baseline for the cache).
 * `--fused_backward`: per-parameter optimizer step inside the backward (trainer/optim/fused_backward.py).
 * `--bf16_weights`: UNet (and trained TE) weights stored in bf16, updated with stochastic rounding.
+* `--breakdown`: after the timed steps, time `--steps` more split into phases (text encode,
+  VAE encode, UNet forward, UNet backward, text-encoder backward, optimizer, the loop's
+  per-step bookkeeping, the rest of the step) with hooks on the models, the step itself
+  unchanged (on CUDA each phase boundary synchronises, which the plain timing does not).
+  Data loading is not in this benchmark (synthetic batches): bench/loop.py times the loop.
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode over one forward+backward (no
 optimizer step) in eager mode *before* gradient checkpointing and compile are applied, so they
@@ -144,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true", help="also time the phases of the step")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     return p
 
@@ -158,14 +164,13 @@ class Bench:
     optim: OptimizerSet | FusedOptimizerSet
     scaler: torch.amp.GradScaler | None
     batches: list[dict]
-    generator: torch.Generator
     ema: EMA | None = None
 
     def run_step(self, index: int) -> None:
         """One optimizer step as the training loop takes it (grad_accum 1)."""
         batch = self.batches[index % len(self.batches)]
         with _sdpa(self.args.sdpa_backend):
-            out = self.step(batch, self.generator)
+            out = self.step(batch)
             loss = out.loss.sum() / len(batch["captions"])
             if self.optim.should_backward(loss):
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -226,7 +231,7 @@ def build(args: argparse.Namespace) -> Bench:
     batches = _batches(args, step, device)
     if text_cache is not None:  # steady state: every caption seen in an earlier epoch
         for b in batches:
-            step._text_embeddings(b["captions"], torch.Generator(device))
+            step._text_embeddings(b["captions"], [])
     return Bench(
         args=args,
         model=model,
@@ -234,7 +239,6 @@ def build(args: argparse.Namespace) -> Bench:
         optim=optim,
         scaler=make_grad_scaler(autocast_dtype, device),
         batches=batches,
-        generator=torch.Generator(device).manual_seed(args.seed),
     )
 
 
@@ -245,7 +249,8 @@ def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device)
     for i in range(4):
         pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=gen) * 2 - 1
         captions = [CAPTIONS[(i * args.batch_size + k) % len(CAPTIONS)] for k in range(args.batch_size)]
-        batch = {"captions": captions, "loss_scale": torch.ones(args.batch_size)}
+        seeds = [args.seed * 1000 + i * args.batch_size + k for k in range(args.batch_size)]
+        batch = {"captions": captions, "loss_scale": torch.ones(args.batch_size), "sample_seeds": seeds}
         if args.cache_latents:
             batch["latents"] = step.encode_latents(pixels.to(device))
         else:
@@ -260,7 +265,7 @@ def count_flops(bench: Bench) -> int:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        out = bench.step(bench.batches[0], torch.Generator(bench.step.device).manual_seed(0))
+        out = bench.step(bench.batches[0])
         (out.loss.sum() / len(bench.batches[0]["captions"])).backward()
     for comp in bench.optim.components.values():
         comp.optimizer.zero_grad(set_to_none=True)
@@ -345,12 +350,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         bench.run_step(i)
     _sync(device)
     scope = _reset_peak(device)
-    times = []
+    times, cpu_times = [], []
     for i in range(args.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         bench.run_step(args.warmup + i)
         _sync(device)  # only the benchmark syncs: the time must include the queued GPU work
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
     median = statistics.median(times)
     images_per_s = args.batch_size / median
     flops_per_image = flops / args.batch_size if flops is not None else None
@@ -363,6 +369,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "seconds_per_step_min": round(min(times), 5),
         "seconds_per_step_max": round(max(times), 5),
         "seconds_per_step_all": [round(t, 5) for t in times],
+        # CPU seconds of this process (all its threads) per step: steadier than wall time on a
+        # shared machine, and what bench/loop.py compares with the loop's
+        "cpu_seconds_per_step_median": round(statistics.median(cpu_times), 5),
         "images_per_s": images_per_s,
         "model_flops_per_image": flops_per_image,
         "model_tflops_per_image": round(flops_per_image / 1e12, 6) if flops_per_image is not None else None,
@@ -374,7 +383,146 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "attention": sorted({type(p).__name__ for p in bench.model.unet.attn_processors.values()}),
         "machine": machine_info(device),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "breakdown": time_phases(bench, args.steps, args.warmup + args.steps) if args.breakdown else None,
     }
+
+
+PHASES = (
+    "text encode",
+    "VAE encode",
+    "UNet forward",
+    "rest of forward",
+    "UNet backward",
+    "TE backward",
+    "optimizer",
+    "EMA",
+    "bookkeeping",
+)
+
+
+class PhaseClock:
+    """Wall time per phase of real steps, read from hooks on the models (the step is unchanged).
+
+    Forward phases come from pre/post forward hooks on the text encoder and UNet and a wrapper
+    around `vae.encode`; the backward is split where the gradient reaches the text encoder's
+    output (a tensor hook): before it the UNet's backward, after it the encoder's. "rest of
+    forward" is the step call minus the timed forward parts (tokenising, noise, timesteps,
+    loss maths). On CUDA every boundary synchronises so a phase holds its own kernels.
+    """
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.device = bench.step.device
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self._open: dict[str, float] = {}
+        self._split: float | None = None
+        self._handles: list = []
+
+    def now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def start(self, phase: str) -> None:
+        self._open[phase] = self.now()
+
+    def stop(self, phase: str) -> float:
+        elapsed = self.now() - self._open.pop(phase)
+        self.totals[phase] += elapsed
+        return elapsed
+
+    def __enter__(self) -> PhaseClock:
+        model = self.bench.model
+        for name, module in (("text encode", model.text_encoder), ("UNet forward", model.unet)):
+            self._handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.start(n)))
+            self._handles.append(module.register_forward_hook(self._forward_done(name)))
+        encode = model.vae.encode
+
+        def timed_encode(*a, **k):
+            self.start("VAE encode")
+            try:
+                return encode(*a, **k)
+            finally:
+                self.stop("VAE encode")
+
+        model.vae.encode = timed_encode  # instance attribute: removed again on exit
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        del self.bench.model.vae.encode
+
+    def _forward_done(self, name: str):
+        def hook(module, args, output):
+            self.stop(name)
+            if name == "text encode":
+                hidden = getattr(output, "last_hidden_state", None)
+                if hidden is not None and hidden.requires_grad:
+                    hidden.register_hook(self._text_grad)
+
+        return hook
+
+    def _text_grad(self, grad):
+        if self._split is None:
+            self._split = self.now()
+        return grad
+
+    def run_step(self, index: int) -> None:
+        """`Bench.run_step` with each phase timed, plus the loop's per-step StepTracker calls."""
+        from trainer.progress import StepTracker
+
+        bench = self.bench
+        if not hasattr(self, "tracker"):
+            sink = type("NullMetrics", (), {"scalars": lambda *a, **k: None})()
+            self.tracker = StepTracker(
+                sink, log_step=25, total_steps=10**6, start_step=0, batch_size=1, enabled=False
+            )
+        batch = bench.batches[index % len(bench.batches)]
+        with _sdpa(bench.args.sdpa_backend):
+            forward_start = self.now()
+            before = sum(self.totals[p] for p in ("text encode", "VAE encode", "UNet forward"))
+            out = bench.step(batch)
+            loss = out.loss.sum() / len(batch["captions"])
+            inner = sum(self.totals[p] for p in ("text encode", "VAE encode", "UNet forward")) - before
+            self.totals["rest of forward"] += self.now() - forward_start - inner
+            self._split = None
+            backward_start = self.now()
+            if bench.optim.should_backward(loss):
+                (bench.scaler.scale(loss) if bench.scaler is not None else loss).backward()
+            backward_end = self.now()
+        split = backward_end if self._split is None else self._split
+        self.totals["UNet backward"] += split - backward_start
+        self.totals["TE backward"] += backward_end - split
+        self.start("optimizer")
+        result = bench.optim.step(bench.scaler)
+        self.stop("optimizer")
+        if bench.ema is not None:
+            self.start("EMA")
+            bench.ema.update()
+            self.stop("EMA")
+        self.start("bookkeeping")
+        self.tracker.micro_batch(out.loss, out.timesteps)
+        self.tracker.optimizer_step(index + 1, result.grad_norms, dict, 0)
+        self.stop("bookkeeping")
+
+
+def time_phases(bench: Bench, steps: int, first_index: int) -> dict:
+    """Mean seconds per step of each phase over `steps` more steps (see PhaseClock)."""
+    with PhaseClock(bench) as clock:
+        started = time.perf_counter()
+        for i in range(steps):
+            clock.run_step(first_index + i)
+        total = time.perf_counter() - started
+    phases = {name: round(t / steps, 5) for name, t in clock.totals.items() if t > 0}
+    return {"steps": steps, "seconds_per_step": round(total / steps, 5), "phases": phases}
+
+
+def format_breakdown(b: dict) -> str:
+    total = b["seconds_per_step"]
+    lines = [f"breakdown    (mean of {b['steps']} steps, {total:.4f} s/step with the phase hooks)"]
+    for name, seconds in b["phases"].items():
+        lines.append(f"  {name:<16} {seconds:8.4f} s  {seconds / total * 100:5.1f} %")
+    return "\n".join(lines)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -412,6 +560,8 @@ def format_result(r: dict) -> str:
         if r["mfu"] is not None
         else "MFU          - (pass --peak_tflops)",
     ]
+    if r.get("breakdown"):
+        lines.append(format_breakdown(r["breakdown"]))
     return "\n".join(lines)
 
 

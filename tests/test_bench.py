@@ -23,7 +23,7 @@ def test_step_bench_writes_all_figures(tmp_path, builtin_cache):
     out = tmp_path / "step.json"
     argv = ["--model", "builtin:tiny-sd1", "--resolution", "64", "--batch_size", "2", "--optimizer", "adamw"]
     argv += ["--warmup", "1", "--steps", "1", "--peak_tflops", "1.0", "--json", str(out), "--device", "cpu"]
-    assert _load("step").main(argv) == 0
+    assert _load("step").main(argv + ["--breakdown"]) == 0
     result = json.loads(out.read_text())
     for key in (
         "seconds_per_step_median",
@@ -43,6 +43,30 @@ def test_step_bench_writes_all_figures(tmp_path, builtin_cache):
     assert math.isclose(result["mfu"], expected_mfu, rel_tol=1e-2)
     assert result["memory"]["peak_rss_mib"] > 0
     assert set(result["trained"]) == {"unet", "text_encoder"}
+    # the phases of the breakdown are disjoint parts of the step: all present, within its time
+    phases = result["breakdown"]["phases"]
+    assert {"text encode", "VAE encode", "UNet forward", "UNet backward", "TE backward", "optimizer"} <= set(
+        phases
+    )
+    assert sum(phases.values()) <= result["breakdown"]["seconds_per_step"] + 1e-4
+
+
+def test_loop_bench_writes_the_issue_configuration(tmp_path):
+    """bench/loop.py's generated work: 20 captioned 256 px images and a train.json that the
+    trainer accepts, UNet and text encoder trained, VAE encode every step, nothing besides."""
+    from trainer.config import load_config
+    from trainer.data import DataSettings, load_data
+
+    loop = _load("loop")
+    args = loop.build_parser().parse_args([])
+    loop.write_images(tmp_path / "images", args.images, args.resolution)
+    cfg = load_config(str(loop.write_config(tmp_path, args, 5)), [])
+    assert (cfg.resolution, cfg.batch_size, cfg.max_epochs, cfg.lr) == (256, 4, 5, 1e-4)
+    assert not cfg.cache_latents and not cfg.disable_textenc_training and cfg.mixed_precision == "no"
+    assert cfg.sample_prompts is None and cfg.validation_config is None
+    data = load_data(DataSettings(data_root=cfg.data_root, resolution=256, batch_size=4))
+    assert len(data.train_items) == 20 and data.batches_per_epoch() == 5
+    assert all(item.caption.text.startswith("a ") for item in data.train_items)
 
 
 def test_compare_runs_variants_with_ratios(tmp_path, builtin_cache, capsys):

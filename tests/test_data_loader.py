@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from trainer.data import DataSettings, load_data, make_eval_loader, make_loader
+from trainer.data import DataSettings, auto_num_workers, load_data, make_eval_loader, make_loader
+from trainer.data.dataset import RunBatchDataset, RunLoader, _sample_options
 from trainer.data.items import CaptionSpec, ImageItem
 from trainer.data.pipeline import DataPlan
 from trainer.data.transforms import load_image, to_tensor
@@ -65,6 +67,36 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, workers):
         )
         for a, b in zip(full, make_loader(serial, serial.epoch_plan(1)), strict=True):
             _same(a, b)
+
+
+class _PidDataset(RunBatchDataset):
+    """Tags each batch with the process that built it."""
+
+    def __getitem__(self, index):
+        return {**super().__getitem__(index), "pid": os.getpid()}
+
+
+def test_run_loader_keeps_its_workers_across_epochs_and_gives_make_loaders_batches(tmp_path):
+    """One loader for the run: an epoch change starts no new worker processes, and every epoch
+    (and a mid-epoch start) yields bitwise the batches of the per-epoch loader."""
+    plan = _make(tmp_path, n=8, num_workers=2, shuffle_tags=True, flip_p=0.5)
+    dataset = _PidDataset(plan, _sample_options(plan.settings, None))
+    loader = RunLoader(plan, dataset, num_workers=2, pin_memory=False)
+    pids = set()
+    for epoch, start in ((0, 0), (1, 0), (2, 1)):
+        got = list(loader.epoch(epoch, start_batch=start))
+        expected = list(make_loader(plan, plan.epoch_plan(epoch), start_batch=start))
+        assert len(got) == len(expected) > 0
+        for a, b in zip(got, expected, strict=True):
+            pids.add(a.pop("pid"))
+            _same(a, b)
+    assert len(pids) == 2 and os.getpid() not in pids  # the same two workers throughout
+    with pytest.raises(ValueError, match="start_batch=9"):
+        loader.epoch(0, start_batch=9)
+
+
+def test_automatic_worker_count_leaves_few_cpus_to_the_step():
+    assert [auto_num_workers(n) for n in (1, 2, 3, 4, 6, 8, 16, 64)] == [0, 0, 0, 2, 3, 4, 4, 4]
 
 
 def test_batch_contents(tmp_path):

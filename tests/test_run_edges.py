@@ -329,3 +329,16 @@ def test_a_start_up_that_fails_late_detaches_its_train_log(tmp_path, small, monk
     with pytest.raises(ConfigError, match="broken observers"):
         session_mod.build_session(cfg)
     assert root.handlers == before
+
+
+def test_one_loader_serves_every_epoch_of_a_run(tmp_path, small, monkeypatch):
+    """The training loader is built once per run, not once per epoch (so loader workers, when
+    there are any, are not started again at every epoch)."""
+    from trainer import loop
+
+    built = []
+    real = loop.make_run_loader
+    monkeypatch.setattr(loop, "make_run_loader", lambda *a, **k: built.append(1) or real(*a, **k))
+    summary, _ = train_in_process(tmp_path, **{**small, "max_epochs": 3}, cache_latents=False)
+    assert summary.global_step == 6 and summary.epoch == 3
+    assert len(built) == 1

@@ -78,9 +78,14 @@ def make_step(models, *, unet=None, prediction_type=None, **settings) -> Trainin
     )
 
 
-def pixel_batch(bsz: int = 2) -> dict:
+def pixel_batch(bsz: int = 2, seeds: tuple[int, ...] = (11, 12)) -> dict:
     px = torch.rand(bsz, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
-    return {"pixel_values": px, "captions": CAPTIONS[:bsz], "loss_scale": torch.ones(bsz)}
+    return {
+        "pixel_values": px,
+        "captions": CAPTIONS[:bsz],
+        "loss_scale": torch.ones(bsz),
+        "sample_seeds": list(seeds[:bsz]),
+    }
 
 
 class ZeroUNet(nn.Module):
@@ -94,39 +99,73 @@ class ZeroUNet(nn.Module):
         return SimpleNamespace(sample=torch.zeros_like(x) * self.w)
 
 
-def test_deterministic_for_same_generator_state(models):
+def test_deterministic_for_the_same_sample_seeds(models):
     step = make_step(
         models, zero_frequency_noise_ratio=0.1, pyramid_noise_discount=0.5, embedding_perturbation=0.1
     )
-    a = step(pixel_batch(), torch.Generator().manual_seed(1))
-    b = step(pixel_batch(), torch.Generator().manual_seed(1))
-    c = step(pixel_batch(), torch.Generator().manual_seed(2))
+    a = step(pixel_batch(seeds=(1, 2)))
+    b = step(pixel_batch(seeds=(1, 2)))
+    c = step(pixel_batch(seeds=(1, 3)))
     assert a.loss.shape == (2,) and a.loss.dtype == torch.float32 and a.loss.requires_grad
     assert torch.equal(a.loss, b.loss) and torch.equal(a.timesteps, b.timesteps)
-    assert not torch.equal(a.loss, c.loss)
-    # resuming from a saved generator state continues the same stream
-    g = torch.Generator().manual_seed(3)
-    step(pixel_batch(), g)
-    saved = g.get_state()
-    nxt = step(pixel_batch(), g)
-    g2 = torch.Generator()
-    g2.set_state(saved)
-    assert torch.equal(step(pixel_batch(), g2).loss, nxt.loss)
+    assert not torch.equal(a.loss[1], c.loss[1])
 
 
-def reference_draws(step: TrainingStep, batch: dict, seed: int, s: StepSettings):
-    """Re-do the documented RNG order by hand: latent sample, noise, timesteps."""
-    g = torch.Generator().manual_seed(seed)
-    latents = step.encode_latents(batch["pixel_values"], g)
-    noise = D.sample_noise(
-        tuple(latents.shape),
-        generator=g,
-        device="cpu",
-        zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
-        pyramid_noise_discount=s.pyramid_noise_discount,
+def test_a_batch_without_sample_seeds_is_refused(models):
+    """The seeds are the only source of the step's randomness: no silent fallback stream."""
+    batch = pixel_batch()
+    del batch["sample_seeds"]
+    with pytest.raises(KeyError, match="sample_seeds"):
+        make_step(models)(batch)
+
+
+def test_a_samples_draws_depend_on_its_seed_only_whatever_the_batch(models, monkeypatch):
+    """Same seed -> same posterior sample, noise, timestep and perturbation, whichever batch
+    (size, position, neighbours) the sample is in: what makes 1 process == N processes."""
+    step = make_step(
+        models, zero_frequency_noise_ratio=0.1, pyramid_noise_discount=0.5, embedding_perturbation=0.1
     )
-    t = D.sample_timesteps(
-        latents.shape[0], start=s.timestep_start, end=s.timestep_end, generator=g, device="cpu"
+    seen = []
+    monkeypatch.setattr(step, "_loss", lambda batch, lat, noise, t, emb: seen.append((lat, noise, t, emb)))
+    px = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    captions = ["a photo of a cat", "a red car", "a green tree"]
+    step({"pixel_values": px, "captions": captions, "loss_scale": 1.0, "sample_seeds": [7, 8, 9]})
+    step(
+        {"pixel_values": px[[2, 1]], "captions": captions[2:0:-1], "loss_scale": 1.0, "sample_seeds": [9, 8]}
+    )
+    step({"pixel_values": px[1:2], "captions": captions[1:2], "loss_scale": 1.0, "sample_seeds": [8]})
+    (lat3, noise3, t3, emb3), (lat2, noise2, t2, emb2), (lat1, noise1, t1, emb1) = seen
+    for i, j in ((2, 0), (1, 1)):  # batch of 3 index i == batch of 2 index j
+        assert torch.equal(noise3[i], noise2[j]) and t3[i] == t2[j]
+        torch.testing.assert_close(lat3[i], lat2[j], rtol=1e-5, atol=1e-6)  # batched convolutions
+        torch.testing.assert_close(emb3[i], emb2[j], rtol=1e-5, atol=1e-6)
+    assert torch.equal(noise3[1], noise1[0]) and t3[1] == t1[0]
+    torch.testing.assert_close(lat3[1], lat1[0], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(noise3[0], noise3[1])
+
+
+def reference_draws(step: TrainingStep, batch: dict, s: StepSettings):
+    """Re-do the documented RNG order by hand, one generator per sample seed: latent sample,
+    noise, timestep."""
+    gens = [torch.Generator().manual_seed(seed) for seed in batch["sample_seeds"]]
+    latents = step.encode_latents(batch["pixel_values"], gens)
+    noise = torch.cat(
+        [
+            D.sample_noise(
+                (1, *latents.shape[1:]),
+                generator=g,
+                device="cpu",
+                zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
+                pyramid_noise_discount=s.pyramid_noise_discount,
+            )
+            for g in gens
+        ]
+    )
+    t = torch.cat(
+        [
+            D.sample_timesteps(1, start=s.timestep_start, end=s.timestep_end, generator=g, device="cpu")
+            for g in gens
+        ]
     )
     return latents, noise, t
 
@@ -143,8 +182,8 @@ def test_target_matches_prediction_type(models, prediction_type):
         models, unet=ZeroUNet(), prediction_type=prediction_type, zero_frequency_noise_ratio=0.05
     )
     batch = pixel_batch()
-    out = step(batch, torch.Generator().manual_seed(5))
-    latents, noise, t = reference_draws(step, batch, 5, step.settings)
+    out = step(batch)
+    latents, noise, t = reference_draws(step, batch, step.settings)
     assert torch.equal(out.timesteps, t)
     if prediction_type == "epsilon":
         target = noise.double()
@@ -157,8 +196,8 @@ def test_min_snr_and_loss_scale_are_applied(models):
     batch = pixel_batch()
     batch["loss_scale"] = torch.tensor([1.0, 3.0])
     step = make_step(models, unet=ZeroUNet(), prediction_type="v_prediction", min_snr_gamma=5.0)
-    out = step(batch, torch.Generator().manual_seed(6))
-    latents, noise, t = reference_draws(step, batch, 6, step.settings)
+    out = step(batch)
+    latents, noise, t = reference_draws(step, batch, step.settings)
     ab = alpha_bar(t)
     v = ab.sqrt() * noise.double() - (1 - ab).sqrt() * latents.double()
     snr = (ab / (1 - ab)).flatten()
@@ -174,15 +213,14 @@ def test_vae_scaling_factor_from_config_and_cached_latents(models):
     with torch.no_grad():
         mean = models.vae.encode(px).latent_dist.mean
     torch.testing.assert_close(step.encode_latents(px), mean * 0.5)
-    # a batch with cached latents skips the VAE draw: noise comes first from the generator
+    # a batch with cached latents skips the VAE draw: noise comes first from each generator
     latents = torch.randn(2, 4, 8, 8)
     out = step(
-        {"latents": latents, "captions": CAPTIONS, "loss_scale": torch.ones(2)},
-        torch.Generator().manual_seed(7),
+        {"latents": latents, "captions": CAPTIONS, "loss_scale": torch.ones(2), "sample_seeds": [7, 8]}
     )
-    g = torch.Generator().manual_seed(7)
-    noise = D.sample_noise((2, 4, 8, 8), generator=g, device="cpu")
-    t = D.sample_timesteps(2, start=0, end=1000, generator=g, device="cpu")
+    gens = [torch.Generator().manual_seed(seed) for seed in (7, 8)]
+    noise = torch.cat([D.sample_noise((1, 4, 8, 8), generator=g, device="cpu") for g in gens])
+    t = torch.cat([D.sample_timesteps(1, start=0, end=1000, generator=g, device="cpu") for g in gens])
     assert torch.equal(out.timesteps, t)
     torch.testing.assert_close(out.loss, noise.pow(2).mean(dim=(1, 2, 3)))
 
@@ -194,7 +232,7 @@ def test_gradients_reach_text_encoder_only_when_it_trains(models, train_te):
     models.te.zero_grad(set_to_none=True)
     try:
         step = make_step(models, clip_skip=2)
-        out = step(pixel_batch(), torch.Generator().manual_seed(8))
+        out = step(pixel_batch())
         out.loss.mean().backward()
         assert all(p.grad is not None for p in models.unet.parameters() if p.requires_grad)
         te_grads = [p.grad for p in models.te.parameters()]
@@ -221,8 +259,12 @@ def test_embeddings_follow_settings(models):
     long = " ".join(["tree"] * 100)
     step = make_step(models, unet=Spy(), clip_skip=2, max_token_length=150)
     step(
-        {"latents": torch.zeros(1, 4, 8, 8), "captions": [long], "loss_scale": torch.ones(1)},
-        torch.Generator(),
+        {
+            "latents": torch.zeros(1, 4, 8, 8),
+            "captions": [long],
+            "loss_scale": torch.ones(1),
+            "sample_seeds": [0],
+        }
     )
     with torch.no_grad():
         expected = encode_captions(
@@ -244,7 +286,7 @@ def test_autocast_bf16_gives_fp32_loss(models):
         device="cpu",
         autocast_dtype=torch.bfloat16,
     )
-    out = step(pixel_batch(), torch.Generator().manual_seed(0))
+    out = step(pixel_batch())
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss).all()
 
 

@@ -136,8 +136,8 @@ def test_timesteps_are_drawn_only_from_timestep_start_to_end(tmp_path, fast, mon
     drawn: list[int] = []
     real_call = TrainingStep.__call__
 
-    def call(self, batch, generator):
-        out = real_call(self, batch, generator)
+    def call(self, batch):
+        out = real_call(self, batch)
         drawn.extend(out.timesteps.tolist())
         return out
 
@@ -263,8 +263,8 @@ def _poison(monkeypatch, bad_calls) -> list[list[str]]:
     real_call = TrainingStep.__call__
     calls = {"n": 0}
 
-    def call(self, batch, generator):
-        out = real_call(self, batch, generator)
+    def call(self, batch):
+        out = real_call(self, batch)
         calls["n"] += 1
         if bad_calls is all or calls["n"] in bad_calls:
             poisoned_paths.append(list(batch["paths"]))

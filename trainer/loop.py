@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.data import make_loader
+from trainer.data import make_run_loader
 from trainer.errors import TrainingStopped
 from trainer.optim import apply_grad_scaler_tweak
 from trainer.progress import StepTracker
@@ -60,19 +60,14 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
         enabled=s.accelerator.is_main_process,
     )
     stop, saved, started = stop or StopFlag(), [], time.monotonic()
+    loader = make_run_loader(s.data, latent_cache=s.latent_cache, pin_memory=s.device.type == "cuda")
     try:
         s.observers.on_start()
         while st.epoch < cfg.max_epochs:
             plan = s.data.epoch_plan(st.epoch)
             window_of_end = {end - 1: i for i, (_, end) in enumerate(plan.windows)}
             window_paths: list[str] = []
-            for batch in make_loader(
-                s.data,
-                plan,
-                start_batch=st.batch_in_epoch,
-                latent_cache=s.latent_cache,
-                pin_memory=s.device.type == "cuda",
-            ):
+            for batch in loader.epoch(st.epoch, start_batch=st.batch_in_epoch):
                 is_end = batch["window_end"]
                 _micro_step(s, batch, sync=is_end, tracker=tracker)
                 window_paths += batch["paths"]
@@ -122,7 +117,7 @@ def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) ->
         if not sync:
             for module in s.trainable_modules().values():
                 stack.enter_context(s.accelerator.no_sync(module))
-        out = s.step(batch, s.state.generator)
+        out = s.step(batch)
         # Every sample of the window (across all ranks) weighs the same; DDP averages over ranks.
         loss = out.loss.sum() * s.accelerator.num_processes / batch["global_window_samples"]
         if s.optim.should_backward(loss):  # false only for a non-finite loss under fused_back_pass

@@ -28,7 +28,7 @@ from trainer.chaining import (
 from trainer.chaining import resume_guard as settings_guard
 from trainer.checkpoint import CheckpointInfo
 from trainer.config import TrainConfig, config_to_json
-from trainer.data import DataPlan, DataSettings, LatentCache, fill_latent_cache, load_data
+from trainer.data import DataPlan, DataSettings, LatentCache, auto_num_workers, fill_latent_cache, load_data
 from trainer.data.latent_cache import cache_directory, vae_fingerprint
 from trainer.data.validation_split import load_validation_config
 from trainer.determinism import configure_determinism
@@ -219,7 +219,6 @@ def _build(cfg, accelerator, plan: ResumePlan, startup_log: StartupLog) -> Sessi
         channels_last=cfg.channels_last,
     )
     state = TrainingState()
-    state.generator.manual_seed(cfg.seed)
     session = Session(
         cfg=cfg,
         opt_file=opt_file,
@@ -316,9 +315,7 @@ def _broadcast_run_folder(accelerator: Accelerator, run: RunFolder | None) -> Ru
 
 
 def _data_settings(cfg: TrainConfig, accelerator: Accelerator) -> DataSettings:
-    workers = (
-        cfg.num_workers if cfg.num_workers is not None else min(4, max(0, (torch.get_num_threads() // 2)))
-    )
+    workers = cfg.num_workers if cfg.num_workers is not None else auto_num_workers(torch.get_num_threads())
     return DataSettings(
         data_root=cfg.data_root,
         resolution=cfg.resolution,

@@ -1,16 +1,16 @@
 """Progress counters and random-number state: everything besides weights that exact resume needs.
 
 Data order is a pure function of (seed, epoch), so the data position is just the epoch and the
-number of batches already consumed in it. Noise and timesteps come from one explicit
-`torch.Generator`; Python, NumPy and torch global RNGs are captured too, because libraries
-(and DataLoader worker seeding) draw from them.
+number of batches already consumed in it. Noise and timesteps need no state at all: each sample
+draws them from a generator seeded with its own seed (trainer/step.py). Python, NumPy and torch
+global RNGs are captured, because libraries (and DataLoader worker seeding) draw from them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ class TrainingState:
     samples_seen: int = 0
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
-    generator: torch.Generator = field(default_factory=torch.Generator)
 
     def state_dict(self) -> dict:
         return {
@@ -38,7 +37,6 @@ class TrainingState:
             "samples_seen": self.samples_seen,
             "nonfinite_in_row": self.nonfinite_in_row,
             "nonfinite_total": self.nonfinite_total,
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -51,7 +49,8 @@ class TrainingState:
             "nonfinite_total",
         ):
             setattr(self, key, int(state[key]))
-        self.generator.set_state(state["generator"])
+        # Checkpoints written before per-sample seeds hold a "generator" entry: a training-wide
+        # generator that no draw used any more, so ignoring it resumes them exactly.
 
 
 def capture_global_rng() -> dict:

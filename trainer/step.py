@@ -1,8 +1,10 @@
 """One micro-batch of training: latents, noise, timesteps, text, UNet, per-sample loss.
 
 The loop owns backward, gradient accumulation and the optimizer; this module only turns a batch
-into a per-sample loss with the graph attached. One `torch.Generator` drives every random draw,
-always in this order (docs/TRAINING_STEP.md):
+into a per-sample loss with the graph attached. Every sample draws its randomness from its own
+CPU `torch.Generator`, seeded with the sample's seed from the batch ("sample_seeds", set by the
+training loader from the sample's place in the epoch plan), always in this order
+(docs/TRAINING_STEP.md):
 
   1. VAE latent sample (only when the batch has "pixel_values", not cached "latents")
   2. noise: base or pyramid noise, then offset noise
@@ -10,7 +12,10 @@ always in this order (docs/TRAINING_STEP.md):
   4. input perturbation (only when ip_noise_gamma > 0: its U(0,1) strength, then its noise)
   5. embedding perturbation (only when embedding_perturbation > 0)
 
-so saving `generator.get_state()` at a step boundary makes resume bitwise exact.
+So a sample's draws depend on its seed only, not on its batch, rank, process count or on any
+state carried between steps: one process and N processes draw the same numbers, and resume is
+exact without saving an RNG state. The draws are made on the host and moved to the device in
+one copy (the same numbers on CPU and GPU).
 """
 
 from __future__ import annotations
@@ -142,18 +147,25 @@ class TrainingStep:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def encode_latents(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode_latents(self, pixel_values: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
         """VAE-encode images in [-1, 1] to scaled latents (float32), without gradients.
 
-        With a generator the latent is sampled from the VAE posterior (as ED2 does each step);
-        without one the posterior mean is used, which is what a latent cache stores (a cache that
-        stored one sample would freeze that sample's noise for the whole run).
+        With one generator per sample the latent is sampled from the VAE posterior (as ED2 does
+        each step), each sample's posterior noise drawn from its own generator on the host;
+        without generators the posterior mean is used, which is what a latent cache stores (a
+        cache that stored one sample would freeze that sample's noise for the whole run).
         """
         if self.vae is None:
             raise ConfigError("batch has pixel_values but the training step was built without a VAE.")
         pixels = pixel_values.to(device=self.device, non_blocking=True).to(self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator=generator)
+        if generators is None:
+            latents = dist.mean
+        else:
+            if len(generators) != pixels.shape[0]:
+                raise ValueError(f"{len(generators)} generators for a batch of {pixels.shape[0]} images")
+            eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generators])
+            latents = dist.mean + dist.std * self._to_device(eps).to(dist.mean.dtype)
         return latents.float() * self.scaling_factor
 
     def _encode_text(self, captions: list[str]) -> Tensor:
@@ -170,65 +182,44 @@ class TrainingStep:
                 device=self.device,
             )
 
-    def _text_embeddings(self, captions: list[str], generator) -> Tensor:
+    def _text_embeddings(self, captions: list[str], generators: list[torch.Generator]) -> Tensor:
+        """Caption embeddings (from the text cache when there is one), each sample perturbed with
+        noise from its own generator when embedding_perturbation > 0."""
         if self.text_cache is None:
             emb = self._encode_text(captions)
         else:
             emb = self.text_cache.encode(captions, self._encode_text)
         gamma = self.settings.embedding_perturbation
-        if not isinstance(generator, list):
-            return perturb_embeddings(emb, gamma, generator)
-        return torch.cat([perturb_embeddings(emb[i : i + 1], gamma, g) for i, g in enumerate(generator)])
+        if gamma == 0:
+            return emb
+        return torch.cat([perturb_embeddings(emb[i : i + 1], gamma, g) for i, g in enumerate(generators)])
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> StepOutput:
-        """Per-sample loss of `batch` ("pixel_values" or "latents", "captions", "loss_scale").
-
-        With "sample_seeds" in the batch (the training loader sets them), each sample's random
-        draws come from its own generator, in the documented order, so a sample's noise does not
-        depend on its batch, rank or process count; `generator` is then unused. Without them,
-        `generator` drives the whole batch.
-        """
+    def __call__(self, batch: dict) -> StepOutput:
+        """Per-sample loss of `batch`: "pixel_values" or "latents", "captions", "loss_scale" and
+        "sample_seeds" (one integer per sample: the seed of all of that sample's draws)."""
         seeds = batch.get("sample_seeds")
         if seeds is None:
-            latents = self._latents(batch, generator)
-            noise, timesteps = self._noise_and_timesteps(latents.shape, generator)
-            perturbation = self._input_perturbation(latents.shape, generator, self.device)
-            embeddings = self._text_embeddings(list(batch["captions"]), generator)
-        else:
-            gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-            latents = self._latents(batch, gens)
-            # Drawn on the host per sample, moved in one pinned copy (not one pageable copy each).
-            draws = [self._noise_and_timesteps((1, *latents.shape[1:]), g, device="cpu") for g in gens]
-            noise = torch.cat([n for n, _ in draws])
-            t_host = torch.cat([t for _, t in draws])
-            packed = self._to_device(
-                torch.cat([noise.flatten(), t_host.to(torch.float32)])
-            )  # t < 2^24: exact
-            noise, timesteps = packed[: noise.numel()].view(noise.shape), packed[noise.numel() :].long()
-            perturbation = None
-            if self.settings.ip_noise_gamma > 0:
-                shape = (1, *latents.shape[1:])
-                perturbation = self._to_device(
-                    torch.cat([self._input_perturbation(shape, g, "cpu") for g in gens])
-                )
-            embeddings = self._text_embeddings(list(batch["captions"]), gens)
+            raise KeyError(
+                "batch needs 'sample_seeds' (one seed per sample; the training loader sets them, "
+                "see trainer.data.dataset)"
+            )
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        latents = self._latents(batch, gens)
+        noise, timesteps = self._noise_and_timesteps(latents.shape[1:], gens)
+        perturbation = None
+        if self.settings.ip_noise_gamma > 0:
+            shape = (1, *latents.shape[1:])
+            perturbation = self._to_device(torch.cat([self._input_perturbation(shape, g, "cpu") for g in gens]))
+        embeddings = self._text_embeddings(list(batch["captions"]), gens)
         return self._loss(batch, latents, noise, timesteps, embeddings, perturbation)
 
-    def _latents(self, batch: dict, generator) -> Tensor:
-        """Batch latents: cached, or VAE-encoded with a posterior sample from `generator`
-        (one generator for the batch, or a list with one per sample)."""
+    def _latents(self, batch: dict, generators: list[torch.Generator]) -> Tensor:
+        """Batch latents: cached, or VAE-encoded with a posterior sample per sample."""
         if "latents" in batch:
             return batch["latents"].to(device=self.device, non_blocking=True).float()
         if "pixel_values" not in batch:
             raise KeyError("batch needs 'latents' or 'pixel_values'")
-        if not isinstance(generator, list):
-            return self.encode_latents(batch["pixel_values"], generator)
-        with torch.no_grad():
-            pixels = batch["pixel_values"].to(device=self.device, non_blocking=True).to(self.vae.dtype)
-            dist = self.vae.encode(pixels).latent_dist
-            eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generator])
-            latents = dist.mean + dist.std * self._to_device(eps).to(dist.mean.dtype)
-        return latents.float() * self.scaling_factor
+        return self.encode_latents(batch["pixel_values"], generators)
 
     def _to_device(self, host: Tensor) -> Tensor:
         """One host-to-device copy; from pinned memory on CUDA, so it does not block the host."""
@@ -236,22 +227,32 @@ class TrainingStep:
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def _noise_and_timesteps(self, shape, generator: torch.Generator, device=None) -> tuple[Tensor, Tensor]:
+    def _noise_and_timesteps(self, sample_shape, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Each sample's noise then timestep from its own generator, drawn on the host and moved
+        in one copy (timesteps travel as float32 beside the noise: exact below 2**24)."""
         s = self.settings
-        device = self.device if device is None else device
-        noise = diffusion.sample_noise(
-            tuple(shape),
-            generator=generator,
-            device=device,
-            zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
-            pyramid_noise_discount=s.pyramid_noise_discount,
-            pyramid_iterations=s.pyramid_iterations,
-            offset_random_strength=s.noise_offset_random_strength,
-        )
-        timesteps = diffusion.sample_timesteps(
-            shape[0], start=s.timestep_start, end=s.timestep_end, generator=generator, device=device
-        )
-        return noise, timesteps
+        noise, steps = [], []
+        for g in generators:
+            noise.append(
+                diffusion.sample_noise(
+                    (1, *sample_shape),
+                    generator=g,
+                    device="cpu",
+                    zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
+                    pyramid_noise_discount=s.pyramid_noise_discount,
+                    pyramid_iterations=s.pyramid_iterations,
+                    offset_random_strength=s.noise_offset_random_strength,
+                )
+            )
+            steps.append(
+                diffusion.sample_timesteps(
+                    1, start=s.timestep_start, end=s.timestep_end, generator=g, device="cpu"
+                )
+            )
+        noise_host = torch.cat(noise)
+        packed = self._to_device(torch.cat([noise_host.flatten(), torch.cat(steps).to(torch.float32)]))
+        n = noise_host.numel()
+        return packed[:n].view(noise_host.shape), packed[n:].long()
 
     def _input_perturbation(self, shape, generator: torch.Generator, device) -> Tensor | None:
         """ip_noise_gamma's extra input noise (None when off): draw 4 of the documented order."""

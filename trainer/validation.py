@@ -1,8 +1,9 @@
 """Validation loss, smooth and comparable across a run, without touching the training RNG.
 
-Each pass walks the same batches in the same order with a generator re-seeded from the
-validation seed, so every image gets the same noise and timestep at every pass and only the
-weights change between points of `loss/val`. The loss is the training loss (same loss type,
+Each pass walks the same batches in the same order, and each sample draws its noise and
+timestep from its own seed, which the evaluation plan derives from the validation seed, so
+every image gets the same noise and timestep at every pass and only the weights change between
+points of `loss/val`. The loss is the training loss (same loss type,
 min-SNR, loss_scale), computed under no_grad. Ranks each take a share of the batches and the
 sums are reduced, so the work is done once, not once per rank.
 """
@@ -65,7 +66,6 @@ class Validator:
         return results
 
     def _mean_loss(self, items) -> float:
-        generator = torch.Generator().manual_seed(self.cfg.seed)
         device = self.accelerator.device
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
@@ -73,7 +73,7 @@ class Validator:
             self.plan, items, batch_size=self.batch_size, seed=self.cfg.seed, latent_cache=self.latent_cache
         )
         for batch in loader:
-            out = self.step_fn(batch, generator)
+            out = self.step_fn(batch)
             total += out.loss.double().sum()
             count += out.loss.numel()
         total = self.accelerator.reduce(total, reduction="sum")

@@ -1,11 +1,11 @@
 """Data pipeline: discovery, captions, buckets, transforms, epoch plans, loader, latent cache.
 
-The training loop needs only `load_data`, `make_loader`, `LatentCache` and `fill_latent_cache`;
+The training loop needs only `load_data`, `make_run_loader`, `LatentCache` and `fill_latent_cache`;
 see docs/DATA.md.
 """
 
 from trainer.data.buckets import SUPPORTED_RESOLUTIONS, get_buckets, nearest_bucket
-from trainer.data.dataset import make_eval_loader, make_loader
+from trainer.data.dataset import auto_num_workers, make_eval_loader, make_loader, make_run_loader
 from trainer.data.items import CaptionSpec, ImageItem, Problem
 from trainer.data.latent_cache import LatentCache, fill_latent_cache
 from trainer.data.pipeline import DataPlan, DataSettings, load_data
@@ -21,10 +21,12 @@ __all__ = [
     "LatentCache",
     "Problem",
     "SampleRef",
+    "auto_num_workers",
     "fill_latent_cache",
     "get_buckets",
     "load_data",
     "make_eval_loader",
     "make_loader",
+    "make_run_loader",
     "nearest_bucket",
 ]

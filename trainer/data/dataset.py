@@ -201,10 +201,100 @@ class BatchLoader:
             collate_fn=_identity,
             pin_memory=self.pin_memory,
         )
-        for batch in loader:
-            for problem in batch.pop("problems"):
-                self.plan.record_problem(problem)
-            yield batch
+        yield from _recording_problems(self.plan, loader)
+
+
+def _recording_problems(plan, loader) -> Iterator[dict]:
+    """The loader's batches, their decode problems recorded in `plan` (workers cannot)."""
+    for batch in loader:
+        for problem in batch.pop("problems"):
+            plan.record_problem(problem)
+        yield batch
+
+
+class RunBatchDataset(PlanBatchDataset):
+    """Index = (epoch, batch index): one dataset, so one set of loader workers, for the run.
+
+    The epoch plan comes from `data.epoch_plan(epoch)`, a pure function of (seed, epoch, rank),
+    computed where the batch is built (a worker computes it in its own process), so persistent
+    workers need nothing sent to them at an epoch change.
+    """
+
+    def __init__(self, data, options: SampleOptions, latent_cache: LatentCache | None = None):
+        super().__init__(data.train_items, data.item_buckets, data.epoch_plan(0), options, latent_cache)
+        self.data = data
+
+    def __getitem__(self, index: tuple[int, int]) -> dict:
+        epoch, batch_index = index
+        self.epoch_plan = self.data.epoch_plan(epoch)
+        return super().__getitem__(batch_index)
+
+
+class _EpochSampler:
+    """(epoch, batch) indices of the epoch set last; read anew by each `iter(DataLoader)`."""
+
+    def __init__(self) -> None:
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, b) for b in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class RunLoader:
+    """The training loader of a whole run, built once: `epoch(e, start_batch)` iterates epoch
+    `e` from `start_batch` on (exact mid-epoch resume). With workers, they persist across epochs
+    (no new worker processes, and no wait for their first batch, at every epoch start)."""
+
+    def __init__(self, data, dataset: RunBatchDataset, *, num_workers: int, pin_memory: bool):
+        self.data = data
+        self.sampler = _EpochSampler()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        batches = len(self.data.epoch_plan(epoch).batches)
+        if not 0 <= start_batch <= batches:
+            raise ValueError(f"start_batch={start_batch} is outside epoch {epoch}'s {batches} batches")
+        self.sampler.epoch, self.sampler.start, self.sampler.stop = epoch, start_batch, batches
+        return _recording_problems(self.data, self.loader)
+
+
+def _sample_options(settings, latent_cache: LatentCache | None) -> SampleOptions:
+    return SampleOptions(
+        crop_jitter=0.0 if latent_cache is not None else settings.crop_jitter,
+        shuffle_tags=settings.shuffle_tags,
+        keep_tags=settings.keep_tags,
+        cond_dropout=settings.cond_dropout,
+        masks=settings.mask_source,
+        caption_dropout_every_n_epochs=settings.caption_dropout_every_n_epochs,
+        keep_tokens_separator=settings.keep_tokens_separator,
+    )
+
+
+def make_run_loader(data, *, latent_cache: LatentCache | None = None, pin_memory: bool = False) -> RunLoader:
+    """The training loader for every epoch of a run (see RunLoader); batches as make_loader's."""
+    workers = 0 if latent_cache is not None else data.settings.num_workers
+    dataset = RunBatchDataset(data, _sample_options(data.settings, latent_cache), latent_cache)
+    return RunLoader(data, dataset, num_workers=workers, pin_memory=pin_memory)
+
+
+def auto_num_workers(cpus: int) -> int:
+    """Loader workers when train.json leaves num_workers null, for a process with `cpus` intra-op
+    threads: none below 4, else half of them, at most 4. The step's threads already use every
+    CPU; on so few a worker only takes time slices from them, while decoding a batch in the main
+    process costs far less (4 images at 256 px: ~5 ms beside a ~0.8 s step on 2 cores,
+    docs/PERFORMANCE.md)."""
+    return 0 if cpus < 4 else min(4, cpus // 2)
 
 
 def make_loader(
@@ -221,18 +311,9 @@ def make_loader(
     "pixel_values"; they are read in the main process (no decoding left to parallelise, and
     workers would copy an in-memory cache).
     """
-    settings = plan.settings
-    options = SampleOptions(
-        crop_jitter=0.0 if latent_cache is not None else settings.crop_jitter,
-        shuffle_tags=settings.shuffle_tags,
-        keep_tags=settings.keep_tags,
-        cond_dropout=settings.cond_dropout,
-        masks=settings.mask_source,
-        caption_dropout_every_n_epochs=settings.caption_dropout_every_n_epochs,
-        keep_tokens_separator=settings.keep_tokens_separator,
-    )
+    options = _sample_options(plan.settings, latent_cache)
     dataset = PlanBatchDataset(plan.train_items, plan.item_buckets, epoch_plan, options, latent_cache)
-    workers = 0 if latent_cache is not None else settings.num_workers
+    workers = 0 if latent_cache is not None else plan.settings.num_workers
     return BatchLoader(plan, dataset, start_batch=start_batch, num_workers=workers, pin_memory=pin_memory)
 
 
