@@ -190,15 +190,25 @@ def test_training_step_perturbs_the_input_only_and_weights_by_mask_and_debiasing
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     masks = torch.zeros(2, 1, 64, 64)
     masks[..., :32] = 1.0  # left half
-    batch = {"latents": latents, "captions": CAPTIONS, "loss_scale": torch.ones(2), "masks": masks}
-    out = step(batch, torch.Generator().manual_seed(4))
+    batch = {
+        "latents": latents,
+        "captions": CAPTIONS,
+        "loss_scale": torch.ones(2),
+        "masks": masks,
+        "sample_seeds": [4, 5],
+    }
+    out = step(batch)
 
-    g = torch.Generator().manual_seed(4)  # the documented order: noise, timesteps, perturbation
-    noise = diffusion.sample_noise((2, 4, 8, 8), generator=g, device="cpu")
-    t = diffusion.sample_timesteps(2, start=0, end=1000, generator=g, device="cpu")
-    perturbation = diffusion.input_perturbation(
-        (2, 4, 8, 8), gamma=0.1, random_strength=True, generator=g, device="cpu"
-    )
+    draws = []  # each sample's own stream, in the documented order: noise, timestep, perturbation
+    for seed in (4, 5):
+        g = torch.Generator().manual_seed(seed)
+        n = diffusion.sample_noise((1, 4, 8, 8), generator=g, device="cpu")
+        ts = diffusion.sample_timesteps(1, start=0, end=1000, generator=g, device="cpu")
+        p = diffusion.input_perturbation(
+            (1, 4, 8, 8), gamma=0.1, random_strength=True, generator=g, device="cpu"
+        )
+        draws.append((n, ts, p))
+    noise, t, perturbation = (torch.cat(parts) for parts in zip(*draws, strict=True))
     assert torch.equal(out.timesteps, t)
     assert torch.equal(unet.inputs[0], diffusion.add_noise(schedule, latents, noise + perturbation, t))
     weights = torch.full((2, 1, 8, 8), 0.2)

@@ -126,7 +126,9 @@ def test_a_samples_draws_depend_on_its_seed_only_whatever_the_batch(models, monk
         models, zero_frequency_noise_ratio=0.1, pyramid_noise_discount=0.5, embedding_perturbation=0.1
     )
     seen = []
-    monkeypatch.setattr(step, "_loss", lambda batch, lat, noise, t, emb: seen.append((lat, noise, t, emb)))
+    monkeypatch.setattr(
+        step, "_loss", lambda batch, lat, noise, t, emb, perturbation=None: seen.append((lat, noise, t, emb))
+    )
     px = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     captions = ["a photo of a cat", "a red car", "a green tree"]
     step({"pixel_values": px, "captions": captions, "loss_scale": 1.0, "sample_seeds": [7, 8, 9]})

@@ -209,7 +209,9 @@ class TrainingStep:
         perturbation = None
         if self.settings.ip_noise_gamma > 0:
             shape = (1, *latents.shape[1:])
-            perturbation = self._to_device(torch.cat([self._input_perturbation(shape, g, "cpu") for g in gens]))
+            perturbation = self._to_device(
+                torch.cat([self._input_perturbation(shape, g, "cpu") for g in gens])
+            )
         embeddings = self._text_embeddings(list(batch["captions"]), gens)
         return self._loss(batch, latents, noise, timesteps, embeddings, perturbation)
 
