@@ -35,9 +35,15 @@ def adamw_file(folder: Path, lr: float = 3e-4) -> str:
 
 
 def base_args(tmp_path: Path, **overrides) -> list[str]:
-    """CLI overrides for a small, fast run on the bundled data in an isolated logdir."""
+    """CLI overrides for a small, fast run on the bundled data in an isolated logdir. The root
+    train.json is the quick start's recipe (64 px, v-prediction on tiny-sd1, min-SNR, lr 1e-3):
+    tests pin what they were written against instead of following it."""
     values = {
         "data_root": str(DATA),
+        "resolution": 128,
+        "lr": 3e-4,
+        "min_snr_gamma": None,
+        "prediction_type": None,
         "logdir": str(tmp_path / "logs"),
         "optimizer_config": str(ROOT / "optimizer.json"),
         "sample_prompts": None,

@@ -84,13 +84,17 @@ def test_sd21_file_freezes_all_but_last_two_layers_and_final_norm():
     assert lrs["text_encoder"] < lrs["unet"]
 
 
-def test_default_file_with_train_lr_keeps_explicit_te_lr():
+@pytest.mark.parametrize(
+    ("name", "te_lr"),
+    [("optimizerSD21.json", 3e-7), ("optimizer.json", 3e-4)],  # explicit TE lr kept; null: the train lr
+)
+def test_shipped_file_with_train_lr_keeps_an_explicit_te_lr_and_copies_a_null_one(name, te_lr):
     opt_set = build_optimizers(
-        load_optimizer_file(ROOT / "optimizer.json"),
+        load_optimizer_file(ROOT / name),
         TrainOptimSettings(lr=3e-4),
         unet=tiny_unet(),
-        text_encoder=tiny_clip(2),
+        text_encoder=tiny_clip(4),
         total_optimizer_steps=10,
     )
     assert opt_set.components["unet"].resolved.lr == 3e-4
-    assert opt_set.components["text_encoder"].resolved.lr == 5e-7
+    assert opt_set.components["text_encoder"].resolved.lr == te_lr

@@ -1,5 +1,6 @@
 """bench/quickstart_samples.py judges a run's samples by their border colour, as documented."""
 
+import importlib.util
 import sys
 
 from PIL import Image
@@ -32,3 +33,12 @@ def test_last_samples_must_show_their_backgrounds_and_the_first_must_not(tmp_pat
     _sample(samples, 100, 1, PROMPTS[1], (230, 120, 30))
     _sample(samples, 0, 0, PROMPTS[0], (40, 70, 200))  # step 0 already right everywhere: no learning shown
     assert not judge.report(tmp_path)
+
+
+def test_palette_is_the_generators_colours_of_the_sample_prompts_backgrounds():
+    spec = importlib.util.spec_from_file_location("make_example_data", ROOT / "data" / "make_example_data.py")
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
+    backgrounds = [p.split(" on ")[1].split()[-2] for p in data.PROMPTS]
+    assert {name: data.COLOURS[name] for name in backgrounds} == judge.PALETTE
+    assert (ROOT / "data" / "sample_prompts.txt").read_text().splitlines() == list(data.PROMPTS)
