@@ -143,15 +143,13 @@ def test_fused_set_skips_a_nonfinite_loss_and_keeps_the_schedule():
     fused = FusedOptimizerSet(base, uses_grad_scaler=False, world_size=1)
     assert fused.nominal_learning_rates()["unet"] == pytest.approx(1e-2)
     loss = _loss(net, 0) * float("nan")
-    assert not fused.should_backward(loss)  # the caller then skips backward
+    fused.backward(loss)  # skipped: a non-finite loss never reaches the parameters
     result = fused.step()
     assert result.skipped and result.grad_norms == {}
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     # The LR schedule advanced as in OptimizerSet.step: linear decay over 10 steps, one taken.
     assert fused.nominal_learning_rates()["unet"] == pytest.approx(0.9e-2)
-    loss = _loss(net, 1)
-    assert fused.should_backward(loss)
-    loss.backward()
+    fused.backward(_loss(net, 1))
     result = fused.step()
     assert not result.skipped and float(result.grad_norms["unet"]) > 0
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
@@ -171,8 +169,7 @@ def _adafactor_set(net: nn.Module, fused: bool):
 
 
 def _adafactor_step(opt_set, loss: torch.Tensor):
-    if opt_set.should_backward(loss):
-        loss.backward()
+    opt_set.backward(loss)
     return opt_set.step()
 
 

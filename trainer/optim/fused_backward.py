@@ -36,12 +36,9 @@ import torch
 from torch import nn
 
 from trainer.errors import CheckpointError, ConfigError
-from trainer.optim.optimizer_set import (
-    StepResult,
-    build_component_scheduler,
-    effective_lr,
-    load_rounding_state,
-)
+from trainer.optim.component import StepResult
+from trainer.optim.optimizer_set import OptimizerSet, build_component_scheduler
+from trainer.optim.protocol import TrainingOptimizer
 from trainer.optim.registry import build_optimizer, get_spec
 from trainer.stochastic_rounding import fp32_state
 
@@ -142,15 +139,8 @@ class FusedBackward:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             for scheduler in self.schedulers:
-                # AdafactorSchedule only mirrors the optimizer's own LR (and needs its state).
-                if scheduler is not None and type(scheduler).__name__ != "AdafactorSchedule":
+                if scheduler is not None:
                     scheduler.step()
-
-    def remove(self) -> None:
-        """Detach the hooks (the parameters then get ordinary `.grad` again)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def learning_rates(self) -> dict[str, float]:
         return {n: float(o.param_groups[0]["lr"]) for n, o in zip(self.names, self.optimizers, strict=True)}
@@ -251,91 +241,65 @@ def fused_backward_from_optimizer_set(
     return out
 
 
-class FusedOptimizerSet:
-    """What the loop steps when `fused_back_pass` is on: the OptimizerSet interface, with every
-    update already done inside backward by one `FusedBackward` per component.
+class FusedOptimizerSet(TrainingOptimizer):
+    """What the loop steps when `fused_back_pass` is on: every update is done inside backward
+    by one `FusedBackward` per component.
 
-    Built from an `OptimizerSet` (which did the freezing and resolved the settings; its own
-    optimizers stay unused and, being lazily initialised, hold no state). The non-finite skip
-    moves before backward: `should_backward(loss)` makes the step's one host sync and refuses a
-    non-finite loss, so no parameter is touched; the LR schedules still advance, as in
-    `OptimizerSet.step`. A non-finite gradient from a finite loss cannot be caught (every
-    parameter has stepped by then); this mode refuses fp16, the usual source of those.
+    Built from an `OptimizerSet` (which did the freezing, resolved the settings and holds the
+    stochastic rounding; its own optimizers stay unused and, being lazily initialised, hold no
+    state). The non-finite skip moves before backward: `backward(loss)` makes the step's one
+    host sync and skips the backward of a non-finite loss, so no parameter is touched; the LR
+    schedules still advance, as in `OptimizerSet.step`. A non-finite gradient from a finite loss
+    cannot be caught (every parameter has stepped by then); this mode refuses fp16, the usual
+    source of those.
     """
 
-    steps_in_backward = True
+    state_key = "fused"
+    fused_back_pass = True
 
-    def __init__(self, base, *, uses_grad_scaler: bool, world_size: int, rounding=None) -> None:
-        self.base = base
+    def __init__(self, base: OptimizerSet, *, uses_grad_scaler: bool, world_size: int) -> None:
         self.components = base.components
         self.clip_grad_norm = None
         self.log_grad_norm = base.log_grad_norm
-        self.rounding = rounding
+        self.rounding = base.rounding
         self.fused = fused_backward_from_optimizer_set(
             base,
             uses_grad_scaler=uses_grad_scaler,
             world_size=world_size,
-            step_fn=rounding.step if rounding is not None else None,
+            step_fn=base.rounding.step if base.rounding is not None else None,
             track_grad_norm=base.log_grad_norm,
         )
         self._skip_pending = False
 
-    def should_backward(self, loss: torch.Tensor) -> bool:
+    def backward(self, loss: torch.Tensor, scaler=None) -> None:
+        """Backward (which steps every parameter) only for a finite loss; a GradScaler is refused
+        at construction, so `scaler` is None."""
         finite = bool(torch.isfinite(loss.detach()).all())  # the step's one host sync
         self._skip_pending |= not finite
-        return finite
+        if finite:
+            loss.backward()
 
     def step(self, scaler=None):
         """Finish the optimizer step whose updates happened in backward: report skip and norms."""
         skipped, self._skip_pending = self._skip_pending, False
-        if skipped:
-            for fused in self.fused.values():
-                fused.advance_schedulers()
+        if skipped:  # otherwise each parameter's schedule advanced in its hook
+            for name, fused in self.fused.items():
+                if self.components[name].schedule_advances(updated=False):
+                    fused.advance_schedulers()
         norms = {name: n for name, f in self.fused.items() if (n := f.take_grad_norm()) is not None}
         return StepResult(skipped=skipped, grad_norms=norms)
 
-    def _first(self, name: str) -> tuple[torch.optim.Optimizer, Any]:
+    def representative(self, name: str):
         fused = self.fused[name]
         return fused.optimizers[0], fused.schedulers[0]
 
-    def learning_rates(self) -> dict[str, float]:
-        """Effective LR per component (Adafactor's own LR when its schedule is 'adafactor')."""
-        return {
-            name: effective_lr(comp.resolved, comp.spec, *self._first(name))
-            for name, comp in self.components.items()
-        }
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [opt for fused in self.fused.values() for opt in fused.optimizers]
 
-    def nominal_learning_rates(self) -> dict[str, float]:
-        return {name: float(self._first(name)[0].param_groups[0]["lr"] or 0.0) for name in self.components}
+    def _entries_state(self) -> dict[str, Any]:
+        return {name: fused.state_dict() for name, fused in self.fused.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT,
-            "stochastic_rounding": self.rounding.state_dict() if self.rounding is not None else None,
-            "fused": {name: fused.state_dict() for name, fused in self.fused.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "fused" not in state:
-            raise CheckpointError(
-                "optimizer state: the checkpoint was trained without fused_back_pass; resume it with "
-                "fused_back_pass: false."
-            )
-        if set(state["fused"]) != set(self.fused):
-            raise CheckpointError(
-                f"optimizer state: the checkpoint trains {sorted(state['fused'])}, this run trains "
-                f"{sorted(self.fused)}. Use the same disable_unet_training / disable_textenc_training."
-            )
+    def _load_entries(self, saved: dict[str, Any]) -> None:
         for name, fused in self.fused.items():
             with fp32_state(fused.optimizers):  # fp32 moments stay fp32 next to bf16 weights
-                fused.load_state_dict(state["fused"][name])
-        load_rounding_state(self.rounding, state.get("stochastic_rounding"))
-
-    def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:
-        return self.base.trainable_parameter_count()
-
-    def resolved_config(self) -> dict[str, dict[str, Any]]:
-        return self.base.resolved_config()
-
-    def summary_table(self) -> str:
-        return self.base.summary_table()
+                fused.load_state_dict(saved[name])
