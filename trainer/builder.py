@@ -195,8 +195,7 @@ def data_settings(cfg: TrainConfig, accelerator: Accelerator) -> DataSettings:
         flip_p=cfg.flip_p,
         shuffle_tags=cfg.shuffle_tags,
         keep_tags=cfg.keep_tags,
-        cond_dropout=cfg.cond_dropout,
-        crop_jitter=0.0 if cfg.cache_latents else 0.02,
+        cond_dropout=cfg.cond_dropout,  # crop jitter: the default; the loader turns it off for cached latents
         validation_config=cfg.validation_config,
         num_workers=workers,
         scan_cache=Path(cfg.logdir) / ".cache" / "scan.json",

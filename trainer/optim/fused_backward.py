@@ -8,11 +8,14 @@ the gradients still being produced, saving most of that (see docs/PERFORMANCE.md
 technique is PyTorch's "optimizer step in backward" recipe: one optimizer (and LR scheduler) per
 parameter.
 
-Constraints (checked by `check_fused_backward`, ConfigError otherwise):
+Constraints. train.json's own (validated once, in trainer/config.py; asserted here):
 
 * `grad_accum == 1`: the step happens during the backward of every micro-batch, so gradients
-  cannot accumulate over several.
+  cannot accumulate over several (nothing here accumulates: the check is config.py's alone).
 * no `clip_grad_norm`: clipping needs the total norm over all gradients before any step.
+
+Those known only once the run is built (checked by `check_fused_backward`, ConfigError):
+
 * no fp16 GradScaler: unscaling and the inf/NaN skip need all gradients first (use bf16).
 * one process: under DDP the hook would fire on the local gradient before the all-reduce.
 * per-parameter optimizers only: D-Adaptation and Prodigy estimate their step size from all
@@ -53,18 +56,13 @@ STATE_FORMAT = 1
 
 def check_fused_backward(
     *,
-    grad_accum: int = 1,
-    clip_grad_norm: float | None = None,
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     optimizer_names: Iterable[str] = (),
 ) -> None:
-    """Raise ConfigError naming the setting that rules out a fused backward step."""
+    """Raise ConfigError naming the setting that rules out a fused backward step (those that
+    depend on the device, the process count and optimizer.json; train.json's are config.py's)."""
     problems = []
-    if grad_accum != 1:
-        problems.append(f"grad_accum={grad_accum} (needs 1: gradients are consumed during each backward)")
-    if clip_grad_norm is not None:
-        problems.append(f"clip_grad_norm={clip_grad_norm} (needs null: clipping needs all gradients first)")
     if uses_grad_scaler:
         problems.append("fp16 mixed precision with a GradScaler (use mixed_precision bf16 or no)")
     if world_size != 1:
@@ -177,8 +175,6 @@ def attach_fused_backward(
     make_optimizer: MakeOptimizer,
     *,
     lr_scheduler_factory: MakeScheduler,
-    grad_accum: int = 1,
-    clip_grad_norm: float | None = None,
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     optimizer_name: str | None = None,
@@ -191,8 +187,6 @@ def attach_fused_backward(
     state_dict). `step_fn(opt)` replaces `opt.step()` (e.g. bf16 stochastic rounding). Raises
     ConfigError when the settings rule it out (see module docstring)."""
     check_fused_backward(
-        grad_accum=grad_accum,
-        clip_grad_norm=clip_grad_norm,
         uses_grad_scaler=uses_grad_scaler,
         world_size=world_size,
         optimizer_names=[optimizer_name] if optimizer_name else (),
@@ -205,7 +199,6 @@ def attach_fused_backward(
 def fused_backward_from_optimizer_set(
     optim,
     *,
-    grad_accum: int = 1,
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     step_fn: StepFn | None = None,
@@ -214,6 +207,9 @@ def fused_backward_from_optimizer_set(
     """Fused backward for each component of an `OptimizerSet`, with the same resolved optimizer,
     options, LR and schedule as its (then unused) component optimizer. Build the OptimizerSet
     first (it applies the freezing); never call its `step()` afterwards."""
+    assert optim.clip_grad_norm is None, (
+        "fused_back_pass with clip_grad_norm (refused by train.json validation)"
+    )
     out = {}
     for name, comp in optim.components.items():
         r = comp.resolved
@@ -229,8 +225,6 @@ def fused_backward_from_optimizer_set(
             list(zip(comp.param_names, comp.params, strict=True)),
             make_optimizer,
             lr_scheduler_factory=make_scheduler,
-            grad_accum=grad_accum,
-            clip_grad_norm=optim.clip_grad_norm,
             uses_grad_scaler=uses_grad_scaler,
             world_size=world_size,
             optimizer_name=r.optimizer,

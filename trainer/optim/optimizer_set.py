@@ -49,11 +49,9 @@ def build_optimizers(
 ) -> OptimizerSet:
     """Freeze what must not train (requires_grad=False), then build one optimizer + scheduler
     per trained component. `rounding` (bf16 weights) replaces each `optimizer.step()`."""
-    if settings.disable_unet_training and settings.disable_textenc_training:
-        raise ConfigError(
-            "disable_unet_training and disable_textenc_training are both true: nothing would train. "
-            "Set at least one of them to false."
-        )
+    assert not (settings.disable_unet_training and settings.disable_textenc_training), (
+        "nothing would train (train.json validation refuses both disable_*_training)"
+    )
     resolved = resolve_components(opt_file, settings, total_optimizer_steps)
     components: dict[str, ComponentOptimizer] = {}
 
