@@ -95,15 +95,6 @@ class Session:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def resume_guard(self) -> dict:
-        """Settings that must not change across an exact resume."""
-        return resume_guard(
-            self.cfg,
-            world_size=self.accelerator.num_processes,
-            data_fingerprint=self.data.fingerprint(),
-            optim=self.optim,
-        )
-
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The trained modules as the step calls them (DDP-wrapped when distributed)."""
         return dict(self.wrapped or {})
