@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from optim_models import Regressor, build_from_json, tiny_clip
+from helpers import tiny_text_encoder
+from optim_models import Regressor, build_from_json
 
 from trainer.errors import ConfigError
 from trainer.optim import TrainOptimSettings, load_optimizer_file, parse_optimizer_json, resolve_components
@@ -224,7 +225,7 @@ def test_both_components_disabled_is_refused():
         build_from_json(
             {"base": {"lr": 1e-3}},
             unet=Regressor(),
-            text_encoder=tiny_clip(2),
+            text_encoder=tiny_text_encoder(2),
             disable_unet_training=True,
             disable_textenc_training=True,
         )
