@@ -197,3 +197,30 @@ def test_adafactor_own_schedule_survives_a_skipped_first_step(fused):
     steps = {int(state["step"]) for o in optimizers for state in o.state.values()}
     assert steps == {1}  # the skipped step was not counted
     assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+def test_optimizer_state_of_the_other_mode_is_refused_naming_the_key():
+    """The protocol's one load_state_dict check: a plain state into a fused set and back."""
+    from trainer.errors import CheckpointError
+    from trainer.optim import FusedOptimizerSet
+
+    def opt_set(net):
+        return build_optimizers(
+            OptimizerFile(base=SectionConfig(optimizer="adamw", lr=1e-2)),
+            TrainOptimSettings(disable_textenc_training=True),
+            unet=net,
+            text_encoder=nn.Linear(2, 2),
+            total_optimizer_steps=4,
+        )
+
+    plain = opt_set(_net())
+    fused = FusedOptimizerSet(opt_set(_net()), uses_grad_scaler=False, world_size=1)
+    with pytest.raises(
+        CheckpointError, match="with fused_back_pass: true; resume it with fused_back_pass: true"
+    ):
+        plain.load_state_dict(fused.state_dict())
+    with pytest.raises(
+        CheckpointError, match="with fused_back_pass: false; resume it with fused_back_pass: false"
+    ):
+        fused.load_state_dict(plain.state_dict())
+    fused.load_state_dict(fused.state_dict())  # its own state loads
