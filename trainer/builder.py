@@ -119,7 +119,7 @@ def build_components(
     # The VAE's identity for the latent cache, read while its weights are on the CPU.
     vae_state = model.vae.state_dict() if cfg.cache_latents else None
     export_precision = place_models(
-        model, device, autocast_dtype, weight_dtype=WEIGHT_DTYPES[cfg.weight_dtype]
+        model, device, autocast_dtype, trained=trained, weight_dtype=WEIGHT_DTYPES[cfg.weight_dtype]
     )
     vae_id = vae_fingerprint(vae_state, model.vae.dtype) if vae_state is not None else None
     del vae_state  # the fingerprint is all the cache needs of the pre-placement weights
