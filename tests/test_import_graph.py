@@ -85,3 +85,23 @@ def test_checkpointing_never_imports_the_session_or_the_loop():
     for name, edges in graph.items():
         if name.startswith("trainer.checkpointing"):
             assert not edges & {"trainer.session", "trainer.loop", "trainer.builder"}, name
+
+
+def private_uses(path: Path) -> list[str]:
+    """`obj._name` attribute uses (other than on self) and `from trainer... import _name` in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trainer"):
+            found += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_the_step_benchmark_builds_through_public_names_only():
+    """bench/step.py measures the step the trainer builds: through `build_components`, never by
+    re-implementing construction with private pieces."""
+    source = (ROOT / "bench" / "step.py").read_text(encoding="utf-8")
+    assert "build_components(" in source
+    assert private_uses(ROOT / "bench" / "step.py") == []

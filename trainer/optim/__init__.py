@@ -1,5 +1,6 @@
 """Pluggable optimizers: optimizer.json (EveryDream2 schema), registry, precedence, schedules,
-text-encoder freezing, and the per-component OptimizerSet the training loop steps.
+text-encoder freezing, and the optimizer sets the training loop steps through one protocol
+(`TrainingOptimizer`: the per-component `OptimizerSet`, or `FusedOptimizerSet` for the fused back pass).
 
 Optional packages are imported only when their optimizer is built.
 """
