@@ -1,11 +1,11 @@
 """Build the parts of a training run from its config: model, data, step, optimizers, EMA, scaler.
 
 `build_components` is pure construction: it loads the model and the dataset and wires them
-together, but creates no run folder, writes nothing and knows nothing about resuming (the
-session does those). The trained components are decided once, by the optimizer build (which
-applies `disable_*_training` and the text-encoder freezing), and that decision (`trained`) is
-passed to everything that depends on it (gradient checkpointing, DDP, EMA) instead of being
-guessed again from `requires_grad`. The session and `bench/step.py` both build through here.
+together, but creates no run folder, writes nothing of its own (the dataset scan keeps its
+cache under logdir) and knows nothing about resuming (the session does those). The trained
+components are decided once, by the optimizer build (which applies `disable_*_training` and the
+text-encoder freezing), and that decision (`trained`) is passed to everything that depends on it
+(placement, gradient checkpointing, DDP, EMA) instead of being guessed again from `requires_grad`. The session and `bench/step.py` both build through here.
 """
 
 from __future__ import annotations
