@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from trainer.data import DataSettings, LatentCache, fill_latent_cache, make_loader
 from trainer.data.discovery import discover
 from trainer.data.items import CaptionSpec, ImageItem
-from trainer.data.pipeline import DataPlan
+from trainer.data.pipeline import LoadedDataset
 
 SIZES = [(768, 640), (640, 768), (900, 500), (700, 700)]
 
@@ -51,9 +51,9 @@ def _photos(folder: Path, n: int) -> list[ImageItem]:
     return items
 
 
-def _plan(folder: Path, items: list[ImageItem], workers: int, batch_size: int) -> DataPlan:
+def _plan(folder: Path, items: list[ImageItem], workers: int, batch_size: int) -> LoadedDataset:
     settings = DataSettings(data_root=str(folder), resolution=512, batch_size=batch_size, num_workers=workers)
-    return DataPlan(settings, items, {}, [], [])
+    return LoadedDataset(settings, items, {}, [], [])
 
 
 def bench_transform(folder: Path, n: int, batch_size: int) -> dict:

@@ -5,10 +5,10 @@
         --precision bf16 --optimizer adamw --cache_latents --cache_text --peak_tflops 989
     python bench/step.py ... --json out.json
 
-The step is built as the trainer builds it: `load_model`, `build_optimizers` (from a minimal
-optimizer.json holding only `--optimizer` and `--lr`), `TrainingStep` with default
-StepSettings, models placed like `trainer.session` does (frozen parts in the autocast dtype on
-GPU), loss = per-sample loss summed / batch size, backward, `OptimizerSet.step()`. Batches are
+The step is built as the trainer builds it, by `trainer.builder.build_components` from the
+train.json these options stand for (`bench_config`; optimizer.json holding only `--optimizer`,
+`--lr` and `--optimizer_options`): model, optimizers, `TrainingStep`, models placed and wrapped
+as in training; loss = per-sample loss summed / batch size, `optim.backward`, `optim.step()`. Batches are
 synthetic (random pixels in [-1, 1], captions from a pool): this measures the step, not the
 data pipeline (see bench/data_throughput.py for that).
 
@@ -55,20 +55,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-from trainer.diffusion import NoiseSchedule
+from accelerate import Accelerator
+
+from trainer.builder import build_components
+from trainer.config import TrainConfig
 from trainer.ema import EMA
-from trainer.models import SDComponents, load_model
-from trainer.optim import (
-    FusedOptimizerSet,
-    OptimizerSet,
-    TrainOptimSettings,
-    build_optimizers,
-    parse_optimizer_json,
-)
-from trainer.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
-from trainer.session import compile_unet, enable_gradient_checkpointing, place_models, wrap_optimizer_set
-from trainer.step import StepSettings, TrainingStep
-from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
+from trainer.models import SDComponents
+from trainer.optim import TrainingOptimizer, parse_optimizer_json
+from trainer.step import TrainingStep
 
 log = logging.getLogger("bench.step")
 
@@ -161,7 +155,7 @@ class Bench:
     args: argparse.Namespace
     model: SDComponents
     step: TrainingStep
-    optim: OptimizerSet | FusedOptimizerSet
+    optim: TrainingOptimizer
     scaler: torch.amp.GradScaler | None
     batches: list[dict]
     ema: EMA | None = None
@@ -172,8 +166,7 @@ class Bench:
         with _sdpa(self.args.sdpa_backend):
             out = self.step(batch)
             loss = out.loss.sum() / len(batch["captions"])
-            if self.optim.should_backward(loss):
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self.optim.backward(loss, self.scaler)
         self.optim.step(self.scaler)
         if self.ema is not None:
             self.ema.update()
@@ -189,56 +182,58 @@ def _sdpa(name: str):
     return sdpa_kernel(getattr(SDPBackend, names.get(name, "MATH")))
 
 
-def build(args: argparse.Namespace) -> Bench:
+def bench_config(args: argparse.Namespace, *, eager: bool = False) -> TrainConfig:
+    """The train.json these options stand for. `eager` leaves out what the FLOP count must not
+    see: gradient checkpointing (recomputation), compile, and the fused back pass (its hooks
+    would step the optimizer during the count)."""
+    return TrainConfig(
+        resume_ckpt=args.model,
+        batch_size=args.batch_size,
+        mixed_precision=args.precision,
+        lr=args.lr,
+        seed=args.seed,
+        disable_textenc_training=args.freeze_text_encoder or args.cache_text,
+        cache_text_encoder_outputs=args.cache_text,
+        channels_last=args.channels_last,
+        allow_tf32=args.tf32 == "on",
+        gradient_checkpointing=args.gradient_checkpointing and not eager,
+        compile=args.compile and not eager,
+        compile_backend=args.compile_backend,
+        fused_back_pass=args.fused_backward and not eager,
+        weight_dtype="bf16" if args.bf16_weights else "fp32",
+        ema_decay_rate=0.999 if args.ema != "none" and not eager else None,
+        ema_update_interval=1,
+        ema_device="cpu" if args.ema == "cpu" else "device",
+    )
+
+
+def build(args: argparse.Namespace, *, eager: bool = False) -> Bench:
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    freeze_te = args.freeze_text_encoder or args.cache_text
-    model = load_model(args.model)
-    autocast_dtype = resolve_autocast_dtype(args.precision, False, device)
-    configure_cuda_backends(device, allow_tf32=args.tf32 == "on")
     base = {"optimizer": args.optimizer, "lr": args.lr, **json.loads(args.optimizer_options)}
-    opt_file = parse_optimizer_json(
-        json.dumps({"base": base}),
-        f"bench --optimizer {args.optimizer}",
+    opt_file = parse_optimizer_json(json.dumps({"base": base}), f"bench --optimizer {args.optimizer}")
+    parts = build_components(
+        bench_config(args, eager=eager),
+        Accelerator(mixed_precision="no", cpu=device.type == "cpu"),
+        opt_file=opt_file,
+        total_optimizer_steps=args.warmup + args.steps + 1,
     )
-    settings = TrainOptimSettings(lr=args.lr, disable_textenc_training=freeze_te)
-    model.vae.requires_grad_(False)
-    total = args.warmup + args.steps + 1
-    optim = build_optimizers(
-        opt_file, settings, unet=model.unet, text_encoder=model.text_encoder, total_optimizer_steps=total
-    )
-    weight_dtype = torch.bfloat16 if args.bf16_weights else torch.float32
-    place_models(model, device, autocast_dtype, weight_dtype=weight_dtype)
-    if args.channels_last:
-        model.unet.to(memory_format=torch.channels_last)
-    text_cache = None
-    if args.cache_text:
-        text_cache = TextEmbeddingCache(text_encoder_fingerprint(model.text_encoder, model.source))
-    step = TrainingStep(
-        unet=model.unet,
-        text_encoder=model.text_encoder,
-        vae=model.vae,
-        tokenizer=model.tokenizer,
-        schedule=NoiseSchedule.from_scheduler_config(model.scheduler_config),
-        settings=StepSettings(),
-        device=device,
-        autocast_dtype=autocast_dtype,
-        text_cache=text_cache,
-        channels_last=args.channels_last,
-    )
-    batches = _batches(args, step, device)
-    if text_cache is not None:  # steady state: every caption seen in an earlier epoch
-        for b in batches:
-            step._text_embeddings(b["captions"], [])
+    if parts.optim.rounding is not None:
+        parts.optim.rounding.chunk_bytes = int(args.sr_chunk_mb * 2**20) or None
+    batches = _batches(args, parts.step, device)
+    if parts.step.text_cache is not None:  # steady state: every caption seen in an earlier epoch
+        with torch.no_grad():
+            for b in batches:
+                parts.step(b)
     return Bench(
         args=args,
-        model=model,
-        step=step,
-        optim=optim,
-        scaler=make_grad_scaler(autocast_dtype, device),
+        model=parts.model,
+        step=parts.step,
+        optim=parts.optim,
+        scaler=parts.scaler,
         batches=batches,
+        ema=parts.ema,
     )
 
 
@@ -259,43 +254,17 @@ def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device)
     return out
 
 
-def count_flops(bench: Bench) -> int:
-    """Model FLOPs of one forward+backward (eager, before checkpointing/compile/hooks)."""
+def count_flops(args: argparse.Namespace) -> int:
+    """Model FLOPs of one forward+backward, on an eager build of the same configuration (no
+    checkpointing, compile or fused hooks), freed before the timed build."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    bench = build(args, eager=True)
     counter = FlopCounterMode(display=False)
     with counter:
         out = bench.step(bench.batches[0])
         (out.loss.sum() / len(bench.batches[0]["captions"])).backward()
-    for comp in bench.optim.components.values():
-        comp.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
-
-
-def finish_setup(bench: Bench) -> None:
-    """Options applied after the FLOP count, in the trainer's order: checkpointing, compile,
-    then stochastic rounding / fused back pass around the optimizer set (fused hooks attached
-    before the count would step the optimizer during it)."""
-    args, model = bench.args, bench.model
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if args.compile:
-        compile_unet(model.unet, backend=args.compile_backend, mode="default")
-    bench.optim = wrap_optimizer_set(
-        bench.optim,
-        weight_dtype="bf16" if args.bf16_weights else "fp32",
-        fused_back_pass=args.fused_backward,
-        uses_grad_scaler=bench.scaler is not None,
-        device=bench.step.device,
-        seed=args.seed + 1,
-        channels_last=args.channels_last,
-    )
-    if bench.optim.rounding is not None:
-        bench.optim.rounding.chunk_bytes = int(args.sr_chunk_mb * 2**20) or None
-    if args.ema != "none":
-        modules = {n: getattr(model, n) for n in bench.optim.components}
-        device = "cpu" if args.ema == "cpu" else bench.step.device
-        bench.ema = EMA(modules, decay=0.999, update_interval=1, device=device)
 
 
 def _sync(device: torch.device) -> None:
@@ -342,10 +311,9 @@ def _memory(device: torch.device, scope: str) -> dict:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Build, count FLOPs, warm up, time `args.steps` optimizer steps; return the result dict."""
+    flops = None if args.no_flops else count_flops(args)
     bench = build(args)
     device = bench.step.device
-    flops = None if args.no_flops else count_flops(bench)
-    finish_setup(bench)
     for i in range(args.warmup):
         bench.run_step(i)
     _sync(device)

@@ -140,3 +140,53 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# --- the tiny modules unit tests build (one definition, from the built-in tiny-sd1 configs) ----
+
+
+def bundled_tokenizer():
+    """The bundled offline CLIP tokenizer (trainer/models/tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(ROOT / "trainer" / "models" / "tokenizer"), model_max_length=77)
+
+
+def tiny_text_encoder(num_layers: int = 2, *, seed: int | None = 0, **overrides):
+    """A random CLIP text encoder with the built-in tiny-sd1 text encoder's config, shrunk
+    (1000 tokens, 37-wide MLP, `num_layers` layers) unless `overrides` say otherwise. `seed`
+    None draws from the caller's RNG stream instead of seeding it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trainer.models.components import ComponentConfigs
+
+    config = dict(ComponentConfigs.bundled("tiny-sd1").text_encoder)
+    config.pop("architectures", None)
+    config.update({"vocab_size": 1000, "intermediate_size": 37, "num_hidden_layers": num_layers, **overrides})
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def tiny_unet(*, seed: int | None = 0, **overrides):
+    """A random UNet with the built-in tiny-sd1 UNet's config cut to two levels (16, 32 channels,
+    one layer per block, 8x8 latents), cross-attending to `tiny_text_encoder`'s 32-wide states."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models.components import ComponentConfigs
+
+    config = {k: v for k, v in ComponentConfigs.bundled("tiny-sd1").unet.items() if not k.startswith("_")}
+    config.update(
+        {
+            "sample_size": 8,
+            "layers_per_block": 1,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 8,
+            **overrides,
+        }
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return UNet2DConditionModel(**config)

@@ -18,7 +18,7 @@ from tests.helpers import (
     pipeline_weights,
     run_folders,
 )
-from trainer.chaining import EXACT, WEIGHTS
+from trainer.checkpointing import EXACT, WEIGHTS
 from trainer.config import load_config
 from trainer.errors import CheckpointError
 from trainer.session import build_session

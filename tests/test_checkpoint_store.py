@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from trainer.checkpoint import (
+from trainer.checkpointing.store import (
     MANIFEST,
     apply_retention,
     find_last,
     list_checkpoints,
-    read_checkpoint,
+    open_checkpoint,
     write_checkpoint,
 )
 from trainer.errors import CheckpointError
@@ -36,14 +36,14 @@ def test_manifest_lists_files_and_is_required(tmp_path):
     (ckpts / "no-manifest").mkdir()
     assert [c.step for c in list_checkpoints(ckpts)] == [3]
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        read_checkpoint(ckpts / "no-manifest")
+        open_checkpoint(ckpts / "no-manifest")
 
 
 def test_damaged_checkpoint_is_refused(tmp_path):
     path = save(tmp_path / "c", 4)
     (path / "weights.bin").write_bytes(b"short")
     with pytest.raises(CheckpointError, match="damaged: 'weights.bin'"):
-        read_checkpoint(path)
+        open_checkpoint(path)
 
 
 def test_retention_keeps_the_newest(tmp_path):

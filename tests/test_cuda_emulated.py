@@ -137,8 +137,8 @@ def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
     """bitsandbytes makes parameters contiguous in its update; the layout and storage must stay."""
     import json
 
+    from trainer.builder import wrap_optimizer_set
     from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
-    from trainer.session import wrap_optimizer_set
 
     torch.manual_seed(0)
     unet = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 4, 3, padding=1))
@@ -153,13 +153,7 @@ def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
     )
     unet.to(memory_format=torch.channels_last)
     optim = wrap_optimizer_set(
-        optim,
-        weight_dtype="fp32",
-        fused_back_pass=fused_back_pass,
-        uses_grad_scaler=False,
-        device=torch.device("cpu"),
-        seed=0,
-        channels_last=True,
+        optim, fused_back_pass=fused_back_pass, uses_grad_scaler=False, channels_last=True
     )
     weight = unet[0].weight
     ptr, before = weight.data_ptr(), weight.detach().clone()

@@ -13,7 +13,7 @@ from PIL import Image
 from trainer.data import DataSettings, auto_num_workers, load_data, make_eval_loader, make_loader
 from trainer.data.dataset import RunBatchDataset, RunLoader, _sample_options
 from trainer.data.items import CaptionSpec, ImageItem
-from trainer.data.pipeline import DataPlan
+from trainer.data.pipeline import LoadedDataset
 from trainer.data.transforms import load_image, to_tensor
 from trainer.errors import DataError
 
@@ -38,7 +38,7 @@ def _make(tmp_path, n=14, sizes=None, item_flip_p=None, **kw):
         items.append(
             ImageItem(path, w, h, CaptionSpec(f"main {k}", tags), loss_scale=1.0 + k / 10, flip_p=item_flip_p)
         )
-    return DataPlan(_settings(tmp_path, **kw), items, {}, [], [])
+    return LoadedDataset(_settings(tmp_path, **kw), items, {}, [], [])
 
 
 def _same(a, b):
@@ -62,7 +62,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, workers):
     for a, b in zip(full[k:], resumed, strict=True):
         _same(a, b)
     if workers:
-        serial = DataPlan(
+        serial = LoadedDataset(
             _settings(tmp_path, num_workers=0, shuffle_tags=True, flip_p=0.5), plan.train_items, {}, [], []
         )
         for a, b in zip(full, make_loader(serial, serial.epoch_plan(1)), strict=True):

@@ -57,15 +57,16 @@ def test_validation_and_sampling_do_not_recompile_the_training_graph():
             return []
 
     accelerator = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
-    session = SimpleNamespace(
+    observers = Observers(
         model=Components(unet=unet, text_encoder=torch.nn.Linear(1, 1)),
         accelerator=accelerator,
         state=SimpleNamespace(global_step=1),
         metrics=None,
         ema=None,
         optim=None,  # not schedule-free: eval_weights is a no-op
+        sampler=Sampler(),
+        validator=Validator(),
     )
-    observers = Observers(session, sampler=Sampler(), validator=Validator())
     observers._validate()
     observers._sample()
     unet(x).sum().backward()

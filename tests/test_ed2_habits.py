@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from trainer.checkpointing import SavePolicy
 from trainer.config import build_config, parse_cli_overrides
 from trainer.data.validation_split import load_validation_config
 from trainer.errors import ConfigError
@@ -24,7 +25,6 @@ from trainer.sampling import (
     make_sample_scheduler,
     pretrain_samples_wanted,
 )
-from trainer.saving import SavePolicy
 
 # ---- item 3: tolerant reading ------------------------------------------------------------------
 

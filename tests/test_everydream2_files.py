@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import copy_images
 from trainer import sampling
-from trainer.chaining import WEIGHTS
+from trainer.checkpointing import WEIGHTS
 
 # train.json
 TRAIN_JSON = {

@@ -190,9 +190,9 @@ def _check_text_encoder_stopped_after_step_2(saved) -> None:
     ("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]
 )
 def test_save_precision_writes_that_dtype(tmp_path, precision, dtype):
+    from trainer.checkpointing.contents import export_dtype
     from trainer.config import build_config
     from trainer.models import load_model, save_single_file
-    from trainer.saving import export_dtype
 
     cfg = build_config({"save_precision": precision}, {}, source="test")
     assert export_dtype(cfg) == dtype

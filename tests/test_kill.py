@@ -22,7 +22,7 @@ from tests.helpers import (
     run_folders,
     run_train,
 )
-from trainer.checkpoint import find_last, list_checkpoints
+from trainer.checkpointing import find_last, list_checkpoints
 
 RUN = dict(batch_size=6, save_every_n_epochs=1, cond_dropout=0.1, flip_p=0.5, resolution=64, max_epochs=30)
 STEPS_PER_EPOCH = 2  # 12 images at batch 6: saves come often, so the kill lands in one quickly

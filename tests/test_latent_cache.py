@@ -11,7 +11,7 @@ from PIL import Image
 from trainer.data import DataSettings, LatentCache, fill_latent_cache, make_loader
 from trainer.data.items import CaptionSpec, ImageItem
 from trainer.data.latent_cache import latent_key
-from trainer.data.pipeline import DataPlan
+from trainer.data.pipeline import LoadedDataset
 
 
 class CountingEncoder:
@@ -36,7 +36,7 @@ def _plan(tmp_path, n=6, flip_p=0.0, item_flip=None):
         Image.fromarray(np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         items.append(ImageItem(str(path), w, h, CaptionSpec(f"c{k}"), flip_p=item_flip if k == 0 else None))
     s = DataSettings(data_root=str(tmp_path), resolution=128, batch_size=2, flip_p=flip_p, cond_dropout=0.0)
-    return DataPlan(s, items, {}, [], [])
+    return LoadedDataset(s, items, {}, [], [])
 
 
 def test_key_changes_with_file_vae_bucket_and_flip(tmp_path):

@@ -18,7 +18,7 @@ from trainer.data.discovery import discover
 from trainer.data.items import CaptionSpec, ImageItem
 from trainer.data.latent_cache import latent_key
 from trainer.data.masks import MaskSource, mask_file_for, process_image_and_mask, scan_masks
-from trainer.data.pipeline import DataPlan
+from trainer.data.pipeline import LoadedDataset
 from trainer.data.transforms import process_image
 from trainer.errors import DataError
 
@@ -103,7 +103,7 @@ def _masked_plan(tmp_path, n=3):
     s = DataSettings(
         data_root=str(tmp_path), resolution=128, batch_size=2, flip_p=0.5, cond_dropout=0.0, masked_loss=True
     )
-    return DataPlan(s, items, {}, [], [])
+    return LoadedDataset(s, items, {}, [], [])
 
 
 def test_loader_batches_carry_masks_and_the_latent_cache_stores_them(tmp_path):
@@ -179,7 +179,7 @@ def _caption_plan(folder):
     s = DataSettings(
         data_root=str(folder), resolution=64, batch_size=2, cond_dropout=0.0, caption_dropout_every_n_epochs=2
     )
-    return DataPlan(s, items, {}, [], [])
+    return LoadedDataset(s, items, {}, [], [])
 
 
 def test_mask_file_modes_rgb_luminance_and_transparent_is_background(tmp_path):

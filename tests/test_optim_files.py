@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from optim_models import tiny_clip, tiny_unet
+from helpers import tiny_text_encoder, tiny_unet
 from torch import nn
 
 from trainer.optim import TrainOptimSettings, build_optimizers, load_optimizer_file
@@ -37,7 +37,7 @@ def test_all_expected_files_ship():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_file_trains_tiny_sd(path):
-    unet, te = tiny_unet(), tiny_clip(4)
+    unet, te = tiny_unet(), tiny_text_encoder(4)
     opt_set = build_optimizers(
         load_optimizer_file(path),
         TrainOptimSettings(clip_grad_norm=1.0),
@@ -66,7 +66,7 @@ def test_shipped_file_trains_tiny_sd(path):
 
 
 def test_sd21_file_freezes_all_but_last_two_layers_and_final_norm():
-    te = tiny_clip(4)
+    te = tiny_text_encoder(4)
     opt_set = build_optimizers(
         load_optimizer_file(ROOT / "optimizerSD21.json"),
         TrainOptimSettings(),
@@ -93,7 +93,7 @@ def test_shipped_file_with_train_lr_keeps_an_explicit_te_lr_and_copies_a_null_on
         load_optimizer_file(ROOT / name),
         TrainOptimSettings(lr=3e-4),
         unet=tiny_unet(),
-        text_encoder=tiny_clip(4),
+        text_encoder=tiny_text_encoder(4),
         total_optimizer_steps=10,
     )
     assert opt_set.components["unet"].resolved.lr == 3e-4

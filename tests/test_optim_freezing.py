@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from optim_models import Regressor, build_from_json, tiny_clip
+from helpers import tiny_text_encoder
+from optim_models import Regressor, build_from_json
 
 from trainer.errors import ConfigError
 from trainer.optim import FreezingConfig, plan_text_encoder_freeze
@@ -23,7 +24,7 @@ def _prefix(name: str) -> str:
 
 
 def _trainable_groups(freezing: dict, clip_skip: int = 0) -> set[str]:
-    te = tiny_clip(N_LAYERS)
+    te = tiny_text_encoder(N_LAYERS)
     opt_set = build_from_json(
         {"base": {"optimizer": "adamw", "lr": 1e-3}, "text_encoder_freezing": freezing},
         unet=Regressor(),
@@ -113,7 +114,7 @@ def test_effective_optimizer_file_keeps_the_freezing_it_was_given(tmp_path):
 
 
 def test_frozen_parameters_get_no_grad_and_do_not_change():
-    te = tiny_clip(N_LAYERS)
+    te = tiny_text_encoder(N_LAYERS)
     unet = Regressor()
     opt_set = build_from_json(
         {"base": {"optimizer": "adamw", "lr": 1e-2}, "text_encoder_freezing": {"unfreeze_last_n_layers": 1}},
@@ -139,7 +140,7 @@ def test_frozen_parameters_get_no_grad_and_do_not_change():
 
 
 def test_disable_textenc_training_freezes_everything():
-    te = tiny_clip(2)
+    te = tiny_text_encoder(2)
     opt_set = build_from_json(
         {"base": {"lr": 1e-3}}, unet=Regressor(), text_encoder=te, disable_textenc_training=True
     )
@@ -150,7 +151,7 @@ def test_disable_textenc_training_freezes_everything():
 def test_disable_unet_training_freezes_unet():
     unet = Regressor()
     opt_set = build_from_json(
-        {"base": {"lr": 1e-3}}, unet=unet, text_encoder=tiny_clip(2), disable_unet_training=True
+        {"base": {"lr": 1e-3}}, unet=unet, text_encoder=tiny_text_encoder(2), disable_unet_training=True
     )
     assert list(opt_set.components) == ["text_encoder"]
     assert not any(p.requires_grad for p in unet.parameters())
@@ -164,5 +165,5 @@ def test_everything_frozen_is_an_error():
                 "text_encoder_freezing": {"unfreeze_last_n_layers": 0, "freeze_final_layer_norm": True},
             },
             unet=Regressor(),
-            text_encoder=tiny_clip(2),
+            text_encoder=tiny_text_encoder(2),
         )

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from optim_models import Regressor, build_from_json, regression_data, tiny_clip
+from helpers import tiny_text_encoder
+from optim_models import Regressor, build_from_json, regression_data
 from torch import nn
 
 from tests.helpers import (
@@ -39,7 +40,7 @@ def _build(base: dict, model: nn.Module, steps: int = 100, **settings):
     return build_from_json(
         {"base": base},
         unet=model,
-        text_encoder=tiny_clip(2),
+        text_encoder=tiny_text_encoder(2),
         steps=steps,
         disable_textenc_training=True,
         **settings,

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from optim_models import Regressor, build_from_json, regression_data, tiny_clip
+from helpers import tiny_text_encoder
+from optim_models import Regressor, build_from_json, regression_data
 from torch import nn
 
 from trainer.optim import REGISTRY
@@ -70,7 +71,7 @@ def _config(case: str) -> dict:
 
 def _build(case: str, model: nn.Module):
     return build_from_json(
-        _config(case), unet=model, text_encoder=tiny_clip(2), disable_textenc_training=True
+        _config(case), unet=model, text_encoder=tiny_text_encoder(2), disable_textenc_training=True
     )
 
 

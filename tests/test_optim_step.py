@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from optim_models import Regressor, build_from_json, regression_data, tiny_clip
+from helpers import tiny_text_encoder
+from optim_models import Regressor, build_from_json, regression_data
 from torch import nn
 
 from trainer.errors import CheckpointError
@@ -20,7 +21,7 @@ def _unet_only(base: dict, steps: int = 100, model: nn.Module | None = None, **s
     opt_set = build_from_json(
         {"base": {"optimizer": "sgd", **base}},
         unet=model,
-        text_encoder=tiny_clip(2),
+        text_encoder=tiny_text_encoder(2),
         steps=steps,
         disable_textenc_training=True,
         **settings,
@@ -173,7 +174,7 @@ def test_grad_scaler_tweak_schedule():
 
 
 def _two_components(config: dict):
-    return build_from_json(config, unet=Regressor(), text_encoder=tiny_clip(2))
+    return build_from_json(config, unet=Regressor(), text_encoder=tiny_text_encoder(2))
 
 
 def test_state_dict_mismatches_are_clear_errors():
@@ -182,7 +183,7 @@ def test_state_dict_mismatches_are_clear_errors():
     unet_only = build_from_json(
         {"base": {"optimizer": "adamw", "lr": 1e-3}},
         unet=Regressor(),
-        text_encoder=tiny_clip(2),
+        text_encoder=tiny_text_encoder(2),
         disable_textenc_training=True,
     )
     with pytest.raises(CheckpointError, match="the checkpoint trains"):

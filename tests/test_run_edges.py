@@ -147,16 +147,17 @@ def test_resume_reuses_the_latent_cache_and_a_finished_run_writes_nothing(tmp_pa
 def test_vae_fingerprint_does_not_read_device_weights(tmp_path, small, monkeypatch):
     """The fingerprint is taken before the VAE moves: a VAE whose weights are then on a device
     numpy cannot read (meta here, CUDA on a GPU) still gets the fingerprint of its CPU weights."""
+    import trainer.builder as builder_mod
     import trainer.session as session_mod
     from trainer.models import load_model
 
-    real_place = session_mod.place_models
+    real_place = builder_mod.place_models
 
     def place_on_meta(model, *args, **kwargs):
         real_place(model, *args, **kwargs)
         model.vae.to("meta")
 
-    monkeypatch.setattr(session_mod, "place_models", place_on_meta)
+    monkeypatch.setattr(builder_mod, "place_models", place_on_meta)
     monkeypatch.setattr(session_mod, "fill_latent_cache", lambda *a, **k: None)  # a meta VAE cannot encode
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **small, cache_latents=True))
     session = session_mod.build_session(cfg)
@@ -194,12 +195,13 @@ def _checkpoint_like(tmp_path):
 def test_bad_inputs_fail_before_the_model_loads_and_leave_no_run_folder(
     tmp_path, small, monkeypatch, overrides, message
 ):
+    import trainer.builder as builder_mod
     import trainer.session as session_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(session_mod, "load_model", no_load)
+    monkeypatch.setattr(builder_mod, "load_model", no_load)
     _checkpoint_like(tmp_path)
     overrides = {k: v.format(tmp=tmp_path) for k, v in overrides.items()}
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **{**small, **overrides}))

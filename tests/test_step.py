@@ -1,55 +1,30 @@
 """trainer/step.py: one micro-batch with tiny diffusers/transformers models on CPU."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
+from helpers import bundled_tokenizer, tiny_text_encoder, tiny_unet
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from trainer import diffusion as D
 from trainer.errors import ConfigError
 from trainer.step import StepSettings, TrainingStep
 from trainer.text import encode_captions
 
-BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "trainer" / "models" / "tokenizer"
 SCHED_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 CAPTIONS = ["a photo of a cat", "a red car"]
 
 
-def make_tokenizer(_tmp_dir: Path | None = None) -> CLIPTokenizer:
-    """The bundled offline CLIP tokenizer (trainer/models/tokenizer)."""
-    return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), model_max_length=77)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models():
     torch.manual_seed(0)
-    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-        )
+    tok = bundled_tokenizer()
+    te = tiny_text_encoder(
+        2, seed=None, vocab_size=len(tok), bos_token_id=49406, eos_token_id=49407, pad_token_id=1
     )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(seed=None, attention_head_dim=4)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

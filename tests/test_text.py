@@ -1,41 +1,22 @@
 """trainer/text.py: caption encoding (clip_skip, 75-token chunks) and embedding perturbation."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from helpers import bundled_tokenizer, tiny_text_encoder
+from transformers import CLIPTextModel
 
 from trainer.errors import ConfigError
 from trainer.text import chunked_input_ids, encode_captions, perturb_embeddings, token_count
 
-BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "trainer" / "models" / "tokenizer"
-
-
-def make_tokenizer(_tmp_dir: Path | None = None) -> CLIPTokenizer:
-    """The bundled offline CLIP tokenizer (trainer/models/tokenizer)."""
-    return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), model_max_length=77)
-
 
 def make_text_encoder(tokenizer, layers: int = 3) -> CLIPTextModel:
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config).eval()
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return tiny_text_encoder(layers, vocab_size=len(tokenizer), **ids).eval()
 
 
 @pytest.fixture
 def tok(tmp_path):
-    return make_tokenizer(tmp_path)
+    return bundled_tokenizer()
 
 
 @pytest.fixture

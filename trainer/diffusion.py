@@ -136,10 +136,7 @@ def sample_timesteps(
     n: int, *, start: int, end: int, generator: torch.Generator, device: torch.device | str
 ) -> Tensor:
     """`n` timesteps drawn uniformly from the integers in [start, end) (end exclusive, as ED2)."""
-    if not 0 <= start < end:
-        raise ConfigError(
-            f"timestep_start={start} / timestep_end={end}: need 0 <= timestep_start < timestep_end."
-        )
+    assert 0 <= start < end, f"timestep range [{start}, {end}) (train.json validation refuses it)"
     t = torch.randint(start, end, (n,), generator=generator, device=generator.device, dtype=torch.long)
     return t.to(device)
 

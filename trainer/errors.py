@@ -20,6 +20,10 @@ class ModelLoadError(TrainerError):
     """A model path or file cannot be loaded (missing, wrong layout, unsafe pickle)."""
 
 
+class OptionalDependencyError(TrainerError, ImportError):
+    """The chosen optimizer needs a pip package that is missing or fails to import."""
+
+
 class DataError(TrainerError):
     """The dataset has nothing trainable, or a data_root is unusable."""
 

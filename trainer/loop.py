@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpointing import SavePolicy, save_checkpoint
 from trainer.data import make_run_loader
 from trainer.errors import TrainingStopped
 from trainer.optim import apply_grad_scaler_tweak
 from trainer.progress import StepTracker
-from trainer.saving import SavePolicy, save_checkpoint
 from trainer.session import Session
 from trainer.signals import StopFlag
 from trainer.te_stop import maybe_stop_text_encoder
@@ -120,8 +120,7 @@ def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) ->
         out = s.step(batch)
         # Every sample of the window (across all ranks) weighs the same; DDP averages over ranks.
         loss = out.loss.sum() * s.accelerator.num_processes / batch["global_window_samples"]
-        if s.optim.should_backward(loss):  # false only for a non-finite loss under fused_back_pass
-            (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
+        s.optim.backward(loss, s.scaler)
     tracker.micro_batch(out.loss, out.timesteps)
     s.state.batch_in_epoch += 1
     s.state.samples_seen += len(batch["captions"]) * s.accelerator.num_processes

@@ -32,15 +32,15 @@ def _halves_frozen(device: torch.device, autocast_dtype: torch.dtype | None) -> 
 
 
 def plan_dtypes(
-    model, device: torch.device, autocast_dtype: torch.dtype | None, weight_dtype: torch.dtype
+    trained: tuple[str, ...],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    weight_dtype: torch.dtype,
 ) -> dict[str, torch.dtype]:
-    """The storage dtype of each module (see the module docstring for the rule)."""
+    """The storage dtype of each module (see the module docstring for the rule); `trained` names
+    the modules the optimizers update."""
     frozen = autocast_dtype if _halves_frozen(device, autocast_dtype) else torch.float32
-    plan = {}
-    for name in MODULES:
-        trainable = any(p.requires_grad for p in getattr(model, name).parameters())
-        plan[name] = weight_dtype if trainable else frozen
-    return plan
+    return {name: weight_dtype if name in trained else frozen for name in MODULES}
 
 
 @dataclass
@@ -71,12 +71,17 @@ class ExportPrecision:
 
 
 def place_models(
-    model, device: torch.device, autocast_dtype, *, weight_dtype: torch.dtype = torch.float32
+    model,
+    device: torch.device,
+    autocast_dtype,
+    *,
+    trained: tuple[str, ...],
+    weight_dtype: torch.dtype = torch.float32,
 ) -> ExportPrecision:
     """Move models to the device (after freezing) in the dtypes of `plan_dtypes`. Parameters keep
     their identity, so optimizers built before this still hold them. Returns the loaded values
     of every frozen parameter stored below its loaded precision, for exports."""
-    plan = plan_dtypes(model, device, autocast_dtype, weight_dtype)
+    plan = plan_dtypes(trained, device, autocast_dtype, weight_dtype)
     keep = ExportPrecision()
     for name in MODULES:
         module: nn.Module = getattr(model, name)
@@ -93,5 +98,5 @@ def place_models(
             nn.Module.to(module, dtype=plan[name])
     model.vae.eval()
     model.unet.train()
-    model.text_encoder.train(any(p.requires_grad for p in model.text_encoder.parameters()))
+    model.text_encoder.train("text_encoder" in trained)
     return keep

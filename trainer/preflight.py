@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import MANIFEST, TRAINING_STATE
+from trainer.checkpointing.store import MANIFEST, TRAINING_STATE
 from trainer.errors import ConfigError, TrainerError
 
 BUILTIN_PREFIX = "builtin:"

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainer.errors import ConfigError
-from trainer.logging import sample_tag
+from trainer.runlog import sample_tag
 
 log = logging.getLogger(__name__)
 

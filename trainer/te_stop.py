@@ -17,53 +17,69 @@ from __future__ import annotations
 
 import logging
 
-from trainer.chaining import optimizer_layout
+from trainer.checkpointing.resume import optimizer_layout
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "text_encoder"
 
 
-def stop_step(session) -> int | None:
-    return session.cfg.text_encoder_stop_step(session.total_optimizer_steps)
-
-
-def stop_text_encoder(session) -> None:
-    """Freeze the text encoder and free its optimizer state (idempotent)."""
-    optim = session.optim
+def stop_text_encoder(
+    *, cfg, optim, model, step, ema, wrapped: dict | None, unwrap, global_step: int
+) -> None:
+    """Freeze the text encoder and free its optimizer state (idempotent). `unwrap` gives the
+    plain module of a (possibly DDP-wrapped) one."""
     if COMPONENT not in optim.components:
         return
     optim.stopped_layouts[COMPONENT] = optimizer_layout(optim)[COMPONENT]
     comp = optim.components.pop(COMPONENT)
     comp.optimizer.state.clear()  # the moments: freed now, not when the last reference goes
-    model = session.model
-    encoder = session.accelerator.unwrap_model(model.text_encoder)
+    encoder = unwrap(model.text_encoder)
     for p in encoder.parameters():
         p.grad = None
     encoder.requires_grad_(False)
     encoder.eval()
-    if session.wrapped:
-        session.wrapped.pop(COMPONENT, None)
-    session.step.text_encoder = encoder
-    if session.ema is not None and COMPONENT in session.ema.tracked:
-        session.ema.freeze(COMPONENT)
+    if wrapped:
+        wrapped.pop(COMPONENT, None)
+    step.text_encoder = encoder
+    if ema is not None and COMPONENT in ema.tracked:
+        ema.freeze(COMPONENT)
     log.info(
         "text encoder training stopped after step %d (stop_text_encoder_training %s); its optimizer "
         "state is freed",
-        session.state.global_step,
-        session.cfg.stop_text_encoder_training,
+        global_step,
+        cfg.stop_text_encoder_training,
     )
 
 
 def maybe_stop_text_encoder(session) -> None:
     """After each optimizer step: stop the text encoder once its last step is done."""
-    step = stop_step(session)
+    step = session.cfg.text_encoder_stop_step(session.total_optimizer_steps)
     if step is not None and session.state.global_step >= step:
-        stop_text_encoder(session)
+        stop_text_encoder(
+            cfg=session.cfg,
+            optim=session.optim,
+            model=session.model,
+            step=session.step,
+            ema=session.ema,
+            wrapped=session.wrapped,
+            unwrap=session.accelerator.unwrap_model,
+            global_step=session.state.global_step,
+        )
 
 
-def stop_text_encoder_on_resume(session, resumed_step: int) -> None:
-    """Before a resumed run loads its state: apply a stop that happened before the checkpoint."""
-    step = stop_step(session)
+def stop_text_encoder_on_resume(cfg, parts, accelerator, resumed_step: int) -> None:
+    """Before a resumed run loads its state: apply a stop that happened before the checkpoint
+    (`parts`: the builder's Components)."""
+    step = cfg.text_encoder_stop_step(parts.total_optimizer_steps)
     if step is not None and resumed_step >= step:
-        stop_text_encoder(session)
+        stop_text_encoder(
+            cfg=cfg,
+            optim=parts.optim,
+            model=parts.model,
+            step=parts.step,
+            ema=parts.ema,
+            wrapped=parts.wrapped,
+            unwrap=accelerator.unwrap_model,
+            global_step=resumed_step,
+        )

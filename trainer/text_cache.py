@@ -43,7 +43,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from trainer.errors import ConfigError
 from trainer.text import CHUNK_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -127,12 +126,10 @@ class TextEmbeddingCache:
         for group in ([c] for c in captions):  # one at a time: see the module docstring
             with torch.no_grad():
                 out = encode_fn(group)
-            if out.requires_grad:
-                raise ConfigError(
-                    "TextEmbeddingCache: the text encoder output requires grad, i.e. the text encoder is "
-                    "training. Caching would freeze its outputs; only use the cache with a frozen text encoder "
-                    "(disable_textenc_training: true)."
-                )
+            # train.json validation: cache_text_encoder_outputs needs disable_textenc_training.
+            assert not out.requires_grad, (
+                "TextEmbeddingCache: the text encoder is training; only use the cache with a frozen text encoder"
+            )
             if out.ndim != 3 or out.shape[0] != len(group) or out.shape[1] % SEQ_LEN:
                 raise ValueError(
                     f"encode_fn returned shape {tuple(out.shape)} for {len(group)} caption(s); expected "

@@ -8,13 +8,13 @@ from trainer.data.buckets import SUPPORTED_RESOLUTIONS, get_buckets, nearest_buc
 from trainer.data.dataset import auto_num_workers, make_eval_loader, make_loader, make_run_loader
 from trainer.data.items import CaptionSpec, ImageItem, Problem
 from trainer.data.latent_cache import LatentCache, fill_latent_cache
-from trainer.data.pipeline import DataPlan, DataSettings, load_data
+from trainer.data.pipeline import DataSettings, LoadedDataset, load_data
 from trainer.data.planner import EpochPlan, SampleRef
 
 __all__ = [
     "SUPPORTED_RESOLUTIONS",
     "CaptionSpec",
-    "DataPlan",
+    "LoadedDataset",
     "DataSettings",
     "EpochPlan",
     "ImageItem",

@@ -1,6 +1,8 @@
-"""`load_data`: discover + split + bucket once at start-up, giving a DataPlan.
+"""`load_data`: discover + split + bucket once at start-up, giving the `LoadedDataset`.
 
-The DataPlan is the only data object the training loop holds. Its `epoch_plan(epoch)` is a
+The LoadedDataset (items, buckets, validation sets, problems) is the only data object the
+training loop holds. Its `epoch_plan(epoch)` (an `EpochPlan`: one epoch's batches and
+accumulation windows, planner.py) is a
 pure function of (seed, epoch, rank), so the loop's resumable state is just (epoch, batch
 index); `fingerprint()` lets a resume check that the data and data settings are unchanged.
 """
@@ -72,7 +74,7 @@ class DataSettings:
             raise ConfigError(f"rank={self.rank} must be in [0, num_replicas={self.num_replicas})")
 
 
-class DataPlan:
+class LoadedDataset:
     """Items, buckets and problems of a run, and the per-epoch batch plans built from them."""
 
     def __init__(
@@ -198,7 +200,7 @@ def _discover_all(settings: DataSettings) -> tuple[list[ImageItem], list[Problem
     return list(result.items), list(result.problems)
 
 
-def load_data(settings: DataSettings) -> DataPlan:
+def load_data(settings: DataSettings) -> LoadedDataset:
     """Discover, split and bucket; DataError when nothing is trainable."""
     settings.validate()
     items, problems = _discover_all(settings)
@@ -213,11 +215,11 @@ def load_data(settings: DataSettings) -> DataPlan:
             split, split_problems = split_dataset(items, cfg, scan_cache=settings.scan_cache)
             train, val_sets, stabilize = split.train, dict(split.val), list(split.stabilize)
             problems.extend(split_problems)
-    plan = DataPlan(settings, train, val_sets, stabilize, problems)
-    if not plan.train_items or plan.batches_per_epoch() == 0:
+    dataset = LoadedDataset(settings, train, val_sets, stabilize, problems)
+    if not dataset.train_items or dataset.batches_per_epoch() == 0:
         raise DataError(
             f"data_root {settings.data_root!r}: nothing to train on after the validation split "
-            f"({len(plan.train_items)} training images, multiply, batch_size={settings.batch_size}, "
+            f"({len(dataset.train_items)} training images, multiply, batch_size={settings.batch_size}, "
             f"num_replicas={settings.num_replicas}); add images or lower num_replicas"
         )
-    return plan
+    return dataset

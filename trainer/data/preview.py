@@ -22,11 +22,11 @@ import sys
 from collections import Counter
 
 from trainer.console import RepeatLimiter
-from trainer.data.pipeline import UNDERSIZED_PREFIX, DataPlan, DataSettings, load_data
+from trainer.data.pipeline import UNDERSIZED_PREFIX, DataSettings, LoadedDataset, load_data
 from trainer.errors import ConfigError, TrainerError
 
 
-def build_report(plan: DataPlan) -> dict:
+def build_report(plan: LoadedDataset) -> dict:
     """Everything the preview shows, as plain JSON-able data."""
     epoch = plan.epoch_plan(0)
     batches_by_bucket = Counter(batch[0].bucket for batch in epoch.batches)

@@ -7,8 +7,9 @@ save_single_file(components, path) # original-layout .safetensors for A1111 / Co
 
 from trainer.models.builtin import BUILTINS, build_builtin, cache_dir, load_builtin
 from trainer.models.components import SDComponents
+from trainer.models.convert import convert_file
 from trainer.models.loading import load_model
-from trainer.models.saving import convert_file, save_pipeline
+from trainer.models.saving import save_pipeline
 from trainer.models.single_file import save_single_file
 
 __all__ = [

@@ -37,7 +37,7 @@ from trainer.models.components import (
     load_tokenizer,
     training_scheduler_config,
 )
-from trainer.models.loading import load_pipeline_folder
+from trainer.models.pipeline_folder import load_pipeline_folder
 from trainer.models.saving import save_pipeline
 from trainer.models.tiny_vae import tiny_vae_state_dict
 

@@ -9,9 +9,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+import torch
 
 from trainer.errors import ModelLoadError
-from trainer.models.saving import convert_file
+from trainer.models.loading import load_model
+from trainer.models.saving import save_pipeline
+from trainer.models.single_file import save_single_file
+
+
+def convert_file(src: str, dst: str, *, half: bool) -> None:
+    """Convert between a single file and a diffusers folder (either way), or re-export.
+
+    `dst` ending in `.safetensors` gets a single file; anything else becomes a pipeline folder.
+    `half` stores fp16 weights.
+    """
+    dst_path = Path(dst).expanduser()
+    if dst_path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelLoadError(f"refusing to write pickle format {dst_path}; write a .safetensors file instead")
+    components = load_model(src, dtype=torch.float16 if half else torch.float32)
+    if dst_path.suffix == ".safetensors":
+        save_single_file(components, dst_path, half=half)
+    else:
+        if dst_path.exists() and any(dst_path.iterdir()):
+            raise ModelLoadError(f"output folder {dst_path} exists and is not empty; choose a new folder")
+        save_pipeline(components, dst_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,15 @@
-"""Writing SDComponents as a diffusers pipeline folder, and the `convert_file` behind the CLI."""
+"""Writing SDComponents as a diffusers pipeline folder (single files: single_file.py)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from trainer.errors import ModelLoadError
 from trainer.models.components import MODEL_MAX_LENGTH, SDComponents, read_json
-from trainer.models.single_file import save_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -83,23 +80,3 @@ def save_canonical_text_encoder(text_encoder: CLIPTextModel, folder: Path) -> Pa
     path = folder / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
-
-
-def convert_file(src: str, dst: str, *, half: bool) -> None:
-    """Convert between a single file and a diffusers folder (either way), or re-export.
-
-    `dst` ending in `.safetensors` gets a single file; anything else becomes a pipeline folder.
-    `half` stores fp16 weights.
-    """
-    from trainer.models.loading import load_model  # loading is the heavier import; keep CLI light
-
-    dst_path = Path(dst).expanduser()
-    if dst_path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise ModelLoadError(f"refusing to write pickle format {dst_path}; write a .safetensors file instead")
-    components = load_model(src, dtype=torch.float16 if half else torch.float32)
-    if dst_path.suffix == ".safetensors":
-        save_single_file(components, dst_path, half=half)
-    else:
-        if dst_path.exists() and any(dst_path.iterdir()):
-            raise ModelLoadError(f"output folder {dst_path} exists and is not empty; choose a new folder")
-        save_pipeline(components, dst_path)

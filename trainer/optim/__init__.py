@@ -1,13 +1,16 @@
 """Pluggable optimizers: optimizer.json (EveryDream2 schema), registry, precedence, schedules,
-text-encoder freezing, and the per-component OptimizerSet the training loop steps.
+text-encoder freezing, and the optimizer sets the training loop steps through one protocol
+(`TrainingOptimizer`: the per-component `OptimizerSet`, or `FusedOptimizerSet` for the fused back pass).
 
 Optional packages are imported only when their optimizer is built.
 """
 
+from trainer.optim.component import ComponentOptimizer, StepResult
 from trainer.optim.freezing import FreezePlan, apply_text_encoder_freeze, plan_text_encoder_freeze
 from trainer.optim.fused_backward import FusedOptimizerSet
 from trainer.optim.grad_scaler import apply_grad_scaler_tweak, grad_scaler_tweak
-from trainer.optim.optimizer_set import ComponentOptimizer, OptimizerSet, StepResult, build_optimizers
+from trainer.optim.optimizer_set import OptimizerSet, build_optimizers
+from trainer.optim.protocol import TrainingOptimizer
 from trainer.optim.registry import REGISTRY, OptimizerSpec, OptionalDependencyError, get_spec
 from trainer.optim.resolve import (
     ResolvedComponent,
@@ -40,6 +43,7 @@ __all__ = [
     "SectionConfig",
     "StepResult",
     "TrainOptimSettings",
+    "TrainingOptimizer",
     "apply_grad_scaler_tweak",
     "apply_text_encoder_freeze",
     "build_optimizers",

@@ -14,7 +14,7 @@ import difflib
 import importlib
 import inspect
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, OptionalDependencyError
 
 PREFIX = "pytorch_optimizer."
 PACKAGE = "pytorch-optimizer"
@@ -31,8 +31,6 @@ def bridge_spec(name: str, where: str, spec_factory):
     `spec_factory` is registry's `_spec`; raises ConfigError for an unknown name, with the
     closest one, and OptionalDependencyError when the package is missing.
     """
-    from trainer.optim.registry import OptionalDependencyError
-
     inner = name.strip()[len(PREFIX) :].lower()
     try:
         module = importlib.import_module("pytorch_optimizer")

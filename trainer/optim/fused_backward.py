@@ -8,11 +8,14 @@ the gradients still being produced, saving most of that (see docs/PERFORMANCE.md
 technique is PyTorch's "optimizer step in backward" recipe: one optimizer (and LR scheduler) per
 parameter.
 
-Constraints (checked by `check_fused_backward`, ConfigError otherwise):
+Constraints. train.json's own (validated once, in trainer/config.py; asserted here):
 
 * `grad_accum == 1`: the step happens during the backward of every micro-batch, so gradients
-  cannot accumulate over several.
+  cannot accumulate over several (nothing here accumulates: the check is config.py's alone).
 * no `clip_grad_norm`: clipping needs the total norm over all gradients before any step.
+
+Those known only once the run is built (checked by `check_fused_backward`, ConfigError):
+
 * no fp16 GradScaler: unscaling and the inf/NaN skip need all gradients first (use bf16).
 * one process: under DDP the hook would fire on the local gradient before the all-reduce.
 * per-parameter optimizers only: D-Adaptation and Prodigy estimate their step size from all
@@ -36,12 +39,9 @@ import torch
 from torch import nn
 
 from trainer.errors import CheckpointError, ConfigError
-from trainer.optim.optimizer_set import (
-    StepResult,
-    build_component_scheduler,
-    effective_lr,
-    load_rounding_state,
-)
+from trainer.optim.component import StepResult
+from trainer.optim.optimizer_set import OptimizerSet, build_component_scheduler
+from trainer.optim.protocol import TrainingOptimizer
 from trainer.optim.registry import build_optimizer, get_spec
 from trainer.stochastic_rounding import fp32_state
 
@@ -56,18 +56,13 @@ STATE_FORMAT = 1
 
 def check_fused_backward(
     *,
-    grad_accum: int = 1,
-    clip_grad_norm: float | None = None,
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     optimizer_names: Iterable[str] = (),
 ) -> None:
-    """Raise ConfigError naming the setting that rules out a fused backward step."""
+    """Raise ConfigError naming the setting that rules out a fused backward step (those that
+    depend on the device, the process count and optimizer.json; train.json's are config.py's)."""
     problems = []
-    if grad_accum != 1:
-        problems.append(f"grad_accum={grad_accum} (needs 1: gradients are consumed during each backward)")
-    if clip_grad_norm is not None:
-        problems.append(f"clip_grad_norm={clip_grad_norm} (needs null: clipping needs all gradients first)")
     if uses_grad_scaler:
         problems.append("fp16 mixed precision with a GradScaler (use mixed_precision bf16 or no)")
     if world_size != 1:
@@ -142,15 +137,8 @@ class FusedBackward:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             for scheduler in self.schedulers:
-                # AdafactorSchedule only mirrors the optimizer's own LR (and needs its state).
-                if scheduler is not None and type(scheduler).__name__ != "AdafactorSchedule":
+                if scheduler is not None:
                     scheduler.step()
-
-    def remove(self) -> None:
-        """Detach the hooks (the parameters then get ordinary `.grad` again)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def learning_rates(self) -> dict[str, float]:
         return {n: float(o.param_groups[0]["lr"]) for n, o in zip(self.names, self.optimizers, strict=True)}
@@ -187,8 +175,6 @@ def attach_fused_backward(
     make_optimizer: MakeOptimizer,
     *,
     lr_scheduler_factory: MakeScheduler,
-    grad_accum: int = 1,
-    clip_grad_norm: float | None = None,
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     optimizer_name: str | None = None,
@@ -201,8 +187,6 @@ def attach_fused_backward(
     state_dict). `step_fn(opt)` replaces `opt.step()` (e.g. bf16 stochastic rounding). Raises
     ConfigError when the settings rule it out (see module docstring)."""
     check_fused_backward(
-        grad_accum=grad_accum,
-        clip_grad_norm=clip_grad_norm,
         uses_grad_scaler=uses_grad_scaler,
         world_size=world_size,
         optimizer_names=[optimizer_name] if optimizer_name else (),
@@ -215,7 +199,6 @@ def attach_fused_backward(
 def fused_backward_from_optimizer_set(
     optim,
     *,
-    grad_accum: int = 1,
     uses_grad_scaler: bool = False,
     world_size: int = 1,
     step_fn: StepFn | None = None,
@@ -224,6 +207,9 @@ def fused_backward_from_optimizer_set(
     """Fused backward for each component of an `OptimizerSet`, with the same resolved optimizer,
     options, LR and schedule as its (then unused) component optimizer. Build the OptimizerSet
     first (it applies the freezing); never call its `step()` afterwards."""
+    assert optim.clip_grad_norm is None, (
+        "fused_back_pass with clip_grad_norm (refused by train.json validation)"
+    )
     out = {}
     for name, comp in optim.components.items():
         r = comp.resolved
@@ -239,8 +225,6 @@ def fused_backward_from_optimizer_set(
             list(zip(comp.param_names, comp.params, strict=True)),
             make_optimizer,
             lr_scheduler_factory=make_scheduler,
-            grad_accum=grad_accum,
-            clip_grad_norm=optim.clip_grad_norm,
             uses_grad_scaler=uses_grad_scaler,
             world_size=world_size,
             optimizer_name=r.optimizer,
@@ -251,91 +235,65 @@ def fused_backward_from_optimizer_set(
     return out
 
 
-class FusedOptimizerSet:
-    """What the loop steps when `fused_back_pass` is on: the OptimizerSet interface, with every
-    update already done inside backward by one `FusedBackward` per component.
+class FusedOptimizerSet(TrainingOptimizer):
+    """What the loop steps when `fused_back_pass` is on: every update is done inside backward
+    by one `FusedBackward` per component.
 
-    Built from an `OptimizerSet` (which did the freezing and resolved the settings; its own
-    optimizers stay unused and, being lazily initialised, hold no state). The non-finite skip
-    moves before backward: `should_backward(loss)` makes the step's one host sync and refuses a
-    non-finite loss, so no parameter is touched; the LR schedules still advance, as in
-    `OptimizerSet.step`. A non-finite gradient from a finite loss cannot be caught (every
-    parameter has stepped by then); this mode refuses fp16, the usual source of those.
+    Built from an `OptimizerSet` (which did the freezing, resolved the settings and holds the
+    stochastic rounding; its own optimizers stay unused and, being lazily initialised, hold no
+    state). The non-finite skip moves before backward: `backward(loss)` makes the step's one
+    host sync and skips the backward of a non-finite loss, so no parameter is touched; the LR
+    schedules still advance, as in `OptimizerSet.step`. A non-finite gradient from a finite loss
+    cannot be caught (every parameter has stepped by then); this mode refuses fp16, the usual
+    source of those.
     """
 
-    steps_in_backward = True
+    state_key = "fused"
+    fused_back_pass = True
 
-    def __init__(self, base, *, uses_grad_scaler: bool, world_size: int, rounding=None) -> None:
-        self.base = base
+    def __init__(self, base: OptimizerSet, *, uses_grad_scaler: bool, world_size: int) -> None:
         self.components = base.components
         self.clip_grad_norm = None
         self.log_grad_norm = base.log_grad_norm
-        self.rounding = rounding
+        self.rounding = base.rounding
         self.fused = fused_backward_from_optimizer_set(
             base,
             uses_grad_scaler=uses_grad_scaler,
             world_size=world_size,
-            step_fn=rounding.step if rounding is not None else None,
+            step_fn=base.rounding.step if base.rounding is not None else None,
             track_grad_norm=base.log_grad_norm,
         )
         self._skip_pending = False
 
-    def should_backward(self, loss: torch.Tensor) -> bool:
+    def backward(self, loss: torch.Tensor, scaler=None) -> None:
+        """Backward (which steps every parameter) only for a finite loss; a GradScaler is refused
+        at construction, so `scaler` is None."""
         finite = bool(torch.isfinite(loss.detach()).all())  # the step's one host sync
         self._skip_pending |= not finite
-        return finite
+        if finite:
+            loss.backward()
 
     def step(self, scaler=None):
         """Finish the optimizer step whose updates happened in backward: report skip and norms."""
         skipped, self._skip_pending = self._skip_pending, False
-        if skipped:
-            for fused in self.fused.values():
-                fused.advance_schedulers()
+        if skipped:  # otherwise each parameter's schedule advanced in its hook
+            for name, fused in self.fused.items():
+                if self.components[name].schedule_advances(updated=False):
+                    fused.advance_schedulers()
         norms = {name: n for name, f in self.fused.items() if (n := f.take_grad_norm()) is not None}
         return StepResult(skipped=skipped, grad_norms=norms)
 
-    def _first(self, name: str) -> tuple[torch.optim.Optimizer, Any]:
+    def representative(self, name: str):
         fused = self.fused[name]
         return fused.optimizers[0], fused.schedulers[0]
 
-    def learning_rates(self) -> dict[str, float]:
-        """Effective LR per component (Adafactor's own LR when its schedule is 'adafactor')."""
-        return {
-            name: effective_lr(comp.resolved, comp.spec, *self._first(name))
-            for name, comp in self.components.items()
-        }
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [opt for fused in self.fused.values() for opt in fused.optimizers]
 
-    def nominal_learning_rates(self) -> dict[str, float]:
-        return {name: float(self._first(name)[0].param_groups[0]["lr"] or 0.0) for name in self.components}
+    def _entries_state(self) -> dict[str, Any]:
+        return {name: fused.state_dict() for name, fused in self.fused.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT,
-            "stochastic_rounding": self.rounding.state_dict() if self.rounding is not None else None,
-            "fused": {name: fused.state_dict() for name, fused in self.fused.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "fused" not in state:
-            raise CheckpointError(
-                "optimizer state: the checkpoint was trained without fused_back_pass; resume it with "
-                "fused_back_pass: false."
-            )
-        if set(state["fused"]) != set(self.fused):
-            raise CheckpointError(
-                f"optimizer state: the checkpoint trains {sorted(state['fused'])}, this run trains "
-                f"{sorted(self.fused)}. Use the same disable_unet_training / disable_textenc_training."
-            )
+    def _load_entries(self, saved: dict[str, Any]) -> None:
         for name, fused in self.fused.items():
             with fp32_state(fused.optimizers):  # fp32 moments stay fp32 next to bf16 weights
-                fused.load_state_dict(state["fused"][name])
-        load_rounding_state(self.rounding, state.get("stochastic_rounding"))
-
-    def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:
-        return self.base.trainable_parameter_count()
-
-    def resolved_config(self) -> dict[str, dict[str, Any]]:
-        return self.base.resolved_config()
-
-    def summary_table(self) -> str:
-        return self.base.summary_table()
+                fused.load_state_dict(saved[name])

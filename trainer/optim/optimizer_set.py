@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,12 +15,14 @@ from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from trainer.errors import CheckpointError, ConfigError
+from trainer.optim.component import ComponentOptimizer, StepResult
 from trainer.optim.freezing import (
     apply_text_encoder_freeze,
     plan_text_encoder_freeze,
     text_encoder_num_layers,
 )
-from trainer.optim.registry import OptimizerSpec, build_optimizer, get_spec
+from trainer.optim.protocol import TrainingOptimizer
+from trainer.optim.registry import build_optimizer, get_spec
 from trainer.optim.resolve import (
     TEXT_ENCODER,
     UNET,
@@ -32,47 +33,9 @@ from trainer.optim.resolve import (
 from trainer.optim.schedule_free import restore, set_train_mode_flag, snapshot
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
-from trainer.optim.table import render_summary
-from trainer.stochastic_rounding import fp32_state
+from trainer.stochastic_rounding import StochasticRounding, fp32_state
 
 logger = logging.getLogger(__name__)
-
-STATE_FORMAT = 1
-
-
-@dataclass
-class StepResult:
-    skipped: bool  # True if a non-finite gradient made us skip the update
-    grad_norms: dict[str, torch.Tensor]  # pre-clip total grad norm per component (0-dim, on device)
-
-
-@dataclass
-class ComponentOptimizer:
-    """A component's optimizer, scheduler and trainable parameters (in optimizer order)."""
-
-    name: str
-    resolved: ResolvedComponent
-    spec: OptimizerSpec
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    param_names: list[str]
-    params: list[nn.Parameter]
-    trainable_count: int
-    frozen_count: int
-    freeze_description: str = ""
-
-    def effective_lr(self) -> float:
-        return effective_lr(self.resolved, self.spec, self.optimizer, self.lr_scheduler)
-
-
-def effective_lr(resolved: ResolvedComponent, spec: OptimizerSpec, optimizer, lr_scheduler) -> float:
-    """The step size actually applied: d*lr for D-Adaptation/Prodigy, Adafactor's own LR."""
-    group = optimizer.param_groups[0]
-    if resolved.lr_scheduler == "adafactor":
-        return float(lr_scheduler.get_last_lr()[0])
-    if spec.adaptive:
-        return float(group["d"]) * float(group["lr"])
-    return float(group["lr"])
 
 
 def build_optimizers(
@@ -82,14 +45,13 @@ def build_optimizers(
     unet: nn.Module,
     text_encoder: nn.Module,
     total_optimizer_steps: int,
+    rounding: StochasticRounding | None = None,
 ) -> OptimizerSet:
     """Freeze what must not train (requires_grad=False), then build one optimizer + scheduler
-    per trained component. Raises ConfigError if both components are disabled."""
-    if settings.disable_unet_training and settings.disable_textenc_training:
-        raise ConfigError(
-            "disable_unet_training and disable_textenc_training are both true: nothing would train. "
-            "Set at least one of them to false."
-        )
+    per trained component. `rounding` (bf16 weights) replaces each `optimizer.step()`."""
+    assert not (settings.disable_unet_training and settings.disable_textenc_training), (
+        "nothing would train (train.json validation refuses both disable_*_training)"
+    )
     resolved = resolve_components(opt_file, settings, total_optimizer_steps)
     components: dict[str, ComponentOptimizer] = {}
 
@@ -110,10 +72,12 @@ def build_optimizers(
                 list(plan.unused_layers),
             )
         components[TEXT_ENCODER] = _build_component(resolved[TEXT_ENCODER], text_encoder, plan.describe())
-    opt_set = OptimizerSet(
-        components, clip_grad_norm=settings.clip_grad_norm, log_grad_norm=opt_file.log_grad_norm
+    return OptimizerSet(
+        components,
+        clip_grad_norm=settings.clip_grad_norm,
+        log_grad_norm=opt_file.log_grad_norm,
+        rounding=rounding,
     )
-    return opt_set
 
 
 def build_component_scheduler(
@@ -164,8 +128,11 @@ def _build_component(
     )
 
 
-class OptimizerSet:
+class OptimizerSet(TrainingOptimizer):
     """The trained components' optimizers, stepped as one unit by the training loop."""
+
+    state_key = "components"
+    fused_back_pass = False
 
     def __init__(
         self,
@@ -173,22 +140,17 @@ class OptimizerSet:
         *,
         clip_grad_norm: float | None,
         log_grad_norm: bool = True,
+        rounding: StochasticRounding | None = None,
     ):
         self.components = components
         self.clip_grad_norm = clip_grad_norm
         self.log_grad_norm = log_grad_norm
         # bf16 weights (weight_dtype bf16): a StochasticRounding whose step() replaces optimizer.step().
-        self.rounding = None
+        self.rounding = rounding
         # Schedule-free train-mode weights while `schedule_free.eval_weights` is active.
         self.train_weights: dict[str, list[torch.Tensor]] | None = None
         # Components whose training stopped mid-run (trainer/te_stop.py): name -> resume-guard layout.
         self.stopped_layouts: dict[str, str] = {}
-
-    steps_in_backward = False  # FusedOptimizerSet updates inside backward instead
-
-    def should_backward(self, loss: torch.Tensor) -> bool:
-        """Always true: this set checks finiteness once per step, on the gradient norms (no sync here)."""
-        return True
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One optimizer step for every component, after the loop's micro-batch backwards.
@@ -228,38 +190,30 @@ class OptimizerSet:
         if use_scaler:
             scaler.update()
         for comp in comps:
-            # AdafactorSchedule only mirrors the optimizer's own LR (and needs its state): nothing to advance.
-            if finite or comp.resolved.lr_scheduler != "adafactor":
+            if comp.schedule_advances(updated=finite):
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
                     comp.lr_scheduler.step()
             comp.optimizer.zero_grad(set_to_none=True)
         return StepResult(skipped=not finite, grad_norms=norms)
 
-    def learning_rates(self) -> dict[str, float]:
-        """Effective LR per component (d*lr for D-Adaptation/Prodigy). Syncs; call at log time."""
-        return {name: comp.effective_lr() for name, comp in self.components.items()}
+    def representative(self, name: str):
+        comp = self.components[name]
+        return comp.optimizer, comp.lr_scheduler
 
-    def nominal_learning_rates(self) -> dict[str, float]:
-        """The scheduled `lr` of each component's param group (the multiplier for adaptive ones)."""
-        return {
-            name: float(comp.optimizer.param_groups[0]["lr"] or 0.0) for name, comp in self.components.items()
-        }
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [comp.optimizer for comp in self.components.values()]
 
-    def state_dict(self) -> dict[str, Any]:
+    def _entries_state(self) -> dict[str, Any]:
         return {
-            "format": STATE_FORMAT,
-            "stochastic_rounding": self.rounding.state_dict() if self.rounding is not None else None,
-            "components": {
-                name: {
-                    "optimizer_name": comp.spec.name,
-                    "param_names": list(comp.param_names),
-                    "optimizer": self._optimizer_state(comp),
-                    "lr_scheduler": comp.lr_scheduler.state_dict(),
-                    **self._train_weights_entry(comp),
-                }
-                for name, comp in self.components.items()
-            },
+            name: {
+                "optimizer_name": comp.spec.name,
+                "param_names": list(comp.param_names),
+                "optimizer": self._optimizer_state(comp),
+                "lr_scheduler": comp.lr_scheduler.state_dict(),
+                **self._train_weights_entry(comp),
+            }
+            for name, comp in self.components.items()
         }
 
     def _optimizer_state(self, comp: ComponentOptimizer) -> dict[str, Any]:
@@ -276,23 +230,8 @@ class OptimizerSet:
             return {"schedule_free_train_weights": self.train_weights[comp.name]}
         return {"schedule_free_train_weights": snapshot(comp.params)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Exact restore. Changed components, optimizer or trained parameters is a CheckpointError."""
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(
-                f"optimizer state: unsupported format {state.get('format')!r} (expected {STATE_FORMAT})"
-            )
-        if "components" not in state:
-            raise CheckpointError(
-                "optimizer state: the checkpoint was trained with fused_back_pass: true (per-parameter "
-                "optimizers); resume it with fused_back_pass: true."
-            )
-        saved = state["components"]
-        if set(saved) != set(self.components):
-            raise CheckpointError(
-                f"optimizer state: the checkpoint trains {sorted(saved)}, this run trains {sorted(self.components)}. "
-                "Use the same disable_unet_training / disable_textenc_training as the checkpoint."
-            )
+    def _load_entries(self, saved: dict[str, Any]) -> None:
+        """Changed optimizer or trained parameters is a CheckpointError."""
         for name, comp in self.components.items():
             entry = saved[name]
             if entry["optimizer_name"] != comp.spec.name:
@@ -320,27 +259,3 @@ class OptimizerSet:
                         "pipeline weights instead."
                     )
                 restore(comp.params, saved[name]["schedule_free_train_weights"])
-        load_rounding_state(self.rounding, state.get("stochastic_rounding"))
-
-    def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:
-        return {name: (c.trainable_count, c.frozen_count) for name, c in self.components.items()}
-
-    def resolved_config(self) -> dict[str, dict[str, Any]]:
-        """The fully resolved per-component settings (for the run folder and the table)."""
-        return {name: comp.resolved.as_dict() for name, comp in self.components.items()}
-
-    def summary_table(self) -> str:
-        return render_summary(self.components, self.clip_grad_norm)
-
-
-def load_rounding_state(rounding, saved: dict | None) -> None:
-    """Continue the checkpoint's stochastic-rounding stream; a checkpoint without one (trained
-    with fp32 weights) starts a fresh stream from the seed, which is said in the log."""
-    if rounding is None:
-        return
-    if saved is None:
-        logger.info(
-            "weight_dtype bf16: the checkpoint has no stochastic-rounding state; seeding a new stream"
-        )
-        return
-    rounding.load_state_dict(saved)

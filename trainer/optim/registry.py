@@ -18,14 +18,9 @@ from typing import Any
 
 import torch
 
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError, OptionalDependencyError
 from trainer.optim.bridge import bridge_spec, is_bridge_name
 from trainer.optim.modern import modern_specs
-
-
-class OptionalDependencyError(TrainerError, ImportError):
-    """The chosen optimizer needs a pip package that is missing or fails to import."""
-
 
 # Keys every section may carry whatever the optimizer: they configure LR and schedule.
 SCHEDULE_KEYS = (
@@ -472,11 +467,3 @@ def prefer_fused_kernel(spec: OptimizerSpec, options: dict[str, Any], *, cuda: b
 def closest_key(key: str, candidates: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return close[0] if close else None
-
-
-def all_option_keys() -> tuple[str, ...]:
-    """Every optimizer-specific key any optimizer takes (for the schema and docs)."""
-    keys: dict[str, None] = {}
-    for spec in REGISTRY.values():
-        keys.update(dict.fromkeys(spec.keys))
-    return tuple(keys)

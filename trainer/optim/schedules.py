@@ -25,8 +25,16 @@ SCHEDULER_NAMES = (
     "polynomial",
     "adafactor",
 )
+ADAFACTOR_SCHEDULE = "adafactor"
 AUTO_DECAY_FACTOR = 1.5
 AUTO_WARMUP_DIVISOR = 50
+
+
+def mirrors_optimizer_lr(name: str) -> bool:
+    """True for the `adafactor` schedule: transformers' AdafactorSchedule only reports the LR
+    Adafactor computes itself (from its state), so it is never advanced without an update and
+    its LR is read from the schedule, not from the param group."""
+    return name == ADAFACTOR_SCHEDULE
 
 
 def resolve_decay_steps(decay_steps: int | None, total_optimizer_steps: int) -> int:
@@ -57,7 +65,7 @@ def build_lr_scheduler(
     `constant` ignores warmup (diffusers semantics, as in ED2); `linear`, `cosine` and
     `polynomial` reach their end value (0, or 1e-7 for polynomial) at `decay_steps`.
     """
-    if name == "adafactor":
+    if mirrors_optimizer_lr(name):
         schedule_cls = importlib.import_module("transformers.optimization").AdafactorSchedule
         return schedule_cls(optimizer)
     from diffusers.optimization import get_scheduler  # heavy import, only when building

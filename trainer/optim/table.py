@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from trainer.optim.registry import SCHEDULE_KEYS
 
 if TYPE_CHECKING:
-    from trainer.optim.optimizer_set import ComponentOptimizer
+    from trainer.optim.component import ComponentOptimizer
 
 _SHOWN_SEPARATELY = {"betas", "epsilon", "weight_decay", *SCHEDULE_KEYS}
 

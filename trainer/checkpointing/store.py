@@ -1,4 +1,4 @@
-"""Atomic checkpoint directories, `findlast`, and retention. Knows nothing about what a UNet is.
+"""The folder store: atomic checkpoint directories, `findlast`, retention. Knows nothing about what a UNet is.
 
 A checkpoint is one directory under `<run>/checkpoints/`. It is written under a hidden temporary
 name, its `manifest.json` (format version, step, epoch, config hash, every file with its size) is
@@ -70,7 +70,7 @@ def write_checkpoint(
     return final
 
 
-def read_checkpoint(path: Path) -> CheckpointInfo:
+def open_checkpoint(path: Path) -> CheckpointInfo:
     """Validate a checkpoint directory. Raises CheckpointError saying what is wrong."""
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -104,7 +104,7 @@ def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
         if not child.is_dir() or child.name.startswith(_TMP_PREFIX) or not (child / MANIFEST).is_file():
             continue
         try:
-            found.append(read_checkpoint(child))
+            found.append(open_checkpoint(child))
         except CheckpointError as exc:
             log.warning("ignoring checkpoint: %s", exc)
     return sorted(found, key=lambda c: (c.step, c.manifest.get("created", 0)))

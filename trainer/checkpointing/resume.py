@@ -21,8 +21,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import TRAINING_STATE, CheckpointInfo, find_last, load_training_state, read_checkpoint
+from trainer.checkpointing.store import (
+    TRAINING_STATE,
+    CheckpointInfo,
+    find_last,
+    load_training_state,
+    open_checkpoint,
+)
 from trainer.errors import CheckpointError
+from trainer.optim.schedules import mirrors_optimizer_lr
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ def plan_resume(resume_ckpt: str, logdir: str, project_name: str) -> ResumePlan:
             )
         if not (path.is_dir() and (path / "manifest.json").exists()):
             return ResumePlan(spec=resume_ckpt)
-        info = read_checkpoint(path)
+        info = open_checkpoint(path)
     plan = ResumePlan(spec=str(info.path / PIPELINE_DIR), checkpoint=info, findlast=findlast)
     owner = info.manifest.get("project_name")
     if findlast and owner is not None and owner != project_name:
@@ -177,17 +184,15 @@ def warn_horizon_change(saved: dict | None, optim, total_optimizer_steps: int) -
         return []
     now = schedule_horizon(optim, total_optimizer_steps)
     messages = []
-    for name, comp in optim.components.items():
+    for name in optim.components:
         old = saved["components"].get(name)
         new = now["components"][name]
-        if old is None or new["lr_scheduler"] in ("constant", "adafactor"):
+        if old is None or new["lr_scheduler"] == "constant" or mirrors_optimizer_lr(new["lr_scheduler"]):
             continue
         if (old["lr_decay_steps"], old["lr_warmup_steps"]) == (new["lr_decay_steps"], new["lr_warmup_steps"]):
             continue
-        lr_change = ""
-        if not getattr(optim, "steps_in_backward", False):  # fused: one scheduler per parameter
-            before, after, step = _lr_before_after(comp.lr_scheduler)
-            lr_change = f"; the LR at step {step} goes from {before:.6g} to {after:.6g}"
+        before, after, step = _lr_before_after(optim.lr_schedulers()[name])
+        lr_change = f"; the LR at step {step} goes from {before:.6g} to {after:.6g}"
         messages.append(
             f"{name}: the run now has {total_optimizer_steps} optimizer steps (was "
             f"{saved['total_optimizer_steps']}), so its {new['lr_scheduler']} schedule's horizon moves from "
