@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTextConfig, CLIPTextModel
+from helpers import bundled_tokenizer, tiny_text_encoder
 
-from tests.test_step import CAPTIONS, make_tokenizer
+from tests.test_step import CAPTIONS
 from trainer import diffusion, losses
 from trainer.step import StepSettings, TrainingStep
 
@@ -156,17 +156,8 @@ class RecordingZeroUNet(torch.nn.Module):
 
 
 def test_training_step_perturbs_the_input_only_and_weights_by_mask_and_debiasing():
-    tok = make_tokenizer()
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-        )
-    )
+    tok = bundled_tokenizer()
+    te = tiny_text_encoder(1, vocab_size=len(tok), bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
     unet = RecordingZeroUNet()
     schedule = diffusion.NoiseSchedule.from_scheduler_config(SD_SCHEDULE)
     settings = StepSettings(
