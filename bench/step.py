@@ -455,8 +455,7 @@ class PhaseClock:
             self.totals["rest of forward"] += self.now() - forward_start - inner
             self._split = None
             backward_start = self.now()
-            if bench.optim.should_backward(loss):
-                (bench.scaler.scale(loss) if bench.scaler is not None else loss).backward()
+            bench.optim.backward(loss, bench.scaler)
             backward_end = self.now()
         split = backward_end if self._split is None else self._split
         self.totals["UNet backward"] += split - backward_start

@@ -58,8 +58,13 @@ def test_synthetic_batches_need_no_dataset(tmp_path, dataset):
     parts = build_components(cfg, Accelerator(cpu=True), total_optimizer_steps=3)
     assert parts.data is None and parts.total_optimizer_steps == 3
     assert isinstance(parts.optim, FusedOptimizerSet) and isinstance(parts.optim, TrainingOptimizer)
-    batch = {"latents": torch.randn(2, 4, 8, 8), "captions": ["a", "b"], "loss_scale": torch.ones(2)}
+    batch = {
+        "latents": torch.randn(2, 4, 8, 8),
+        "captions": ["a", "b"],
+        "loss_scale": torch.ones(2),
+        "sample_seeds": [0, 1],
+    }
     before = parts.model.unet.conv_in.weight.detach().clone()
-    parts.optim.backward(parts.step(batch, torch.Generator()).loss.mean())
+    parts.optim.backward(parts.step(batch).loss.mean())
     assert not parts.optim.step().skipped
     assert not torch.equal(before, parts.model.unet.conv_in.weight)  # updated inside backward

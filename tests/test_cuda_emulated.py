@@ -172,7 +172,9 @@ def test_per_sample_noise_is_moved_in_one_copy_with_unchanged_values(models, mon
 
     step = make_step(models, zero_frequency_noise_ratio=0.1)
     captured, copies = {}, []
-    monkeypatch.setattr(step, "_loss", lambda batch, lat, noise, t, emb: captured.update(noise=noise, t=t))
+    monkeypatch.setattr(
+        step, "_loss", lambda batch, lat, noise, t, emb, perturbation=None: captured.update(noise=noise, t=t)
+    )
     real = step._to_device
     monkeypatch.setattr(step, "_to_device", lambda host: copies.append(host.shape) or real(host))
     latents = torch.zeros(3, 4, 8, 8)
