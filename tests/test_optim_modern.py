@@ -255,19 +255,7 @@ RESUME_CASES = {
 RUN = dict(max_epochs=2, batch_size=4, lr=None, save_every_n_epochs=1, resolution=64)
 
 
-# Known bug (found 2026-12-02 when data/shapes was regenerated with 4 classes): with these 8
-# images a Prodigy + schedule-free run stopped at step 1 and resumed ends with different weights
-# (UNet and text encoder), also without samples or validation in the straight run; with the
-# earlier images it was bitwise. Strict: this mark fails the test once the resume is exact.
-_PRODIGY_SF_RESUME = pytest.mark.xfail(
-    strict=True, reason="prodigy_schedulefree resume is not bitwise on the 4-class shapes data (open bug)"
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=_PRODIGY_SF_RESUME) if c == "prodigy_sf+adopt" else c for c in RESUME_CASES],
-)
+@pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_tiny_model_resume_is_bitwise_and_checkpoints_hold_eval_weights(tmp_path, monkeypatch, case):
     from trainer.sampling import SampleGenerator
     from trainer.validation import Validator

@@ -17,9 +17,6 @@ default); with the fused backward step (trainer/optim/fused_backward.py) it is o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 
@@ -178,36 +175,3 @@ class StochasticRounding:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-@contextmanager
-def fp32_state(optimizers: Iterable[torch.optim.Optimizer]) -> Iterator[None]:
-    """Show bf16 parameters to the optimizers as fp32 stand-ins inside the block.
-
-    For `optimizer.load_state_dict`: torch casts loaded state tensors to their parameter's dtype,
-    which would round fp32 moments to bf16 (breaking exact resume and the fp32 step). Only the
-    dtype matters there, so the (uninitialised) stand-ins are never filled; on exit the loaded
-    state moves to the real parameters. The parameters themselves are never retyped (that
-    would detach DDP's gradient hooks, see `step_with_stochastic_rounding`).
-    """
-    swaps = []
-    for opt in optimizers:
-        stand_in = {}
-        for g in opt.param_groups:
-            params = g["params"]
-            for i, p in enumerate(params):
-                if p.dtype == torch.bfloat16:
-                    # Right dtype, shape and device, no storage (a broadcast scalar).
-                    stand_in[p] = torch.empty((), dtype=torch.float32, device=p.device).expand(p.shape)
-                    params[i] = stand_in[p]
-        swaps.append((opt, stand_in))
-    try:
-        yield
-    finally:
-        for opt, stand_in in swaps:
-            back = {v: p for p, v in stand_in.items()}
-            for g in opt.param_groups:
-                g["params"] = [back.get(q, q) for q in g["params"]]
-            for v, p in back.items():
-                if v in opt.state:
-                    opt.state[p] = opt.state.pop(v)

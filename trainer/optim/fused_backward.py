@@ -43,7 +43,7 @@ from trainer.optim.component import StepResult
 from trainer.optim.optimizer_set import OptimizerSet, build_component_scheduler
 from trainer.optim.protocol import TrainingOptimizer
 from trainer.optim.registry import build_optimizer, get_spec
-from trainer.stochastic_rounding import fp32_state
+from trainer.optim.state_io import load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class FusedBackward:
                 "parameters changed (text_encoder_freezing, clip_skip or disable_*_training)."
             )
         for name, opt, sched in zip(self.names, self.optimizers, self.schedulers, strict=True):
-            opt.load_state_dict(saved[name]["optimizer"])
+            load_optimizer_state(opt, saved[name]["optimizer"])
             if sched is not None:
                 sched.load_state_dict(saved[name]["lr_scheduler"])
 
@@ -295,5 +295,4 @@ class FusedOptimizerSet(TrainingOptimizer):
 
     def _load_entries(self, saved: dict[str, Any]) -> None:
         for name, fused in self.fused.items():
-            with fp32_state(fused.optimizers):  # fp32 moments stay fp32 next to bf16 weights
-                fused.load_state_dict(saved[name])
+            fused.load_state_dict(saved[name])

@@ -33,7 +33,8 @@ from trainer.optim.resolve import (
 from trainer.optim.schedule_free import restore, set_train_mode_flag, snapshot
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
-from trainer.stochastic_rounding import StochasticRounding, fp32_state
+from trainer.optim.state_io import load_optimizer_state
+from trainer.stochastic_rounding import StochasticRounding
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +249,7 @@ class OptimizerSet(TrainingOptimizer):
                     f"{missing}, only now {extra}). Did text_encoder_freezing or clip_skip change?"
                 )
         for name, comp in self.components.items():
-            with fp32_state([comp.optimizer]):  # fp32 moments stay fp32 next to bf16 weights
-                comp.optimizer.load_state_dict(saved[name]["optimizer"])
+            load_optimizer_state(comp.optimizer, saved[name]["optimizer"])
             comp.lr_scheduler.load_state_dict(saved[name]["lr_scheduler"])
             if comp.spec.schedule_free:  # the weights loaded from the pipeline are eval-mode ones
                 if "schedule_free_train_weights" not in saved[name]:
