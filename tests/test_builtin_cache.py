@@ -44,7 +44,28 @@ def test_an_incomplete_entry_is_rebuilt_not_loaded(builtin_cache, cold_cache, mo
     rebuilt, original = _weights(planted), _weights(good)
     assert rebuilt.keys() == original.keys()
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)
-    assert sorted(p.name for p in planted.parent.iterdir()) == [".tiny-sd1.lock", "tiny-sd1"]
+    assert sorted(p.name for p in planted.parent.iterdir()) == [".tiny-sd1.lock", planted.name]
+
+
+def test_an_entry_built_from_other_inputs_is_never_loaded_and_is_replaced(
+    builtin_cache, cold_cache, monkeypatch, tmp_path
+):
+    """A cache filled by an older checkout (before the tiny VAE was retrained): the entry is
+    complete, so only its inputs tell it apart."""
+    monkeypatch.setenv("SDTRAINER_CACHE", builtin_cache)
+    good = builtin.ensure_cached("tiny-sd1")
+    monkeypatch.setenv("SDTRAINER_CACHE", str(cold_cache))
+    stale = builtin.cache_dir("tiny-sd1")
+    shutil.copytree(good, stale)
+    changed = tmp_path / "vae.safetensors"  # the shipped VAE weights as a newer checkout has them
+    changed.write_bytes(builtin.TINY_VAE_WEIGHTS.read_bytes() + b" ")
+    monkeypatch.setattr(builtin, "TINY_VAE_WEIGHTS", changed)
+
+    fresh = builtin.ensure_cached("tiny-sd1")
+    assert fresh != stale and fresh.name.startswith("tiny-sd1-")
+    assert builtin.missing_cache_files(fresh) == []
+    assert not stale.exists()  # removed once its replacement was in place
+    assert builtin.cache_dir("tiny-sd2") != builtin.cache_dir("tiny-sd1")
 
 
 def test_a_sharded_entry_needs_every_shard(tmp_path):

@@ -7,9 +7,12 @@ fast. Their VAE is not random: both carry the trained tiny VAE of `trainer/model
 `sd15-arch` / `sd21-arch` are full-size with random weights, for benchmarks.
 
 Built models are cached as diffusers folders under `$SDTRAINER_CACHE` (else
-`~/.cache/sdtrainer`) in `builtin/v<CACHE_VERSION>/<name>`; a build is written to a temporary
-folder, verified and renamed into place under a file lock, so concurrent or killed builds
-never leave a broken cache, and an entry missing any file is rebuilt, never loaded.
+`~/.cache/sdtrainer`) in `builtin/v<CACHE_VERSION>/<name>-<inputs>`, where <inputs> is a digest
+of what the build reads (the bundled component configs and tokenizer, the seed, the tiny VAE's
+shipped weights): an entry built from other inputs (an older checkout whose tiny VAE or configs
+differ) is never loaded, and is removed when its replacement is built. A build is written to a
+temporary folder, verified and renamed into place under a file lock, so concurrent or killed
+builds never leave a broken cache, and an entry missing any file is rebuilt, never loaded.
 
     python -m trainer.models.builtin NAME OUTDIR
 """
@@ -17,9 +20,11 @@ never leave a broken cache, and an entry missing any file is rebuilt, never load
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +37,8 @@ from filelock import FileLock
 
 from trainer.errors import ModelLoadError
 from trainer.models.components import (
+    CONFIGS_DIR,
+    TOKENIZER_DIR,
     ComponentConfigs,
     SDComponents,
     load_tokenizer,
@@ -39,11 +46,13 @@ from trainer.models.components import (
 )
 from trainer.models.pipeline_folder import load_pipeline_folder
 from trainer.models.saving import save_pipeline
+from trainer.models.tiny_vae import FOLDER as TINY_VAE_FOLDER
+from trainer.models.tiny_vae import WEIGHTS as TINY_VAE_WEIGHTS
 from trainer.models.tiny_vae import tiny_vae_state_dict
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when configs or the build procedure change: old caches are then unused
+CACHE_VERSION = 3  # bump when the build procedure changes (its inputs are in the folder name)
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,21 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sdtrainer"
 
 
+def build_inputs_digest(name: str) -> str:
+    """12 hex digits of sha256 over every file and setting a build of `name` reads."""
+    spec = _spec(name)
+    files = sorted((CONFIGS_DIR / spec.config).rglob("*")) + sorted(TOKENIZER_DIR.rglob("*"))
+    if spec.trained_vae:
+        files += [TINY_VAE_FOLDER / "config.json", TINY_VAE_WEIGHTS]
+    digest = hashlib.sha256(f"{spec.config}|{spec.seed}|{spec.trained_vae}".encode())
+    for path in (f for f in files if f.is_file() and "__pycache__" not in f.parts):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cache_dir(name: str) -> Path:
-    return cache_root() / "builtin" / f"v{CACHE_VERSION}" / name
+    return cache_root() / "builtin" / f"v{CACHE_VERSION}" / f"{name}-{build_inputs_digest(name)}"
 
 
 def _spec(name: str) -> BuiltinSpec:
@@ -201,7 +223,18 @@ def ensure_cached(name: str) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _remove_stale_entries(name, final)
     return final
+
+
+def _remove_stale_entries(name: str, current: Path) -> None:
+    """Entries of `name` built from other inputs (under the lock, after `current` is in place):
+    derived data that this checkout would never load, GBs for the full-size architectures."""
+    pattern = re.compile(rf"{re.escape(name)}-[0-9a-f]{{12}}")
+    for entry in current.parent.iterdir():
+        if entry != current and entry.is_dir() and pattern.fullmatch(entry.name):
+            logger.info("removing built-in model cache %s (built from other inputs)", entry)
+            shutil.rmtree(entry)
 
 
 def load_builtin(name: str, *, dtype: torch.dtype = torch.float32) -> SDComponents:
