@@ -11,8 +11,8 @@ from trainer.errors import ConfigError
 from trainer.threads import ThreadPlan, available_cpus, plan_threads
 
 
-def test_auto_uses_the_available_cpus_one_interop_thread_and_passive_wait():
-    assert plan_threads({}, 2) == ThreadPlan(2, 2, 1, "PASSIVE", "auto")
+def test_auto_uses_the_available_cpus_one_interop_thread_and_a_bounded_spin():
+    assert plan_threads({}, 2) == ThreadPlan(2, 2, 1, "PASSIVE", "auto", "3000")
     assert plan_threads({"LOCAL_WORLD_SIZE": "2"}, 8).intra_op == 4  # DDP ranks share the CPUs
     assert plan_threads({"LOCAL_WORLD_SIZE": "4"}, 2).intra_op == 1
 
@@ -20,7 +20,9 @@ def test_auto_uses_the_available_cpus_one_interop_thread_and_passive_wait():
 def test_overrides_are_respected():
     assert plan_threads({"OMP_NUM_THREADS": "3"}, 8).intra_op == 3
     assert plan_threads({"SDTRAINER_THREADS": "5", "OMP_NUM_THREADS": "3"}, 8).intra_op == 5
-    assert plan_threads({"OMP_WAIT_POLICY": "ACTIVE"}, 2).wait_policy == "ACTIVE"
+    active = plan_threads({"OMP_WAIT_POLICY": "ACTIVE"}, 2)
+    assert (active.wait_policy, active.spin_count) == ("ACTIVE", None)  # the user's policy, its own spin
+    assert plan_threads({"GOMP_SPINCOUNT": "0"}, 2).spin_count == "0"
     torch_defaults = plan_threads({"SDTRAINER_THREADS": "torch"}, 2)
     assert torch_defaults.intra_op is None and torch_defaults.wait_policy is None
     assert "torch defaults" in torch_defaults.summary()
@@ -54,10 +56,11 @@ def test_the_cli_imports_no_torch_before_configuring_threads():
 def test_configure_threads_applies_the_plan_in_a_fresh_process():
     code = (
         "import os; from trainer.threads import configure_threads; configure_threads(); import torch; "
-        "print(torch.get_num_threads(), torch.get_num_interop_threads(), os.environ['OMP_WAIT_POLICY'])"
+        "print(torch.get_num_threads(), torch.get_num_interop_threads(), os.environ['OMP_WAIT_POLICY'], "
+        "os.environ.get('GOMP_SPINCOUNT'))"
     )
-    assert _in_fresh_python(code) == f"{available_cpus()} 1 PASSIVE"
-    assert _in_fresh_python(code, SDTRAINER_THREADS="1", OMP_WAIT_POLICY="ACTIVE") == "1 1 ACTIVE"
+    assert _in_fresh_python(code) == f"{available_cpus()} 1 PASSIVE 3000"
+    assert _in_fresh_python(code, SDTRAINER_THREADS="1", OMP_WAIT_POLICY="ACTIVE") == "1 1 ACTIVE None"
 
 
 def test_train_cli_applies_the_thread_settings(tmp_path):

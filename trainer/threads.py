@@ -7,9 +7,15 @@ and a training step of a small model is thousands of short parallel regions. Wit
 shared, the spinning thread holds a core the other team thread (or another program) needs, and
 each region then waits for a scheduler time slice instead of microseconds. The settings here:
 
-* `OMP_WAIT_POLICY=PASSIVE` (unless the user set it): waiting threads sleep at once, giving the
-  core back. It must be in the environment before torch loads libgomp, so `configure_threads`
-  is called before the first `import torch` (the CLI does it right after reading the config).
+* `OMP_WAIT_POLICY=PASSIVE` with `GOMP_SPINCOUNT=3000` (unless the user set either): a waiting
+  thread spins briefly (about 30 microseconds), then sleeps and gives the core back. libgomp
+  applies a wait policy's spin count only when `GOMP_SPINCOUNT` is unset, so this is a bounded
+  spin. Measured on 2 cores (docs/PERFORMANCE.md, "Thread policy"): idle, the quick start's step
+  took 0.17 s against 0.47-0.52 s with a pure sleep (0 spins) and 0.22 s with libgomp's default
+  (300000 spins); with 8 busy processes beside it, 2.7 s against 2.2-2.3 s sleeping and 25 s at
+  100000 spins (the default spins as long: the 40-75x slowdown users met). Both must be in the
+  environment before torch loads libgomp, so `configure_threads` is called before the first
+  `import torch` (the CLI does it right after reading the config).
 * intra-op threads = the CPUs this process may run on (`os.sched_getaffinity`, not the machine's
   count: containers and `taskset` restrict it). Inter-op threads: 1 (the trainer issues no
   parallel graph work; torch's default starts one per core and they only compete).
@@ -36,6 +42,8 @@ from trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENV = "SDTRAINER_THREADS"
+# Spins before a waiting OpenMP thread sleeps: fast idle, near a pure sleep under load (measured).
+SPIN_COUNT = "3000"
 
 
 @dataclass(frozen=True)
@@ -47,13 +55,15 @@ class ThreadPlan:
     interop: int | None
     wait_policy: str | None  # OMP_WAIT_POLICY in effect (None: libgomp's default, spinning)
     source: str  # why: "auto", "SDTRAINER_THREADS=...", "OMP_NUM_THREADS=..."
+    spin_count: str | None = None  # GOMP_SPINCOUNT in effect (None: the wait policy's own)
 
     def summary(self) -> str:
         if self.intra_op is None:
             return f"threads: torch defaults ({self.source}), {self.cpus} CPU(s) available"
+        spin = f", spin count {self.spin_count}" if self.spin_count is not None else ""
         return (
             f"threads: {self.intra_op} intra-op, {self.interop} inter-op, OpenMP wait policy "
-            f"{self.wait_policy or 'default (spin)'}, {self.cpus} CPU(s) available ({self.source}; "
+            f"{self.wait_policy or 'default (spin)'}{spin}, {self.cpus} CPU(s) available ({self.source}; "
             f"override with {ENV}=N|auto|torch)"
         )
 
@@ -72,20 +82,24 @@ def plan_threads(environ: Mapping[str, str], cpus: int) -> ThreadPlan:
     Processes of one data-parallel launch share the CPUs: each gets its share
     (`LOCAL_WORLD_SIZE`, set by torchrun / accelerate launch)."""
     value = environ.get(ENV, "auto").strip().lower()
-    wait_policy = environ.get("OMP_WAIT_POLICY") or "PASSIVE"
+    user_policy, user_spin = environ.get("OMP_WAIT_POLICY"), environ.get("GOMP_SPINCOUNT")
     if value == "torch":
-        return ThreadPlan(cpus, None, None, environ.get("OMP_WAIT_POLICY"), f"{ENV}=torch")
+        return ThreadPlan(cpus, None, None, user_policy, f"{ENV}=torch", user_spin)
+    # The bounded spin only when the user chose neither (an explicit policy keeps its own count).
+    wait = dict(
+        wait_policy=user_policy or "PASSIVE", spin_count=user_spin or (None if user_policy else SPIN_COUNT)
+    )
     if value == "auto":
         omp = environ.get("OMP_NUM_THREADS", "").strip()
         if omp.isdigit() and int(omp) > 0:
-            return ThreadPlan(cpus, int(omp), 1, wait_policy, f"OMP_NUM_THREADS={omp}")
+            return ThreadPlan(cpus, int(omp), 1, source=f"OMP_NUM_THREADS={omp}", **wait)
         local = environ.get("LOCAL_WORLD_SIZE", "1")
         share = max(1, cpus // int(local)) if local.isdigit() and int(local) > 0 else cpus
         return ThreadPlan(
-            cpus, share, 1, wait_policy, "auto" if share == cpus else f"auto, {local} local processes"
+            cpus, share, 1, source="auto" if share == cpus else f"auto, {local} local processes", **wait
         )
     if value.isdigit() and int(value) > 0:
-        return ThreadPlan(cpus, int(value), 1, wait_policy, f"{ENV}={value}")
+        return ThreadPlan(cpus, int(value), 1, source=f"{ENV}={value}", **wait)
     raise ConfigError(
         f"environment variable {ENV}={environ.get(ENV)!r} is not valid: use a positive number of "
         "threads, 'auto' (the default: the CPUs this process may use) or 'torch' (torch's own defaults)"
@@ -105,6 +119,8 @@ def configure_threads(environ: Mapping[str, str] | None = None) -> ThreadPlan | 
         return plan
     if plan.wait_policy is not None:
         os.environ.setdefault("OMP_WAIT_POLICY", plan.wait_policy)
+    if plan.spin_count is not None:
+        os.environ.setdefault("GOMP_SPINCOUNT", plan.spin_count)
     import torch
 
     torch.set_num_threads(plan.intra_op)
@@ -118,6 +134,7 @@ def describe_threads() -> str:
 
     return (
         f"threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op, "
-        f"OpenMP wait policy {os.environ.get('OMP_WAIT_POLICY', 'default (spin)')}, "
+        f"OpenMP wait policy {os.environ.get('OMP_WAIT_POLICY', 'default (spin)')}"
+        f"{', spin count ' + os.environ['GOMP_SPINCOUNT'] if 'GOMP_SPINCOUNT' in os.environ else ''}, "
         f"{available_cpus()} CPU(s) available ({ENV}={os.environ.get(ENV, 'auto')})"
     )
