@@ -268,11 +268,13 @@ def test_autocast_bf16_gives_fp32_loss(models):
 
 
 def test_settings_validation(models):
-    with pytest.raises(ConfigError, match="timestep_start"):
+    """Key ranges are train.json's to refuse (test_config); the step asserts them. What only the
+    loaded model can tell (its scheduler's length) is a ConfigError here."""
+    with pytest.raises(AssertionError):
         StepSettings(timestep_start=600, timestep_end=500)
-    with pytest.raises(ConfigError, match="loss_type"):
+    with pytest.raises(AssertionError):
         StepSettings(loss_type="l1")
-    with pytest.raises(ConfigError, match="min_snr_gamma"):
+    with pytest.raises(AssertionError):
         StepSettings(min_snr_gamma=0)
     with pytest.raises(ConfigError, match="timestep_end"):
         make_step(models, timestep_end=2000)
