@@ -24,26 +24,26 @@ log = logging.getLogger(__name__)
 COMPONENT = "text_encoder"
 
 
-def stop_text_encoder(
-    *, cfg, optim, model, step, ema, wrapped: dict | None, unwrap, global_step: int
-) -> None:
-    """Freeze the text encoder and free its optimizer state (idempotent). `unwrap` gives the
-    plain module of a (possibly DDP-wrapped) one."""
+def stop_text_encoder(parts, *, cfg, unwrap, global_step: int) -> None:
+    """Freeze the text encoder and free its optimizer state (idempotent). `parts` is what holds
+    the run's objects (the Session, or the builder's Components before it): `optim`, `model`,
+    `step`, `ema`, `wrapped`; `unwrap` gives the plain module of a (possibly DDP-wrapped) one."""
+    optim = parts.optim
     if COMPONENT not in optim.components:
         return
     optim.stopped_layouts[COMPONENT] = optimizer_layout(optim)[COMPONENT]
     comp = optim.components.pop(COMPONENT)
     comp.optimizer.state.clear()  # the moments: freed now, not when the last reference goes
-    encoder = unwrap(model.text_encoder)
+    encoder = unwrap(parts.model.text_encoder)
     for p in encoder.parameters():
         p.grad = None
     encoder.requires_grad_(False)
     encoder.eval()
-    if wrapped:
-        wrapped.pop(COMPONENT, None)
-    step.text_encoder = encoder
-    if ema is not None and COMPONENT in ema.tracked:
-        ema.freeze(COMPONENT)
+    if parts.wrapped:
+        parts.wrapped.pop(COMPONENT, None)
+    parts.step.text_encoder = encoder
+    if parts.ema is not None and COMPONENT in parts.ema.tracked:
+        parts.ema.freeze(COMPONENT)
     log.info(
         "text encoder training stopped after step %d (stop_text_encoder_training %s); its optimizer "
         "state is freed",
@@ -57,12 +57,8 @@ def maybe_stop_text_encoder(session) -> None:
     step = session.cfg.text_encoder_stop_step(session.total_optimizer_steps)
     if step is not None and session.state.global_step >= step:
         stop_text_encoder(
+            session,
             cfg=session.cfg,
-            optim=session.optim,
-            model=session.model,
-            step=session.step,
-            ema=session.ema,
-            wrapped=session.wrapped,
             unwrap=session.accelerator.unwrap_model,
             global_step=session.state.global_step,
         )
@@ -73,13 +69,4 @@ def stop_text_encoder_on_resume(cfg, parts, accelerator, resumed_step: int) -> N
     (`parts`: the builder's Components)."""
     step = cfg.text_encoder_stop_step(parts.total_optimizer_steps)
     if step is not None and resumed_step >= step:
-        stop_text_encoder(
-            cfg=cfg,
-            optim=parts.optim,
-            model=parts.model,
-            step=parts.step,
-            ema=parts.ema,
-            wrapped=parts.wrapped,
-            unwrap=accelerator.unwrap_model,
-            global_step=resumed_step,
-        )
+        stop_text_encoder(parts, cfg=cfg, unwrap=accelerator.unwrap_model, global_step=resumed_step)
