@@ -40,6 +40,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout, not installed (as bench/step.py)
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (245, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
 
@@ -100,11 +101,18 @@ def write_config(work: Path, args: argparse.Namespace, epochs: int) -> Path:
 
 
 def thread_env(threads: int | None) -> dict[str, str]:
-    """The environment of the timed processes: the trainer's OpenMP wait policy (PASSIVE unless
-    set, as trainer/threads.py applies it) for bench/step.py too, so the two compare like with
-    like; OMP_NUM_THREADS when --threads is given."""
+    """The environment of the timed processes: the OpenMP wait policy and spin count that
+    trainer/threads.py gives a training process (unless the caller's environment sets them),
+    written out so that bench/step.py, which does not configure threads itself, runs the same
+    way; OMP_NUM_THREADS when --threads is given."""
+    from trainer.threads import available_cpus, plan_threads
+
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    plan = plan_threads(env, available_cpus())
+    if plan.wait_policy is not None:
+        env.setdefault("OMP_WAIT_POLICY", plan.wait_policy)
+    if plan.spin_count is not None:
+        env.setdefault("GOMP_SPINCOUNT", plan.spin_count)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -168,9 +176,11 @@ def loop_phases(config: Path) -> dict:
     micro-steps (forward + backward) and optimizer steps; the loop's own share is the rest:
     data loading, bookkeeping, logging (and the final save, spread over the steps). CPU seconds
     of this process per optimizer step (a loader worker's own time is not in them)."""
+    from trainer.host_memory import configure_host_memory
     from trainer.threads import configure_threads
 
     configure_threads()  # before torch loads, as train.py does
+    configure_host_memory()
     from trainer import loop
     from trainer.config import load_config
     from trainer.session import build_session

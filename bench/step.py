@@ -19,6 +19,8 @@ data pipeline (see bench/data_throughput.py for that).
   it without the cache (the baseline for the cache).
 * `--fused_backward`: per-parameter optimizer step inside the backward (trainer/optim/fused_backward.py).
 * `--bf16_weights`: UNet (and trained TE) weights stored in bf16, updated with stochastic rounding.
+* `--vae_layout contiguous`: the VAE in NCHW instead of the channels_last layout training gives
+  it (trainer/placement.py), to measure that choice.
 * `--breakdown`: after the timed steps, time `--steps` more split into phases (text encode,
   VAE encode, UNet forward, UNet backward, text-encoder backward, optimizer, the loop's
   per-step bookkeeping, the rest of the step) with hooks on the models, the step itself
@@ -30,6 +32,10 @@ optimizer step) in eager mode *before* gradient checkpointing and compile are ap
 are model FLOPs (recomputation is not counted: the MFU is MFU, not hardware FLOPs utilisation).
 The counter counts matmuls, convolutions and attention, not element-wise ops.
 MFU = FLOPs/image x images/s / (peak_tflops x 1e12).
+
+Host page faults and system CPU seconds per step are printed too: trainer/host_memory.py keeps
+freed memory in the process, as train.py does (`SDTRAINER_HOST_MEMORY=default` for the C
+library's own behaviour, to compare).
 
 Peak memory: on CUDA, torch.cuda max allocated / reserved over the timed steps. On CPU, the
 process's peak RSS (VmHWM) over the timed steps, after resetting it through
@@ -45,6 +51,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -60,6 +67,7 @@ from accelerate import Accelerator
 from trainer.builder import build_components
 from trainer.config import TrainConfig
 from trainer.ema import EMA
+from trainer.host_memory import configure_host_memory
 from trainer.models import SDComponents
 from trainer.optim import TrainingOptimizer, parse_optimizer_json
 from trainer.step import TrainingStep
@@ -99,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--channels_last", action="store_true", help="UNet and latents in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (module.compile())")
+    p.add_argument(
+        "--vae_layout",
+        choices=("channels_last", "contiguous"),
+        default="channels_last",
+        help="the VAE's memory format (training stores it channels_last; contiguous for comparison)",
+    )
     p.add_argument(
         "--fused_backward",
         "--fused_back_pass",
@@ -219,6 +233,8 @@ def build(args: argparse.Namespace, *, eager: bool = False) -> Bench:
         opt_file=opt_file,
         total_optimizer_steps=args.warmup + args.steps + 1,
     )
+    if args.vae_layout == "contiguous":
+        parts.model.vae.to(memory_format=torch.contiguous_format)
     if parts.optim.rounding is not None:
         parts.optim.rounding.chunk_bytes = int(args.sr_chunk_mb * 2**20) or None
     batches = _batches(args, parts.step, device)
@@ -319,12 +335,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     _sync(device)
     scope = _reset_peak(device)
     times, cpu_times = [], []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for i in range(args.steps):
         started, cpu_started = time.perf_counter(), time.process_time()
         bench.run_step(args.warmup + i)
         _sync(device)  # only the benchmark syncs: the time must include the queued GPU work
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     median = statistics.median(times)
     images_per_s = args.batch_size / median
     flops_per_image = flops / args.batch_size if flops is not None else None
@@ -340,6 +358,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         # CPU seconds of this process (all its threads) per step: steadier than wall time on a
         # shared machine, and what bench/loop.py compares with the loop's
         "cpu_seconds_per_step_median": round(statistics.median(cpu_times), 5),
+        # host page faults and kernel time per step (trainer/host_memory.py: freed memory kept)
+        "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) // args.steps,
+        "system_seconds_per_step": round((after.ru_stime - usage.ru_stime) / args.steps, 5),
         "images_per_s": images_per_s,
         "model_flops_per_image": flops_per_image,
         "model_tflops_per_image": round(flops_per_image / 1e12, 6) if flops_per_image is not None else None,
@@ -518,6 +539,7 @@ def format_result(r: dict) -> str:
         f"seconds/step {r['seconds_per_step_median']:.4f} (median of {len(r['seconds_per_step_all'])}, "
         f"min {r['seconds_per_step_min']:.4f}, max {r['seconds_per_step_max']:.4f})",
         f"images/s     {r['images_per_s']:.2f}",
+        f"host         {r['page_faults_per_step']} page faults, {r['system_seconds_per_step']:.4f} s system time per step",
         f"memory       {mem_text}",
         f"FLOPs/image  {flops * 1e3:.3f} GFLOP (fwd+bwd, counted)"
         if flops is not None
@@ -535,6 +557,7 @@ def format_result(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_host_memory()  # as train.py does: the step measured as it runs in training
     result = run_benchmark(args)
     print(format_result(result))
     if args.json is not None:

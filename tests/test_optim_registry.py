@@ -128,25 +128,27 @@ def test_effective_lr_is_d_times_lr_for_adaptive():
 
 
 @pytest.mark.parametrize(
-    ("name", "cuda", "options", "expected"),
+    ("name", "options", "expected"),
     [
-        ("adamw", True, {}, True),  # CUDA: the single-kernel implementation by default
-        ("adam", True, {}, True),
-        ("adamw", True, {"foreach": True}, False),  # the user's explicit choice wins
-        ("adamw", True, {"fused": False}, False),
-        ("adamw", False, {}, False),  # CPU: PyTorch's own default, unchanged
-        ("adamw8bit", True, {}, False),  # bitsandbytes has its own kernels
-        ("rmsprop", True, {}, False),  # no fused implementation
+        ("adamw", {}, True),  # the single-kernel implementation by default
+        ("adam", {}, True),
+        ("sgd", {}, True),
+        ("adamw", {"foreach": True}, False),  # the user's explicit choice wins
+        ("adamw", {"fused": False}, False),
+        ("adamw8bit", {}, False),  # bitsandbytes has its own kernels
+        ("rmsprop", {}, False),  # no fused implementation
     ],
 )
-def test_torch_optimizers_prefer_the_fused_kernel_on_cuda(name, cuda, options, expected):
+def test_torch_optimizers_prefer_the_fused_kernel(name, options, expected):
     from trainer.optim.registry import get_spec, prefer_fused_kernel
 
-    assert prefer_fused_kernel(get_spec(name), options, cuda=cuda) is expected
+    assert prefer_fused_kernel(get_spec(name), options) is expected
 
 
-def test_cpu_build_keeps_pytorch_default_kernel():
+def test_cpu_build_takes_the_fused_kernel_unless_the_user_chose():
     from trainer.optim.registry import build_optimizer, get_spec
 
     opt = build_optimizer(get_spec("adamw"), [nn.Parameter(torch.zeros(4))], 1e-3, {})
-    assert opt.defaults["fused"] is (True if torch.cuda.is_available() else None)
+    assert opt.defaults["fused"] is True
+    opt = build_optimizer(get_spec("adamw"), [nn.Parameter(torch.zeros(4))], 1e-3, {"foreach": True})
+    assert opt.defaults["fused"] is None

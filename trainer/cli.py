@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.config import load_config
 from trainer.console import progress_safe_logging
 from trainer.errors import RunFinished, TrainerError
+from trainer.host_memory import configure_host_memory
 from trainer.signals import StopFlag
 from trainer.threads import configure_threads
 
@@ -64,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides = split_config_arg(argv)
         cfg = load_config(config_path, overrides)  # seed -1 is resolved by build_session (resume)
         configure_threads()  # before torch loads: OpenMP reads its wait policy once
+        host_memory = configure_host_memory()
         from trainer.loop import train  # heavy imports (torch, diffusers) only after the config is valid
         from trainer.session import build_session
 
         session = build_session(cfg)
+        log.info("%s", host_memory.summary())  # in train.log, beside the thread settings
         with StopFlag() as stop, progress_safe_logging():  # signal handlers only around the run
             summary = train(session, stop)
         _report(summary, session)

@@ -147,7 +147,8 @@ class TrainingStep:
                 raise ValueError(f"{len(generators)} generators for a batch of {pixels.shape[0]} images")
             eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generators])
             latents = dist.mean + dist.std * self._to_device(eps).to(dist.mean.dtype)
-        return latents.float() * self.scaling_factor
+        # The VAE runs channels_last (placement.py); the UNet takes its own layout.
+        return (latents.float() * self.scaling_factor).contiguous()
 
     def _encode_text(self, captions: list[str]) -> Tensor:
         # A trainable encoder keeps the caller's grad mode (validation and sampling run it under
