@@ -34,10 +34,22 @@ def adamw_file(folder: Path, lr: float = 3e-4) -> str:
     return str(path)
 
 
+def pinned_optimizer_file(folder: Path) -> str:
+    """The root optimizer.json as the tests were written against: its text encoder at the
+    train lr (the quick start now scales it by `text_encoder_lr_scale`)."""
+    config = json.loads((ROOT / "optimizer.json").read_text())
+    config["text_encoder_lr_scale"] = None
+    path = Path(folder) / "optimizer_pinned.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def base_args(tmp_path: Path, **overrides) -> list[str]:
     """CLI overrides for a small, fast run on the bundled data in an isolated logdir. The root
-    train.json is the quick start's recipe (64 px, v-prediction on tiny-sd1, min-SNR, lr 1e-3):
-    tests pin what they were written against instead of following it."""
+    train.json and optimizer.json are the quick start's recipe (64 px, v-prediction on
+    tiny-sd1, lr 1e-3, the text encoder at a tenth of it): tests pin what they were written
+    against instead of following it."""
     values = {
         "data_root": str(DATA),
         "resolution": 128,
@@ -45,7 +57,7 @@ def base_args(tmp_path: Path, **overrides) -> list[str]:
         "min_snr_gamma": None,
         "prediction_type": None,
         "logdir": str(tmp_path / "logs"),
-        "optimizer_config": str(ROOT / "optimizer.json"),
+        "optimizer_config": pinned_optimizer_file(tmp_path),
         "sample_prompts": None,
         "validation_config": None,
         "max_epochs": 1,

@@ -31,6 +31,6 @@ def test_quick_start_samples_show_the_prompted_backgrounds(tmp_path):
     report = "\n".join(verdict.lines)
     assert (verdict.first_step, verdict.last_step) == (0, 300), report
     assert len(verdict.first) == len(verdict.last) == 8, report
-    assert sum(verdict.last) >= 5, report  # most of the 8 (4 backgrounds, 2 seeds each); 6 measured
+    assert sum(verdict.last) >= 6, report  # most of the 8 (4 backgrounds, 2 seeds each); 8 measured
     assert sum(verdict.first) <= 2, report  # the untrained model: chance or below
     assert verdict.learned
