@@ -97,8 +97,8 @@ def place_models(
             # nn.Module.to: diffusers' override warns about fp32-only modules, which SD models lack.
             nn.Module.to(module, dtype=plan[name])
     # The VAE is only ever run without gradients (encode, sample decode): stored channels_last,
-    # its convolutions take oneDNN's NHWC kernels, which halve the encode on CPU (measured,
-    # docs/PERFORMANCE.md "The VAE's layout"). Its outputs are made contiguous where they leave it.
+    # its convolutions take oneDNN's NHWC kernels, a quarter faster on CPU (measured,
+    # docs/PERFORMANCE.md "Second pass"). encode_latents hands the UNet contiguous latents.
     model.vae.to(memory_format=torch.channels_last)
     model.vae.eval()
     model.unet.train()

@@ -455,7 +455,8 @@ def prefer_fused_kernel(spec: OptimizerSpec, options: dict[str, Any]) -> bool:
     """Use PyTorch's fused (single-kernel) implementation when the optimizer has one and the user
     chose neither `fused` nor `foreach`: the same update with far fewer kernel launches on CUDA,
     and on CPU one vectorised pass instead of a loop of tensor ops (AdamW over the tiny models'
-    4.9M parameters: 8 ms against 27 ms, docs/PERFORMANCE.md "The fused optimizer kernel")."""
+    4.9M parameters: 8 ms against 27 ms; docs/PERFORMANCE.md, "Second pass" of the kohya
+    comparison)."""
     return (
         spec.module == "torch.optim"
         and "fused" in spec.keys
