@@ -15,8 +15,9 @@ The settings (glibc's `mallopt`, applied once at start-up, effective for every l
 * `M_TRIM_THRESHOLD` = 1 GiB: freed memory at the top of a heap stays mapped up to that much.
 * `M_TOP_PAD` = 64 MiB: the heap grows in large steps.
 
-The process keeps its peak host memory instead of returning it between steps; a training run
-reaches the same peak every step, so this costs nothing it would not use again.
+The cost: up to 1 GiB of freed heap stays in the process (blocks of 32 MiB and more, such as a
+checkpoint's tensors after they moved to the GPU, still go back at once). A training step
+reaches the same peak every step, so what stays is what the next step uses again.
 
 Left alone when the user chose an allocator: any `MALLOC_*_` variable or `GLIBC_TUNABLES` with
 `glibc.malloc` settings, or a preloaded jemalloc, tcmalloc or mimalloc (`LD_PRELOAD`); not on
