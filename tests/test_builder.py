@@ -68,3 +68,18 @@ def test_synthetic_batches_need_no_dataset(tmp_path, dataset):
     parts.optim.backward(parts.step(batch).loss.mean())
     assert not parts.optim.step().skipped
     assert not torch.equal(before, parts.model.unet.conv_in.weight)  # updated inside backward
+
+
+def test_the_vae_runs_channels_last_and_hands_the_unet_contiguous_latents(tmp_path, dataset):
+    """The VAE's layout is a speed choice (trainer/placement.py); the latents it returns must
+    not carry it into the UNet, which keeps its own layout (`channels_last: false` here)."""
+    parts = build_components(_config(tmp_path, dataset), Accelerator(cpu=True))
+    conv = parts.model.vae.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    latents = parts.step.encode_latents(pixels)
+    assert latents.is_contiguous()
+    # the same latents as an NCHW VAE gives, to float rounding
+    parts.model.vae.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(parts.step.encode_latents(pixels), latents, rtol=1e-4, atol=1e-5)
+    assert not parts.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
