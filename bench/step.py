@@ -21,6 +21,8 @@ data pipeline (see bench/data_throughput.py for that).
 * `--bf16_weights`: UNet (and trained TE) weights stored in bf16, updated with stochastic rounding.
 * `--vae_layout contiguous`: the VAE in NCHW instead of the channels_last layout training gives
   it (trainer/placement.py), to measure that choice.
+* `--generic_blocks`: diffusers' own attention and ResNet forwards instead of the exact lean
+  ones training installs (trainer/lean_blocks.py), to measure what those save.
 * `--breakdown`: after the timed steps, time `--steps` more split into phases (text encode,
   VAE encode, UNet forward, UNet backward, text-encoder backward, optimizer, the loop's
   per-step bookkeeping, the rest of the step) with hooks on the models, the step itself
@@ -68,6 +70,7 @@ from trainer.builder import build_components
 from trainer.config import TrainConfig
 from trainer.ema import EMA
 from trainer.host_memory import configure_host_memory
+from trainer.lean_blocks import use_generic_blocks
 from trainer.models import SDComponents
 from trainer.optim import TrainingOptimizer, parse_optimizer_json
 from trainer.step import TrainingStep
@@ -112,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("channels_last", "contiguous"),
         default="channels_last",
         help="the VAE's memory format (training stores it channels_last; contiguous for comparison)",
+    )
+    p.add_argument(
+        "--generic_blocks",
+        action="store_true",
+        help="diffusers' own attention/ResNet forwards (training uses trainer/lean_blocks.py's)",
     )
     p.add_argument(
         "--fused_backward",
@@ -233,6 +241,8 @@ def build(args: argparse.Namespace, *, eager: bool = False) -> Bench:
         opt_file=opt_file,
         total_optimizer_steps=args.warmup + args.steps + 1,
     )
+    if args.generic_blocks:
+        use_generic_blocks(parts.model.unet, parts.model.vae)
     if args.vae_layout == "contiguous":
         parts.model.vae.to(memory_format=torch.contiguous_format)
     if parts.optim.rounding is not None:

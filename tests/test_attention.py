@@ -6,12 +6,13 @@ import logging
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 from diffusers.utils import is_xformers_available
 
 from trainer import attention
 from trainer.attention import configure_attention
 from trainer.errors import ConfigError
+from trainer.lean_blocks import LeanAttnProcessor
 from trainer.models import load_model
 
 
@@ -38,7 +39,7 @@ def test_sdp_sets_sdpa_processors_everywhere_and_logs_backends(model, caplog):
     te.set_attn_implementation("eager")
     with caplog.at_level(logging.INFO, logger="trainer.attention"):
         desc = configure_attention(unet, te, "sdp")
-    assert _processor_types(unet) == {AttnProcessor2_0}
+    assert _processor_types(unet) == {LeanAttnProcessor}
     assert len(unet.attn_processors) > 0
     assert te.config._attn_implementation == "sdpa"
     assert "sdp" in desc and "cpu: fused" in desc and "text encoder: sdpa" in desc
@@ -57,7 +58,7 @@ def test_slice_sets_sliced_processors_with_half_the_heads_and_same_output(model)
     assert "sliced" in desc
     torch.testing.assert_close(_unet_out(unet), reference, atol=1e-5, rtol=1e-5)
     configure_attention(unet, te, "sdp")
-    assert _processor_types(unet) == {AttnProcessor2_0}
+    assert _processor_types(unet) == {LeanAttnProcessor}
 
 
 def test_xformers_missing_is_a_config_error_naming_attn_type(model, monkeypatch):
@@ -67,7 +68,7 @@ def test_xformers_missing_is_a_config_error_naming_attn_type(model, monkeypatch)
         configure_attention(model.unet, model.text_encoder, "xformers")
     msg = str(err.value)
     assert "attn_type 'xformers'" in msg and "pip install xformers" in msg and "attn_type sdp" in msg
-    assert _processor_types(model.unet) == {AttnProcessor2_0}  # nothing was changed
+    assert _processor_types(model.unet) == {LeanAttnProcessor}  # nothing was changed
 
 
 def test_xformers_installed_but_no_cuda_is_a_config_error(model, monkeypatch):
@@ -87,7 +88,7 @@ def test_xformers_that_cannot_run_is_a_config_error_not_a_fallback(model, monkey
     configure_attention(model.unet, model.text_encoder, "sdp")
     with pytest.raises(ConfigError, match="attn_type 'xformers': xformers is installed but cannot run here"):
         configure_attention(model.unet, model.text_encoder, "xformers", device="cuda")
-    assert _processor_types(model.unet) == {AttnProcessor2_0}
+    assert _processor_types(model.unet) == {LeanAttnProcessor}
 
 
 def test_configure_before_moving_uses_the_given_device_and_survives_to(model):

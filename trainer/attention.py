@@ -1,7 +1,8 @@
 """Which attention kernel the UNet (and text encoder) use: the `attn_type` key.
 
 * `sdp` (default): PyTorch's `scaled_dot_product_attention` through diffusers'
-  `AttnProcessor2_0`. PyTorch picks a fused kernel (flash, memory-efficient, cuDNN) per call
+  `AttnProcessor2_0`, or for SD's own attention layers its exact lean subclass
+  (trainer/lean_blocks.py: the same result without the generic identity steps). PyTorch picks a fused kernel (flash, memory-efficient, cuDNN) per call
   from the backends that are enabled and fit the inputs, falling back to the math kernel; the
   enabled set is logged so a slow run can be explained.
 * `xformers`: xformers' memory-efficient attention, which EveryDream2 users know. It must be
@@ -19,11 +20,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import is_xformers_available
 from torch import nn
 
 from trainer.errors import ConfigError
+from trainer.lean_blocks import attention_processors
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def configure_attention(
         raise ConfigError(f"attn_type {attn_type!r}: use one of {', '.join(ATTN_TYPES)}")
     device = torch.device(device) if device is not None else _device_of(unet)
     if attn_type == "sdp":
-        unet.set_attn_processor(AttnProcessor2_0())
+        unet.set_attn_processor(attention_processors(unet))
         backends = ", ".join(sdpa_backends(device))
         unet_desc = f"unet: sdp (PyTorch SDPA; backends enabled: {backends})"
     elif attn_type == "xformers":

@@ -24,6 +24,7 @@ from trainer.data.latent_cache import vae_fingerprint
 from trainer.diffusion import NoiseSchedule
 from trainer.ema import EMA, ema_decay_for_run
 from trainer.extra_options import extra_step_settings
+from trainer.lean_blocks import use_lean_blocks
 from trainer.models import SDComponents, load_model
 from trainer.optim import (
     FusedOptimizerSet,
@@ -93,6 +94,7 @@ def build_components(
     )
     log.info("model: %s (%s)", model.source, model.family)
     configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)  # logs it
+    use_lean_blocks(model.unet, model.vae)  # exact; logs what it covers
     data = None
     if total_optimizer_steps is None:
         data = load_data(data_settings(cfg, accelerator))
