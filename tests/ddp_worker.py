@@ -40,6 +40,7 @@ def main() -> None:
         "rank": rank,
         "status": summary.status,
         "global_step": summary.global_step,
+        "seed": session.cfg.seed,
         "unet": digest(session.model.unet),
         "text_encoder": digest(session.model.text_encoder),
         "run": str(session.run.path),

@@ -94,6 +94,17 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path, 
     assert worst <= 1e-4 * moved, (worst, moved)  # ... and took the same steps
 
 
+def test_seed_minus_one_gives_every_rank_rank_zeros_random_seed(tmp_path, small_data):
+    """Each rank drawing its own seed would shuffle and shard the data differently per rank."""
+    run = dict(RUN, max_epochs=1, seed=-1)
+    ranks = torchrun(
+        tmp_path, tmp_path / "ddp", base_args(tmp_path, project_name="rnd", data_root=small_data, **run)
+    )
+    seeds = {r["seed"] for r in ranks}
+    assert len(seeds) == 1 and seeds != {-1}, seeds
+    assert ranks[0]["unet"] == ranks[1]["unet"]
+
+
 def test_two_process_run_resumes_exactly(tmp_path, small_data):
     opt = optimizer_file(tmp_path)
     common = dict(data_root=small_data, optimizer_config=opt, grad_accum=1, **RUN)

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from trainer.builder import Components, build_components, evaluation_step
 from trainer.checkpointing import (
     ResumePlan,
     check_settings,
     plan_resume,
+    random_seed,
     resolve_seed,
     restore_training_state,
     resume_guard,
@@ -112,13 +115,27 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
         plan = plan_resume(cfg.resume_ckpt, cfg.logdir, cfg.project_name)
         if plan.exact and (finished := finished_message(cfg, plan.checkpoint.manifest, plan.checkpoint.path)):
             raise RunFinished(finished)
-        cfg = cfg.model_copy(update={"seed": resolve_seed(cfg.seed, plan)})
+        cfg = cfg.model_copy(update={"seed": resolve_seed(cfg.seed, plan, draw=_seed_draw(accelerator))})
         return _start(cfg, accelerator, plan, startup_log)
     except BaseException:
         startup_log.detach_file()  # the error itself is logged by the caller, on the console
         raise
     finally:
         startup_log.discard()
+
+
+def _seed_draw(accelerator: Accelerator) -> Callable[[], int] | None:
+    """For `seed: -1` in a multi-process run: rank 0 draws, every rank gets its seed. Each
+    drawing its own would shuffle and shard the data differently per rank (some images seen
+    twice an epoch, others never) and break 1-process == N-process."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def draw() -> int:
+        seed = [random_seed() if accelerator.is_main_process else None]
+        return int(broadcast_object_list(seed, from_process=0)[0])
+
+    return draw
 
 
 def _start(cfg: TrainConfig, accelerator: Accelerator, plan: ResumePlan, startup_log: StartupLog) -> Session:

@@ -29,6 +29,7 @@ from trainer.checkpointing.resume import (
     ResumePlan,
     check_settings,
     plan_resume,
+    random_seed,
     resolve_seed,
     resume_guard,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "list_checkpoints",
     "open_checkpoint",
     "plan_resume",
+    "random_seed",
     "resolve_seed",
     "restore_training_state",
     "resume_guard",

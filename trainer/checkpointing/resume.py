@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -104,17 +105,27 @@ def plan_resume(resume_ckpt: str, logdir: str, project_name: str) -> ResumePlan:
     return replace(plan, state=load_training_state(info.path / TRAINING_STATE), mode=EXACT)
 
 
-def resolve_seed(seed: int, plan: ResumePlan) -> int:
-    """-1: the recorded seed when resuming exactly, else a new random one (logged)."""
+def resolve_seed(seed: int, plan: ResumePlan, draw: Callable[[], int] | None = None) -> int:
+    """-1: the recorded seed when resuming exactly, else a new random one from `draw` (logged).
+
+    `draw` defaults to a fresh random seed; a multi-process run passes one that hands every
+    process rank 0's draw (`trainer.session`), since the data order and each sample's noise
+    derive from the seed and must be the same on every rank.
+    """
     if seed != -1:
         return seed
     recorded = plan.recorded_seed()
     if plan.exact and recorded is not None:
         log.info("seed -1: resuming with the checkpoint's recorded seed %d", recorded)
         return int(recorded)
-    chosen = secrets.randbelow(2**31)
+    chosen = draw() if draw is not None else random_seed()
     log.info("seed -1: using random seed %d (recorded in the run folder)", chosen)
     return chosen
+
+
+def random_seed() -> int:
+    """A new seed for `seed: -1`, in the range torch and numpy generators accept."""
+    return secrets.randbelow(2**31)
 
 
 def resume_guard(cfg, *, world_size: int, data_fingerprint: str, optim) -> dict[str, Any]:
