@@ -19,6 +19,7 @@ from trainer.attention import configure_attention
 from trainer.lean_blocks import (
     LeanAttnProcessor,
     LeanResnetBlock2D,
+    attention_eligible,
     attention_processors,
     use_generic_blocks,
     use_lean_blocks,
@@ -109,14 +110,10 @@ def test_an_attention_layer_with_a_residual_or_a_mask_takes_the_generic_path():
     unet_attention = model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     procs = attention_processors(model.unet)
     assert {type(p) for p in procs.values()} == {LeanAttnProcessor}
-    from trainer.lean_blocks import attention_eligible
-
     assert not attention_eligible(vae_attention) and attention_eligible(unet_attention)
     gen = torch.Generator().manual_seed(2)
-    hidden = torch.randn(
-        2, 16, unet_attention.query_dim if hasattr(unet_attention, "query_dim") else 32, generator=gen
-    )
-    context = torch.randn(2, 77, 32, generator=gen)
+    hidden = torch.randn(2, 16, unet_attention.query_dim, generator=gen)
+    context = torch.randn(2, 77, unet_attention.cross_attention_dim, generator=gen)
     mask = torch.ones(2, 77, dtype=torch.bool)
     mask[:, 40:] = False
     with torch.no_grad():

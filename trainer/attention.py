@@ -2,9 +2,10 @@
 
 * `sdp` (default): PyTorch's `scaled_dot_product_attention` through diffusers'
   `AttnProcessor2_0`, or for SD's own attention layers its exact lean subclass
-  (trainer/lean_blocks.py: the same result without the generic identity steps). PyTorch picks a fused kernel (flash, memory-efficient, cuDNN) per call
-  from the backends that are enabled and fit the inputs, falling back to the math kernel; the
-  enabled set is logged so a slow run can be explained.
+  (trainer/lean_blocks.py: the same result without the generic identity steps). PyTorch picks
+  a fused kernel (flash, memory-efficient, cuDNN) per call from the backends that are enabled
+  and fit the inputs, falling back to the math kernel; the enabled set is logged so a slow run
+  can be explained.
 * `xformers`: xformers' memory-efficient attention, which EveryDream2 users know. It must be
   installed and needs CUDA; asking for it without either is a ConfigError, never a silent
   switch to another kernel.

@@ -125,9 +125,9 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
 
 
 def _seed_draw(accelerator: Accelerator) -> Callable[[], int] | None:
-    """For `seed: -1` in a multi-process run: rank 0 draws, every rank gets its seed. Each
-    drawing its own would shuffle and shard the data differently per rank (some images seen
-    twice an epoch, others never) and break 1-process == N-process."""
+    """For `seed: -1` in a multi-process run: rank 0 draws and every rank trains with that seed.
+    Each rank drawing its own would shuffle and shard the data differently per rank (some images
+    seen twice an epoch, others never) and break 1-process == N-process."""
     if accelerator.num_processes == 1:
         return None
 
