@@ -33,7 +33,6 @@ def _pair(spec: str):
     configure_attention(lean.unet, lean.text_encoder, "sdp")
     use_lean_blocks(lean.unet, lean.vae)
     use_generic_blocks(generic.unet, generic.vae)
-    generic.unet.set_attn_processor(AttnProcessor2_0())
     return lean, generic
 
 

@@ -144,8 +144,8 @@ def use_lean_resnets(module: nn.Module) -> int:
     return count
 
 
-def use_lean_blocks(unet: nn.Module, vae: nn.Module) -> str:
-    """Lean ResNet forwards in the UNet and the VAE; return a line for the start-up log.
+def use_lean_blocks(unet: nn.Module, vae: nn.Module) -> None:
+    """Lean ResNet forwards in the UNet and the VAE; logs what they cover.
 
     The attention processors are set by `trainer.attention.configure_attention` (attn_type
     sdp), which owns the UNet's processors.
@@ -153,12 +153,13 @@ def use_lean_blocks(unet: nn.Module, vae: nn.Module) -> str:
     unet_blocks = use_lean_resnets(unet)
     vae_blocks = use_lean_resnets(vae)
     lean_attn = sum(isinstance(p, LeanAttnProcessor) for p in unet.attn_processors.values())
-    line = (
-        f"lean forwards: {unet_blocks} UNet and {vae_blocks} VAE ResNet blocks, "
-        f"{lean_attn} of {len(unet.attn_processors)} attention layers"
+    logger.info(
+        "lean forwards: %d UNet and %d VAE ResNet blocks, %d of %d attention layers",
+        unet_blocks,
+        vae_blocks,
+        lean_attn,
+        len(unet.attn_processors),
     )
-    logger.info("%s", line)
-    return line
 
 
 def use_generic_blocks(unet: nn.Module, vae: nn.Module) -> None:
