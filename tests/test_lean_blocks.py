@@ -129,3 +129,33 @@ def test_a_deep_copy_keeps_the_lean_forwards_and_their_results():
     inputs = _unet_inputs(lean.unet, seed=3)
     with torch.no_grad():
         assert torch.equal(clone(*inputs).sample, lean.unet(*inputs).sample)
+
+
+@pytest.mark.parametrize(
+    ("version", "verified"),
+    [("0.42.1", True), ("0.32.0", True), ("0.31.9", False), ("0.43.0", False), ("1.0.0", False)],
+)
+def test_lean_forwards_are_used_only_with_the_diffusers_releases_they_were_checked_on(version, verified):
+    from trainer.lean_blocks import lean_forwards_verified
+
+    assert lean_forwards_verified(version) is verified
+
+
+def test_an_unchecked_diffusers_release_keeps_diffusers_forwards_and_says_so(monkeypatch, caplog):
+    import diffusers
+
+    from trainer import lean_blocks
+
+    monkeypatch.setattr(diffusers, "__version__", "0.99.0")
+    lean_blocks._lean_allowed.cache_clear()
+    try:
+        model = load_model("builtin:tiny-sd1")
+        with caplog.at_level("WARNING", logger="trainer.lean_blocks"):
+            configure_attention(model.unet, model.text_encoder, "sdp")
+            use_lean_blocks(model.unet, model.vae)
+    finally:
+        lean_blocks._lean_allowed.cache_clear()
+    blocks = [b for m in (model.unet, model.vae) for b in m.modules() if isinstance(b, ResnetBlock2D)]
+    assert blocks and all(type(b) is ResnetBlock2D for b in blocks)
+    assert not any(isinstance(p, LeanAttnProcessor) for p in model.unet.attn_processors.values())
+    assert "diffusers 0.99.0 is outside the releases" in caplog.text

@@ -30,7 +30,8 @@ def _round_trip(state: dict) -> dict:
 
 
 def _prodigy_sf(params):
-    prodigyplus = pytest.importorskip("prodigyplus")
+    import prodigyplus  # a required dependency (pyproject.toml): a broken install must fail, not skip
+
     opt = prodigyplus.ProdigyPlusScheduleFree(params, lr=1.0)
     opt.train()
     return opt

@@ -18,8 +18,10 @@ precise than fp32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -71,3 +73,15 @@ def configure_determinism(cfg) -> dict[str, object]:
     }
     log.info("deterministic kernels: %s", ", ".join(f"{k}={v}" for k, v in settings.items()))
     return settings
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block (sampling, validation) without moving any global generator the run depends on.
+
+    Forks the CPU generator and every visible CUDA device's, so the block's draws are undone on
+    exit and a run with samples or validation on trains bitwise like one without.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield

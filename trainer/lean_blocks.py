@@ -16,12 +16,19 @@ gets the lean forward only when it is one whose identity steps really are identi
 configurations these forwards do not cover. Under `torch.no_grad()` (the VAE encode, sampling)
 the ResNet block applies its activations in place, which saves an allocation and a write per
 activation and is exact.
+
+They restate diffusers' forwards, so they are used only with the diffusers releases they were
+checked against (`VERIFIED_DIFFUSERS`); with any other release every block keeps diffusers' own
+forward and a warning says so. Raise the bound after tests/test_lean_blocks.py passes on the new
+release.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -29,6 +36,32 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+# [lowest, first unchecked) diffusers releases whose AttnProcessor2_0 / ResnetBlock2D forwards the
+# lean ones were checked against, bitwise (tests/test_lean_blocks.py).
+VERIFIED_DIFFUSERS = ((0, 32), (0, 43))
+
+
+def lean_forwards_verified(version: str | None = None) -> bool:
+    """True when the installed diffusers (or `version`) is one the lean forwards were checked on."""
+    release = tuple(int(part) for part in (version or diffusers.__version__).split(".")[:2])
+    low, high = VERIFIED_DIFFUSERS
+    return low <= release < high
+
+
+@functools.cache
+def _lean_allowed() -> bool:
+    """Once per process: with an unchecked diffusers release, say that its own forwards run."""
+    if lean_forwards_verified():
+        return True
+    logger.warning(
+        "diffusers %s is outside the releases the lean attention/ResNet forwards were checked against "
+        "(%s to below %s): diffusers' own forwards run instead (the same results, a few %% slower on CPU)",
+        diffusers.__version__,
+        ".".join(map(str, VERIFIED_DIFFUSERS[0])),
+        ".".join(map(str, VERIFIED_DIFFUSERS[1])),
+    )
+    return False
 
 
 def attention_eligible(attn: Attention) -> bool:
@@ -83,9 +116,10 @@ class LeanAttnProcessor(AttnProcessor2_0):
 def attention_processors(unet: nn.Module) -> dict[str, AttnProcessor2_0]:
     """SDPA processors for every attention layer of `unet`: lean where eligible, generic else."""
     procs: dict[str, AttnProcessor2_0] = {}
+    allowed = _lean_allowed()
     for name in unet.attn_processors:
         attn = unet.get_submodule(name.removesuffix(".processor"))
-        procs[name] = LeanAttnProcessor() if attention_eligible(attn) else AttnProcessor2_0()
+        procs[name] = LeanAttnProcessor() if allowed and attention_eligible(attn) else AttnProcessor2_0()
     return procs
 
 
@@ -137,6 +171,8 @@ class LeanResnetBlock2D(ResnetBlock2D):
 def use_lean_resnets(module: nn.Module) -> int:
     """Give every eligible ResNet block of `module` the lean forward; return how many."""
     count = 0
+    if not _lean_allowed():
+        return count
     for block in module.modules():
         if type(block) is ResnetBlock2D and resnet_eligible(block):
             block.__class__ = LeanResnetBlock2D

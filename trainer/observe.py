@@ -1,7 +1,7 @@
 """When to sample and validate: the loop calls these hooks; they decide and do the work.
 
 Sampling happens on the main process only; validation on every rank (each takes a share).
-Neither draws from the training generator or the global RNG state the run depends on.
+Neither moves the global RNG state the run depends on (both run inside `isolated_rng`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Prompts come from `sample_prompts.txt` (one per line) or `sample_prompts.json` (EveryDream2's
 format). Every prompt has a fixed seed, so the same noise is denoised at every sampling point
-and only the weights differ. Generation runs inside `torch.random.fork_rng` with its own
-generators and never draws from the training generator, so turning samples on or off leaves
-the trained weights bitwise identical.
+and only the weights differ. Generation runs inside `determinism.isolated_rng` with its own
+generators: the training step draws its noise from per-sample seeds and nothing here moves the
+global generators, so turning samples on or off leaves the trained weights bitwise identical.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainer.determinism import isolated_rng
 from trainer.errors import ConfigError
 from trainer.runlog import sample_tag
 
@@ -236,7 +237,7 @@ class SampleGenerator:
             amp = torch.autocast(
                 device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
             )
-            with swap, amp, torch.random.fork_rng(devices=_cuda_devices()):
+            with swap, amp, isolated_rng():
                 written += self._render(components, step, metrics, variant)
         return written
 
@@ -328,10 +329,6 @@ def _pipeline(components, zero_terminal_snr: bool, scheduler: str = "ddim"):
         requires_safety_checker=False,
     )
     return pipe
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def sample_variants(*, ema_enabled: bool, sample_ema: bool, sample_live: bool) -> list[str]:

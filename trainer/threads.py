@@ -10,7 +10,7 @@ each region then waits for a scheduler time slice instead of microseconds. The s
 * `OMP_WAIT_POLICY=PASSIVE` with `GOMP_SPINCOUNT=3000` (unless the user set either): a waiting
   thread spins briefly (about 30 microseconds), then sleeps and gives the core back. libgomp
   applies a wait policy's spin count only when `GOMP_SPINCOUNT` is unset, so this is a bounded
-  spin. Measured on 2 cores (docs/PERFORMANCE.md, "Thread policy"): idle, the quick start's step
+  spin. Measured on 2 cores (docs/PERFORMANCE.md, "CPU threads on a busy machine"): idle, the quick start's step
   took 0.17 s against 0.47-0.52 s with a pure sleep (0 spins) and 0.22 s with libgomp's default
   (300000 spins); with 8 busy processes beside it, 2.7 s against 2.2-2.3 s sleeping and 25 s at
   100000 spins (the default spins as long: the 40-75x slowdown users met). Both must be in the

@@ -17,6 +17,7 @@ import torch
 
 from trainer.data.dataset import make_eval_loader
 from trainer.data.validation_split import ValidationConfig
+from trainer.determinism import isolated_rng
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Validator:
     def run(self, global_step: int, metrics) -> dict[str, float]:
         """Compute every set's mean loss and log `loss/val`, `loss/val_<name>`, `loss/train_stabilized`."""
         results = {}
-        with torch.random.fork_rng(devices=_cuda_devices()):
+        with isolated_rng():
             for name, items in self.sets.items():
                 results[name] = self._mean_loss(items)
         values = {("loss/val" if name == "val" else f"loss/{_tag(name)}"): v for name, v in results.items()}
@@ -92,7 +93,3 @@ class Validator:
 
 def _tag(name: str) -> str:
     return name if name == "train_stabilized" else f"val_{name}"
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
