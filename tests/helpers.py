@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,6 +78,36 @@ def run_train(args: list[str], *, timeout: int = 300, cwd: Path = ROOT) -> subpr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "train.json"), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(args: list[str], log_path: Path) -> subprocess.Popen:
+    """Start train.py (default train.json plus `args`) without waiting; its output goes to
+    `log_path` (a full pipe would block the trainer). The process carries `log_path`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "train.json"), *args]
+    out = open(log_path, "w")  # noqa: SIM115 - closed by the OS when the child exits
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = Path(log_path)
+    return proc
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0, poll: float = 0.002):
+    """Poll `predicate` until it returns something truthy (returned); fail when the trainer
+    exits first (with its log's tail) or after `timeout` seconds (the trainer is killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"trainer exited early ({proc.returncode}): {proc.log_path.read_text()[-2000:]}"
+            )
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {getattr(predicate, '__name__', predicate)}"
+    )
 
 
 def train_in_process(tmp_path: Path, **overrides):

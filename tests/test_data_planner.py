@@ -58,6 +58,20 @@ def test_integer_and_fractional_multiply():
     assert all(150 < picked[i] < 250 for i in range(10, 20))
 
 
+@pytest.mark.parametrize(
+    ("multiply", "low", "high", "total"),
+    [(1.7, 1, 2, 1700), (0.3, 0, 1, 300), (2.5, 2, 3, 2500), (0.9, 0, 1, 900), (3.25, 3, 4, 3250)],
+)
+def test_fractional_multiply_gives_floor_or_ceil_copies_and_the_expected_total(multiply, low, high, total):
+    """Every item gets floor(multiply) copies plus at most one extra, and the extras add up to the
+    sum of the fractional parts: fractions above 0.5 (1.7, 0.9) tell floor from round."""
+    items = _items(1000, multiply=multiply)
+    for epoch in range(3):
+        counts = repeat_counts(items, random.Random(epoch))
+        assert set(counts) == {low, high}, f"multiply {multiply}, epoch {epoch}: counts {sorted(set(counts))}"
+        assert abs(sum(counts) - total) <= 1, f"multiply {multiply}, epoch {epoch}: total {sum(counts)}"
+
+
 def test_one_bucket_per_batch_and_no_duplicates_beyond_multiply():
     items = _items(23) + _items(5, multiply=3.0, prefix="m")
     plan = _plan(items)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.helpers import (
-    ROOT,
     adamw_file,
     assert_bitwise_equal,
     base_args,
@@ -21,6 +16,8 @@ from tests.helpers import (
     pipeline_weights,
     run_folders,
     run_train,
+    start_train,
+    wait_for,
 )
 from trainer.checkpointing import find_last, list_checkpoints
 
@@ -38,31 +35,6 @@ def small_data(tmp_path):
 def adamw(tmp_path, monkeypatch):
     """Plain AdamW (the optimizer is not the subject; 8-bit AdamW resumes exactly in test_resume)."""
     monkeypatch.setitem(RUN, "optimizer_config", adamw_file(tmp_path))
-
-
-def start_train(args, log_path):
-    """Start train.py; its output goes to a file (a full pipe would block the trainer)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "train.json"), *args]
-    out = open(log_path, "w")  # noqa: SIM115 - closed by the OS when the child exits
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    proc.log_path = log_path
-    return proc
-
-
-def wait_for(predicate, proc, timeout=240.0, poll=0.002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"trainer exited early ({proc.returncode}): {proc.log_path.read_text()[-2000:]}"
-            )
-        time.sleep(poll)
-    proc.kill()
-    raise AssertionError("timed out")
 
 
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path, small_data):
