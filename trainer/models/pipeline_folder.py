@@ -20,6 +20,7 @@ from trainer.models.components import (
     read_json,
     training_scheduler_config,
 )
+from trainer.models.openclip_extras import load_extras
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -34,7 +35,8 @@ def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
 
 
 def load_pipeline_folder(folder: Path, *, prediction_type: str | None, dtype: torch.dtype) -> SDComponents:
-    """Load a diffusers StableDiffusionPipeline folder (model_index.json + component sub-folders)."""
+    """Load a diffusers StableDiffusionPipeline folder (model_index.json + component sub-folders),
+    with the SD2 OpenCLIP extras `save_pipeline` keeps in text_encoder/ (a resume must export them)."""
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json). Give the folder that "
@@ -59,4 +61,5 @@ def load_pipeline_folder(folder: Path, *, prediction_type: str | None, dtype: to
         scheduler_config=training_scheduler_config(scheduler, prediction_type),
         family=family,
         source=f"diffusers folder {folder} ({family})",
+        text_encoder_extras=load_extras(folder / "text_encoder", text_encoder, dtype),
     )

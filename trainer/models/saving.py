@@ -1,4 +1,8 @@
-"""Writing SDComponents as a diffusers pipeline folder (single files: single_file.py)."""
+"""Writing SDComponents as a diffusers pipeline folder (single files: single_file.py).
+
+The folder is what every resume loads, so it holds everything a single-file export writes:
+also SD2's unused OpenCLIP tensors of an imported single file (`openclip_extras`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
+from trainer.fileperm import apply_umask
 from trainer.models.components import MODEL_MAX_LENGTH, SDComponents, read_json
+from trainer.models.openclip_extras import save_extras
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +43,8 @@ def inference_scheduler(components: SDComponents) -> DDIMScheduler:
 
 
 def save_pipeline(components: SDComponents, out_dir: Path) -> None:
-    """Write a StableDiffusionPipeline folder that loads offline (no safety checker)."""
+    """Write a StableDiffusionPipeline folder that loads offline (no safety checker), with the
+    permissions the user's umask gives (safetensors writes 0600 files)."""
     out_dir = Path(out_dir)
     components.tokenizer.model_max_length = MODEL_MAX_LENGTH
     pipe = StableDiffusionPipeline(
@@ -52,6 +59,7 @@ def save_pipeline(components: SDComponents, out_dir: Path) -> None:
     )
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     save_canonical_text_encoder(components.text_encoder, out_dir / "text_encoder")
+    save_extras(components.text_encoder_extras, out_dir / "text_encoder")
     # transformers 5 writes only tokenizer.json; vocab.json/merges.txt keep the folder loadable by
     # transformers 4 and other tools that use the slow CLIPTokenizer.
     components.tokenizer.backend_tokenizer.model.save(str(out_dir / "tokenizer"))
@@ -60,6 +68,7 @@ def save_pipeline(components: SDComponents, out_dir: Path) -> None:
         raise RuntimeError(
             f"tokenizer saved to {out_dir} without model_max_length {MODEL_MAX_LENGTH}: {saved}"
         )
+    apply_umask(out_dir)
     logger.info("wrote diffusers pipeline %s", out_dir)
 
 

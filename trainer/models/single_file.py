@@ -2,8 +2,9 @@
 
 Loading converts with diffusers' own ldm->diffusers functions (`single_file_utils`) against the
 bundled component configs, so nothing is downloaded. Export uses `ldm_keys` (diffusers has no
-diffusers->ldm converter) and writes the layout A1111 / ComfyUI load, plus, for SD2, the
-`.yaml` A1111 needs beside the file to know the parameterization.
+diffusers->ldm converter) and writes the layout A1111 / ComfyUI load, plus, for v-prediction
+and SD2 models, the `.yaml` A1111 needs beside the file to know the parameterization
+(`a1111_yaml`). Files get the user's umask, as checkpoints do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -28,6 +28,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from trainer.errors import ModelLoadError
+from trainer.fileperm import apply_umask
+from trainer.models.a1111_yaml import write_a1111_yaml
 from trainer.models.checkpoint_io import (
     META_FAMILY,
     META_PREDICTION_TYPE,
@@ -39,7 +41,6 @@ from trainer.models.checkpoint_io import (
     read_checkpoint,
 )
 from trainer.models.components import (
-    CONFIGS_DIR,
     SDComponents,
     cast,
     load_tokenizer,
@@ -58,13 +59,13 @@ from trainer.models.ldm_keys import (
     unet_to_ldm,
     vae_to_ldm,
 )
+from trainer.models.openclip_extras import extras_from_single_file
 
 logger = logging.getLogger(__name__)
 
 # Keys real checkpoints carry that our modules do not have, and that carry no weights we need:
 # CLIP's position_ids buffer, OpenCLIP's projection/logit scale (SD uses hidden states only).
 _IGNORABLE_TEXT_KEYS = {"embeddings.position_ids", "text_projection.weight", "logit_scale"}
-YAML_TEMPLATE = CONFIGS_DIR / "v2-inference-v.yaml"
 
 
 def _load_strict(
@@ -142,45 +143,6 @@ def vae_from_tensors(tensors: dict[str, torch.Tensor], config: dict, path: Path)
     return vae
 
 
-def _open_clip_extras(
-    tensors: dict[str, torch.Tensor], layers: int, width: int, path: Path
-) -> dict[str, torch.Tensor]:
-    """The file's OpenCLIP tensors beyond what SD2 uses, when they fit this model (else none).
-
-    kohya sd-scripts writes a 1024x1024 `text_projection` whatever the model's width; keeping
-    such a tensor would hand the next loader a wrong q/k/v split, so it is dropped, loudly.
-    """
-    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}."
-    ref = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers - 1}."
-    block = {k: v for k, v in tensors.items() if k.startswith(last)}
-    extras = {}
-    if block and all(
-        tensors.get(ref + k[len(last) :]) is not None and v.shape == tensors[ref + k[len(last) :]].shape
-        for k, v in block.items()
-    ):
-        extras.update(block)
-    elif block:
-        logger.warning(
-            "%s: OpenCLIP block %d does not match block %d; it is not kept", path, layers, layers - 1
-        )
-    projection = tensors.get(OPEN_CLIP_PREFIX + "text_projection")
-    if projection is not None and projection.ndim == 2 and projection.shape[0] == width:
-        extras[OPEN_CLIP_PREFIX + "text_projection"] = projection
-    elif projection is not None:
-        logger.warning(
-            "%s: text_projection has shape %s, not [%d, ...] for this %d-wide text encoder (a dummy "
-            "written by another tool?); it is ignored, and exports write a fitting one",
-            path,
-            list(projection.shape),
-            width,
-            width,
-        )
-    scale = tensors.get(OPEN_CLIP_PREFIX + "logit_scale")
-    if scale is not None and scale.numel() == 1:
-        extras[OPEN_CLIP_PREFIX + "logit_scale"] = scale.reshape(()).float()  # kohya writes int 1
-    return extras
-
-
 def text_encoder_from_tensors(
     tensors: dict[str, torch.Tensor], family: str, config: dict, path: Path
 ) -> tuple[CLIPTextModel, dict[str, torch.Tensor]]:
@@ -192,7 +154,7 @@ def text_encoder_from_tensors(
     if family == "sd2":
         n = te_config.num_hidden_layers
         openclip = _with_prefix(tensors, OPEN_CLIP_PREFIX)
-        extras = _open_clip_extras(openclip, n, te_config.hidden_size, path)
+        extras = extras_from_single_file(openclip, n, te_config.hidden_size, path)
         # SD2 files have one more OpenCLIP block than SD2 uses (penultimate layer): it is not
         # converted. Without text_projection, diffusers splits q/k/v by the model's width rather
         # than by that tensor's first dimension, which other tools may have written wrongly.
@@ -269,33 +231,10 @@ def ldm_state_dict(components: SDComponents) -> dict[str, torch.Tensor]:
     return out
 
 
-def _a1111_yaml(components: SDComponents) -> str:
-    """v2-inference(-v).yaml with this model's UNet/VAE sizes filled in."""
-    doc = yaml.safe_load(YAML_TEMPLATE.read_text(encoding="utf-8"))
-    params = doc["model"]["params"]
-    if components.prediction_type != "v_prediction":
-        params.pop("parameterization")
-    u, v = components.unet.config, components.vae.config
-    unet_params = params["unet_config"]["params"]
-    unet_params["model_channels"] = u.block_out_channels[0]
-    unet_params["channel_mult"] = [c // u.block_out_channels[0] for c in u.block_out_channels]
-    heads = (
-        u.attention_head_dim if isinstance(u.attention_head_dim, list | tuple) else [u.attention_head_dim] * 4
-    )
-    unet_params["num_head_channels"] = u.block_out_channels[0] // heads[0]
-    unet_params["context_dim"] = u.cross_attention_dim
-    unet_params["num_res_blocks"] = u.layers_per_block
-    params["scale_factor"] = v.scaling_factor
-    dd = params["first_stage_config"]["params"]["ddconfig"]
-    dd["ch"] = v.block_out_channels[0]
-    dd["ch_mult"] = [c // v.block_out_channels[0] for c in v.block_out_channels]
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
 def save_single_file(
     components: SDComponents, path: Path, *, half: bool = True, dtype: torch.dtype | None = None
 ) -> list[Path]:
-    """Write an A1111/ComfyUI-loadable `.safetensors` (and the SD2 `.yaml`); returns written paths.
+    """Write an A1111/ComfyUI-loadable `.safetensors` (and the `.yaml` A1111 needs); returns written paths.
 
     Floating-point tensors are written in `dtype` when given (save_precision), else fp16 when
     `half`, else in their own dtype.
@@ -322,11 +261,12 @@ def save_single_file(
         metadata[META_ZERO_SNR] = "true"
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    apply_umask(tmp)  # safetensors writes 0600 files; other accounts' tools must read ours
     os.replace(tmp, path)
     written = [path]
-    if components.family == "sd2":
-        yaml_path = path.with_suffix(".yaml")
-        yaml_path.write_text(_a1111_yaml(components), encoding="utf-8")
+    yaml_path = write_a1111_yaml(components, path)
+    if yaml_path is not None:
+        apply_umask(yaml_path)
         written.append(yaml_path)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written
