@@ -1,8 +1,11 @@
 """Command-line entry: parse, build, train, summarise, and map errors to exit codes.
 
 Exit codes: 0 finished (max_epochs or stop_at_step reached, or nothing left to train), 2 bad
-input (config, data, model, checkpoint), 3 stopped on purpose (repeated non-finite losses, state
-saved), 130 interrupted by SIGINT/SIGTERM (state saved; a second signal: at once, not saved).
+input (config, data, model, checkpoint) or a run folder in use by another process, 3 stopped on
+purpose (repeated non-finite losses or non-finite weights; the last good state is named), 4 a
+checkpoint could not be written (disk full, I/O error; the partial folder is removed and the last
+intact checkpoint named), 130 interrupted by SIGINT/SIGTERM (state saved; a second signal: at
+once, not saved).
 """
 
 from __future__ import annotations

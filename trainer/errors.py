@@ -42,3 +42,23 @@ class RunFinished(TrainerError):
     """Resuming a run that has nothing left to train: said plainly, nothing written, exit 0."""
 
     exit_code = 0
+
+
+class NonFiniteWeights(TrainingStopped):
+    """A save found NaN or Inf in the trained weights and wrote nothing: a checkpoint of them
+    would load and sample as noise, and every later step of this run is skipped anyway. The loop
+    turns it into a `TrainingStopped` that names the run's last good state."""
+
+
+class CheckpointWriteError(TrainerError):
+    """A checkpoint could not be written (disk full, quota, I/O error). The partial folder is
+    removed and the earlier checkpoints are intact; the message names the last intact one, the
+    space the save needed and had, and how to continue. Its own exit code, so that a script can
+    tell "free space and resume" from bad input."""
+
+    exit_code = 4
+
+
+class RunFolderInUse(TrainerError):
+    """Another process holds the run folder's lock (two runs writing one folder would delete
+    each other's partial checkpoints and replace each other's finished ones)."""

@@ -4,7 +4,8 @@ One optimizer step = one accumulation window of the epoch plan (up to `grad_accu
 the last window of an epoch may be shorter and is still stepped). Each micro-batch's loss is
 its per-sample losses summed and divided by the number of samples in the window, so every
 sample weighs the same whatever the batch sizes. Checkpoints are only taken at window
-boundaries, which is what makes resume exact.
+boundaries, which is what makes resume exact. Every save goes through `RunSaves`, which never
+writes non-finite weights and knows the run's last good state.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpointing import SavePolicy, save_checkpoint
+from trainer.checkpointing import SavePolicy
+from trainer.checkpointing.saves import RunSaves
 from trainer.data import make_run_loader
-from trainer.errors import TrainingStopped
 from trainer.optim import apply_grad_scaler_tweak
 from trainer.progress import StepTracker
 from trainer.session import Session
@@ -47,6 +48,7 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
     """Run to max_epochs, stop_at_step or `stop.requested` (set by the signal handlers that the
     caller installed: trainer.cli does; an in-process caller without a flag keeps its own)."""
     cfg, st = s.cfg, s.state
+    saves = RunSaves.start(s)  # refuses non-finite starting weights before anything runs
     policy = SavePolicy.from_config(cfg)
     tracker = StepTracker(
         s.metrics,
@@ -73,13 +75,13 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
                 window_paths += batch["paths"]
                 if not is_end:
                     continue
-                _optimizer_step(s, tracker, window_paths)
+                _optimizer_step(s, tracker, window_paths, saves)
                 maybe_stop_text_encoder(s)
                 s.observers.after_step(window_of_end[batch["batch_index"]], len(plan.windows))
                 window_paths = []
                 at_limit = cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step
                 if at_limit:  # the same step on every rank: no need to agree
-                    saved.append(save_checkpoint(s, "stop_at_step"))
+                    saved.append(saves.save(s, "stop_at_step"))
                     log.info(
                         "finished at stop_at_step %d; resume with --resume_ckpt findlast", st.global_step
                     )
@@ -90,7 +92,7 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
                 step_due = policy.step_due(st.global_step, s.total_optimizer_steps)
                 if stop.requested or time_due or step_due:
                     reason = "interrupted" if stop.requested else "timed" if time_due else "steps"
-                    saved.append(save_checkpoint(s, reason))
+                    saved.append(saves.save(s, reason))
                     policy.saved()
                 if stop.requested:
                     log.warning(
@@ -103,8 +105,8 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
             tracker.epoch_end(st.global_step, _lr_values(s), st.epoch)
             s.observers.on_epoch_end(st.epoch - 1)
             if policy.epoch_end_due(st.epoch - 1, cfg.max_epochs):
-                saved.append(save_checkpoint(s, "epoch"))
-        saved.append(save_checkpoint(s, "final"))
+                saved.append(saves.save(s, "epoch"))
+        saved.append(saves.save(s, "final"))
         return _summary(s, "finished", started, tracker, saved)
     finally:
         tracker.close()
@@ -126,7 +128,7 @@ def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) ->
     s.state.samples_seen += len(batch["captions"]) * s.accelerator.num_processes
 
 
-def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str]) -> None:
+def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str], saves: RunSaves) -> None:
     st = s.state
     result = s.optim.step(s.scaler)
     st.global_step += 1
@@ -141,12 +143,7 @@ def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str]) -
         )
         s.metrics.scalars({"problems/nonfinite_steps": st.nonfinite_total}, st.global_step)
         if st.nonfinite_in_row >= s.cfg.max_nonfinite_steps:
-            path = save_checkpoint(s, "nonfinite")
-            raise TrainingStopped(
-                f"{st.nonfinite_in_row} optimizer steps in a row had non-finite losses or gradients; the last good "
-                f"state is saved in {path}. Likely causes: learning rate too high, fp16 overflow (try "
-                "mixed_precision bf16 or no), a broken input image, or a diverged adaptive optimizer."
-            )
+            raise saves.stop_after_nonfinite_steps(s)
     else:
         st.nonfinite_in_row = 0
         if s.ema is not None:
@@ -184,6 +181,6 @@ def _summary(s: Session, status: str, started: float, tracker: StepTracker, save
         final_loss=tracker.last_loss,
         final_val_loss=s.observers.last_val,
         best_val_loss=s.observers.best_val,
-        checkpoints=[p for p in saved if p is not None],
+        checkpoints=list(saved),
         nonfinite_steps=s.state.nonfinite_total,
     )

@@ -29,7 +29,7 @@ from trainer.checkpointing.resume import (
 )
 from trainer.checkpointing.store import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
 from trainer.config import config_to_json
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, CheckpointWriteError, NonFiniteWeights, TrainerError
 from trainer.fileperm import apply_umask
 from trainer.models import save_pipeline, save_single_file
 from trainer.optim.schedule_free import eval_weights
@@ -63,14 +63,46 @@ def checkpoint_name(project: str, epoch: int, step: int) -> str:
     return f"{project}-ep{epoch:03d}-gs{step:06d}"
 
 
-def save_checkpoint(session: TrainingRun, reason: str) -> Path | None:
-    """Save a checkpoint (collective: every rank calls; rank 0 writes). Returns its path on rank 0."""
+def save_checkpoint(
+    session: TrainingRun, reason: str, *, progress: TrainingState | None = None, weights_only: bool = False
+) -> Path:
+    """Save a checkpoint (collective: every rank calls; rank 0 checks and writes). Returns its
+    path, on every rank.
+
+    Weights with NaN or Inf are never written: `NonFiniteWeights`, raised on every rank (a
+    checkpoint of them loads and samples as noise, and findlast would pick it). A filesystem
+    failure is a `CheckpointWriteError`, also on every rank, so that no rank waits for a save
+    that will not come. `progress` (default: the run's counters) names and describes the
+    checkpoint; `weights_only` writes the weights without EMA or training state (the non-finite
+    stop saves the run's starting weights this way: no optimizer state belongs to them)."""
     all_rng = gather_rng_states(session.accelerator)
-    if not session.accelerator.is_main_process:
-        session.accelerator.wait_for_everyone()
-        return None
-    cfg, st = session.cfg, session.state
-    name = checkpoint_name(cfg.project_name, st.epoch, st.global_step)
+    progress = progress or session.state
+    name = checkpoint_name(session.cfg.project_name, progress.epoch, progress.global_step)
+    failure = None
+    if session.accelerator.is_main_process:
+        try:
+            _write_on_main(session, reason, name, progress, all_rng, weights_only=weights_only)
+        except (NonFiniteWeights, CheckpointWriteError) as exc:
+            failure = exc
+    _raise_on_every_rank(session.accelerator, failure)
+    return session.run.checkpoints / name
+
+
+def _write_on_main(
+    session: TrainingRun, reason: str, name: str, progress: TrainingState, all_rng, *, weights_only: bool
+) -> None:
+    cfg = session.cfg
+    bad = nonfinite_names(trained_tensors(session, ema=not weights_only))
+    if bad:
+        log.warning(
+            "not saving the %s checkpoint at step %d: its weights are non-finite",
+            reason,
+            progress.global_step,
+        )
+        raise NonFiniteWeights(
+            f"the trained weights at step {progress.global_step} hold NaN or Inf ({len(bad)} tensors, e.g. "
+            f"{', '.join(bad[:3])}), so no checkpoint was written (the {reason} save)"
+        )
     started = time.monotonic()
 
     def write(tmp: Path) -> None:
@@ -83,27 +115,29 @@ def save_checkpoint(session: TrainingRun, reason: str) -> Path | None:
         dtype = export_dtype(cfg)
         if not cfg.no_save_ckpt:
             save_single_file(components, tmp / f"{name}.safetensors", dtype=dtype)
-        if session.ema is not None:
+        if session.ema is not None and not weights_only:
             with session.ema.swapped_in({"unet": components.unet, "text_encoder": components.text_encoder}):
                 save_pipeline(components, tmp / f"{PIPELINE_DIR}_ema")
                 if not cfg.no_save_ckpt:
                     save_single_file(components, tmp / f"{name}-ema.safetensors", dtype=dtype)
-        if cfg.save_optimizer:
+        if cfg.save_optimizer and not weights_only:
             save_training_state(tmp / TRAINING_STATE, training_state_dict(session, all_rng))
         apply_umask(tmp)  # safetensors writes 0600 files
 
     manifest = {
         "project_name": cfg.project_name,
-        "global_step": st.global_step,
-        "epoch": st.epoch,
-        "batch_in_epoch": st.batch_in_epoch,
-        "samples_seen": st.samples_seen,
+        "global_step": progress.global_step,
+        "epoch": progress.epoch,
+        "batch_in_epoch": progress.batch_in_epoch,
+        "samples_seen": progress.samples_seen,
         "reason": reason,
         "config_hash": config_hash(cfg),
         "model_family": session.model.family,
         "world_size": session.accelerator.num_processes,
     }
-    with eval_weights(session.optim):  # schedule-free: save eval weights, resume from train weights
+    # Schedule-free: save the eval weights, resume from the train weights. Not for weights_only:
+    # its weights are a fresh optimizer's, where both are the same.
+    with nullcontext() if weights_only else eval_weights(session.optim):
         path = write_checkpoint(session.run.checkpoints, name, write, manifest)
     removed = apply_retention(session.run.checkpoints, cfg.keep_last_checkpoints)
     log.info(
@@ -113,8 +147,53 @@ def save_checkpoint(session: TrainingRun, reason: str) -> Path | None:
         time.monotonic() - started,
         f", removed {len(removed)} old" if removed else "",
     )
-    session.accelerator.wait_for_everyone()
-    return path
+
+
+def _raise_on_every_rank(accelerator, failure: TrainerError | None) -> None:
+    """Rank 0's save failure, raised on every rank (the others learn it by broadcast, which also
+    holds them until rank 0's save is over, as a barrier would)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [None if failure is None else (type(failure).__name__, str(failure))]
+        broadcast_object_list(holder, from_process=0)
+        if failure is None and holder[0] is not None:
+            kind, message = holder[0]
+            failure = {"NonFiniteWeights": NonFiniteWeights, "CheckpointWriteError": CheckpointWriteError}[
+                kind
+            ](message)
+    if failure is not None:
+        raise failure
+
+
+def trained_tensors(session: TrainingRun, *, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors training changes, by name: every trained parameter and, with `ema`, the EMA
+    shadow weights. Frozen weights are as loaded and need no check."""
+    tensors = {
+        f"{comp}/{name}": param
+        for comp, c in session.optim.components.items()
+        for name, param in zip(c.param_names, c.params, strict=True)
+    }
+    if ema and session.ema is not None:
+        tensors |= {
+            f"ema/{comp}/{n}": t for comp, shadow in session.ema.shadow.items() for n, t in shadow.items()
+        }
+    return tensors
+
+
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors that hold a NaN or Inf, in order.
+
+    One elementwise pass over each tensor on its own device and one host sync per device (the
+    flags are stacked before they are read): cheap next to writing the checkpoint."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, tensor in tensors.items():
+        by_device.setdefault(tensor.device, []).append(name)
+    finite: dict[str, bool] = {}
+    for names in by_device.values():
+        flags = torch.stack([torch.isfinite(tensors[n].detach()).all() for n in names]).tolist()
+        finite.update(zip(names, flags, strict=True))
+    return [name for name in tensors if not finite[name]]
 
 
 def training_state_dict(session: TrainingRun, all_rng: list[dict]) -> dict:

@@ -5,6 +5,10 @@ name, its `manifest.json` (format version, step, epoch, config hash, every file 
 written last, and only then is it renamed into place. A directory without a valid manifest, or
 whose files do not match the manifest, is never loaded, so a `kill -9` at any moment leaves the
 previous checkpoint as the newest loadable one.
+
+A save that fails on the filesystem (disk full, quota, I/O error) removes its partial folder
+(on a full disk it holds the space the user needs back) and raises `CheckpointWriteError`,
+which names the last intact checkpoint, the space needed and free, and how to resume.
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from shutil import disk_usage
 
 import torch
+from safetensors import SafetensorError
 
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,39 @@ class CheckpointInfo:
 def write_checkpoint(
     checkpoints_dir: Path, name: str, write_fn: Callable[[Path], None], manifest: dict
 ) -> Path:
-    """Write a checkpoint atomically: `write_fn(tmp_dir)` fills it, then manifest, then rename."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint atomically: `write_fn(tmp_dir)` fills it, then manifest, then rename.
+
+    Any failure removes the temporary folder. A filesystem failure (an `OSError`, or one that a
+    writer library wraps: safetensors, torch.save) becomes a `CheckpointWriteError`; anything
+    else is a bug and propagates as it is."""
+    free_before = _free_bytes(checkpoints_dir)
     tmp = checkpoints_dir / f"{_TMP_PREFIX}{name}"
+    try:
+        return _write_atomically(checkpoints_dir, tmp, name, write_fn, manifest)
+    except BaseException as exc:
+        written = _tree_bytes(tmp)
+        removal_error = _remove_partial(tmp)
+        code = storage_errno(exc) if isinstance(exc, Exception) else None  # not for Ctrl-C
+        if code is None:
+            raise
+        raise CheckpointWriteError(
+            write_failure_message(
+                checkpoints_dir,
+                name,
+                manifest.get("global_step"),
+                exc,
+                code,
+                written,
+                free_before,
+                removal_error,
+            )
+        ) from exc
+
+
+def _write_atomically(
+    checkpoints_dir: Path, tmp: Path, name: str, write_fn: Callable[[Path], None], manifest: dict
+) -> Path:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)  # left over by a killed save of the same name; never a complete checkpoint
     tmp.mkdir()
@@ -68,6 +105,122 @@ def write_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(checkpoints_dir)
     return final
+
+
+# safetensors' writer reports an OS error only in its message: "... I/O error: No space left on
+# device (os error 28)".
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of the filesystem failure behind `exc`, or None when it is not one.
+
+    Looks through the exception's chain: torch.save to a file object raises a RuntimeError whose
+    context is the OSError from the write; safetensors raises a SafetensorError that names the
+    OS error in its message."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        if isinstance(exc, SafetensorError) and (found := _OS_ERROR_IN_MESSAGE.search(str(exc))):
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failure_message(
+    checkpoints_dir: Path,
+    name: str,
+    step: int | None,
+    exc: BaseException,
+    code: int,
+    written: int,
+    free_before: int | None,
+    removal_error: str | None,
+) -> str:
+    """One paragraph: what failed, that the partial folder is gone, the last intact checkpoint,
+    the space needed and free, and how to continue."""
+    at_step = f" at step {step}" if step is not None else ""
+    intact = newest_checkpoint(checkpoints_dir)
+    removed = (
+        f"its partial folder could not be removed ({removal_error}): delete {checkpoints_dir / (_TMP_PREFIX + name)}"
+        if removal_error
+        else "its partial folder was removed"
+    )
+    if intact is not None:
+        last = f"The last intact checkpoint is {intact.path} (step {intact.step})"
+        needed = f"about {format_bytes(checkpoint_bytes(intact))} (the size of that checkpoint)"
+        resume = "then continue from it with --resume_ckpt findlast"
+    else:
+        last = f"There is no complete checkpoint in {checkpoints_dir} yet"
+        needed = "more than was written"
+        resume = "then start the run again"
+    free = (
+        f"{format_bytes(free_before)} were free" if free_before is not None else "the free space is unknown"
+    )
+    error = str(exc) if isinstance(exc, OSError) else f"{os.strerror(code)} ({type(exc).__name__}: {exc})"
+    return (
+        f"could not write checkpoint {name}{at_step}: {error}; {removed}. "
+        f"{last}. The save needs {needed}; {format_bytes(written)} were written before it failed, and "
+        f"{free} on that disk when it started ({format_bytes(_free_bytes(checkpoints_dir) or 0)} now). "
+        f"Free some space (keep_last_checkpoints and no_save_ckpt make checkpoints take less), "
+        f"{resume}. The training state in memory is unchanged, but this run stops here."
+    )
+
+
+def space_shortfall(checkpoints_dir: Path) -> tuple[int, int] | None:
+    """(bytes the next save will need, bytes free) when the newest checkpoint here is larger
+    than the free space on its disk; None when it fits or there is nothing to compare with."""
+    newest = newest_checkpoint(checkpoints_dir)
+    if newest is None:
+        return None
+    needed, free = checkpoint_bytes(newest), _free_bytes(checkpoints_dir)
+    return (needed, free) if free is not None and free < needed else None
+
+
+def newest_checkpoint(checkpoints_dir: Path) -> CheckpointInfo | None:
+    """The most recently created complete checkpoint in this folder, as `find_last` ranks them."""
+    found = list_checkpoints(checkpoints_dir)
+    return _newest(found) if found else None
+
+
+def checkpoint_bytes(info: CheckpointInfo) -> int:
+    """A checkpoint's size: its files as the manifest lists them."""
+    return sum(int(size) for size in info.manifest.get("files", {}).values())
+
+
+def format_bytes(n: int) -> str:
+    if n < 2**20:
+        return f"{n} bytes"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return disk_usage(candidate).free
+    return None
+
+
+def _tree_bytes(root: Path) -> int:
+    if not root.exists():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _remove_partial(tmp: Path) -> str | None:
+    """Remove a failed save's temporary folder; the error text if that fails too (reported in
+    the message, never dropped)."""
+    if not tmp.exists():
+        return None
+    try:
+        shutil.rmtree(tmp)
+    except OSError as exc:
+        log.error("could not remove the partial checkpoint folder %s: %s", tmp, exc)
+        return str(exc)
+    return None
 
 
 def open_checkpoint(path: Path) -> CheckpointInfo:
@@ -178,7 +331,10 @@ def apply_retention(checkpoints_dir: Path, keep_last: int | None) -> list[Path]:
 
 
 def save_training_state(path: Path, state: dict) -> None:
-    torch.save(state, path)
+    """Through a Python file object: a failed write then surfaces as the OSError behind torch's
+    RuntimeError (`storage_errno` finds it), where a path gives only "unexpected pos"."""
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_training_state(path: Path) -> dict:
