@@ -10,6 +10,8 @@
   (a path or `findlast`) to a `ResumePlan`; `check_settings` compares the resume guard (settings
   the training state depends on) and decides exact resume, weights only, or an error.
 * `policy.py`: when periodic saves are due (`SavePolicy`).
+* `saves.py`: every save of a run (`RunSaves`): never non-finite weights, the early free-space
+  warning, the last good state.
 """
 
 from trainer.checkpointing.contents import (
