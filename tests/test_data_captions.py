@@ -107,6 +107,22 @@ def test_per_image_json_is_not_a_caption_and_never_skips_the_image(tmp_path, cap
     assert sum("per-image .json files are not read" in r.message for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("text", ["", "  \n\t \r\n"], ids=["zero-bytes", "whitespace"])
+def test_an_empty_caption_file_is_reported_and_the_image_keeps_its_file_name_caption(tmp_path, text):
+    img(tmp_path / "red star_1.png")
+    write(tmp_path / "red star_1.txt", text)
+    img(tmp_path / "b.png")
+    write(tmp_path / "b.caption", text)
+    write(tmp_path / "b.yaml", "main_prompt: from yaml\n")
+    result = discover(tmp_path)
+    items = by_name(result)
+    assert items["red star_1.png"].caption.main_prompt == "red star"  # EveryDream2's fallback, now said
+    assert items["b.png"].caption.main_prompt == "from yaml"
+    reasons = {Path(p.path).name: p.reason for p in result.problems}
+    assert set(reasons) == {"red star_1.txt", "b.caption"}
+    assert all("empty caption file" in r and "image kept" in r for r in reasons.values())
+
+
 def test_filename_caption_only_when_nothing_else(tmp_path):
     img(tmp_path / "a photo of ted, sitting_1.jpg")
     img(tmp_path / "sub" / "dog_02.jpg")

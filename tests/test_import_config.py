@@ -118,7 +118,6 @@ MAPPED = [
     ("toml", {"full_bf16": True, "mixed_precision": "bf16"}, "train:weight_dtype", "bf16"),
     ("toml", {"gradient_checkpointing": True}, "train:gradient_checkpointing", True),
     ("toml", {"gradient_accumulation_steps": 4}, "train:grad_accum", 4),
-    ("toml", {"xformers": True}, "train:attn_type", "xformers"),
     ("gui", {"xformers": "sdpa"}, "train:attn_type", "sdp"),
     ("toml", {"torch_compile": True, "dynamo_backend": "inductor"}, "train:compile", True),
     ("gui", {"dynamo_backend": "aot_eager"}, "train:compile_backend", "aot_eager"),
@@ -344,6 +343,27 @@ def test_dataset_config_named_inside_a_gui_file_is_read(tmp_path):
 def test_secret_values_never_reach_the_table():
     result = convert("gui", {"wandb_api_key": "abc123"})
     assert "abc123" not in json.dumps([r.value for r in result.rows])
+
+
+@pytest.mark.parametrize(("kind", "value"), [("toml", True), ("gui", "xformers")])
+def test_xformers_is_kept_where_it_is_installed(monkeypatch, kind, value):
+    import trainer.importing.map_options as map_options
+
+    monkeypatch.setattr(map_options, "xformers_installed", lambda: True)
+    result = convert(kind, {"xformers": value})
+    assert result.train["attn_type"] == "xformers"
+
+
+@pytest.mark.parametrize(("kind", "value"), [("toml", True), ("gui", "xformers")])
+def test_xformers_becomes_sdp_where_it_is_not_installed_and_the_row_says_so(monkeypatch, kind, value):
+    import trainer.importing.map_options as map_options
+
+    monkeypatch.setattr(map_options, "xformers_installed", lambda: False)
+    result = convert(kind, {"xformers": value})
+    assert result.train["attn_type"] == "sdp"
+    (row,) = [r for r in result.rows if r.source == "xformers"]
+    assert row.target == "train.json attn_type = sdp"
+    assert "xformers is not installed here" in row.note and "memory-efficient" in row.note
 
 
 def test_seed_configuration_imports_every_key():

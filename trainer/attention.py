@@ -8,7 +8,8 @@
   can be explained.
 * `xformers`: xformers' memory-efficient attention, which EveryDream2 users know. It must be
   installed and needs CUDA; asking for it without either is a ConfigError, never a silent
-  switch to another kernel.
+  switch to another kernel. `xformers_problem` says which, so the check runs before the model
+  loads (trainer/preflight.py) as well as here.
 * `slice`: diffusers' sliced attention (`set_attention_slice("auto")`: each attention layer
   computes half its heads at a time). Slower; only for very tight memory.
 
@@ -71,17 +72,26 @@ def _text_encoder_sdpa(text_encoder: nn.Module) -> str:
     return f"text encoder: {current}"
 
 
-def _enable_xformers(unet: nn.Module, device: torch.device) -> None:
+def xformers_problem(device_type: str) -> str | None:
+    """Why `attn_type: xformers` cannot run on a `device_type` device here, or None if it can.
+    Cheap (no model, no CUDA work)."""
     if not is_xformers_available():  # the same check diffusers makes
-        raise ConfigError(
-            "attn_type 'xformers' requested but the xformers package is not installed; "
-            "pip install xformers, or use attn_type sdp"
+        return (
+            "attn_type 'xformers' requested but the xformers package is not installed; use attn_type sdp "
+            "(PyTorch SDPA: the same family of memory-efficient kernels, built into torch), or pip install "
+            "xformers"
         )
-    if device.type != "cuda":
-        raise ConfigError(
-            f"attn_type 'xformers' needs a CUDA device but training runs on {device}; "
+    if device_type != "cuda":
+        return (
+            f"attn_type 'xformers' needs a CUDA device but training runs on {device_type}; "
             "use attn_type sdp (PyTorch's fused attention) instead"
         )
+    return None
+
+
+def _enable_xformers(unet: nn.Module, device: torch.device) -> None:
+    if problem := xformers_problem(device.type):
+        raise ConfigError(problem)
     try:
         unet.enable_xformers_memory_efficient_attention()
     except (ImportError, ValueError, RuntimeError, NotImplementedError) as exc:

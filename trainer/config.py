@@ -2,8 +2,11 @@
 
 Keys, types, defaults and help live on `TrainConfig`'s fields. Loading merges, in order of
 increasing precedence: field defaults < the JSON file (`--config`) < `--key value` on the command
-line. Validation is pydantic's; this module only turns its errors into messages that name the key,
-the value, what is allowed, and (for unknown keys) the closest valid key.
+line. Validation is pydantic's, in strict mode: a JSON value of another type is an error (`"4"`
+is not a number, `1` is not `true`; an integer is a valid float), and so are Infinity and NaN.
+The command line's texts are first read as each key's type (trainer/config_types.py). This
+module turns pydantic's errors into messages that name the file, the key, the value and its
+type, what is allowed, and (for unknown keys and names) the closest valid one.
 
 EveryDream2 compatibility: its key names are used unchanged; a JSON `null` means "use the default"
 (ED2 ships `"ema_device": null`); keys that ED2 has but that do nothing here are accepted with one
@@ -15,14 +18,13 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 
+from trainer.config_types import accepts, cli_value, json_kind, type_text, unquote_hint
 from trainer.errors import ConfigError
 from trainer.extra_options import KOHYA_MULTIRES_DISCOUNT, check_extra_options
 
@@ -48,12 +50,25 @@ IGNORED_KEYS: dict[str, str] = {
     "no_prepend_last": "checkpoint names carry epoch and step",
     "ema_resume_model": "EMA weights are resumed from the training state",
 }
+# What the command line reads an ignored key's text as (only whether it is set matters).
+_IGNORED_KEY_TYPE = bool | int | float | str | list[str] | None
+
+# The LR schedule names of trainer/optim/schedules.py (SCHEDULER_NAMES; a test keeps the two
+# equal). Spelled out here because this module loads before torch (the command line's thread
+# settings must be made first), and trainer.optim imports torch.
+LrSchedulerName = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor"
+]
 
 
 class TrainConfig(BaseModel):
     """Every key of train.json. Field descriptions are the user documentation (docs/CONFIG.md)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: JSON values are taken only as the type they are; allow_inf_nan: Infinity / NaN
+    # (which Python's JSON reader accepts) are refused for every float key.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False
+    )
 
     # --- model and data -------------------------------------------------------------------
     resume_ckpt: str = Field(
@@ -108,7 +123,9 @@ class TrainConfig(BaseModel):
     lr: float | None = Field(
         None, ge=0.0, description="UNet LR; overrides optimizer.json base.lr (0 is a value)."
     )
-    lr_scheduler: str | None = Field(None, description="Scheduler used when optimizer.json sets none.")
+    lr_scheduler: LrSchedulerName | None = Field(
+        None, description="Scheduler used when optimizer.json sets none."
+    )
     lr_warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps.")
     lr_decay_steps: int | None = Field(None, ge=0, description="Decay length in optimizer steps.")
     batch_size: int = Field(2, ge=1, description="Images per micro-batch (one aspect bucket per batch).")
@@ -386,8 +403,10 @@ def read_json_config(path: str | Path) -> dict[str, Any]:
 def parse_cli_overrides(argv: list[str]) -> dict[str, Any]:
     """Parse `--key value`, `--key=value`, bare `--flag` (true) and repeated list values.
 
-    Values are decoded as JSON when they parse as JSON (numbers, true/false/null, lists) and kept
-    as strings otherwise; pydantic then checks the type against the field.
+    Each text is read as its key's type (`--batch_size 4` is the integer 4, `--lr 1e-3` a
+    number, `--cache_latents true` a boolean, `--project_name 2024` the text "2024", `null` is
+    null where the key takes it); text that is not of the key's type stays text and validation
+    refuses it, naming the key. Lists: repeated values or one JSON list.
     """
     out: dict[str, Any] = {}
     i = 0
@@ -404,50 +423,9 @@ def parse_cli_overrides(argv: list[str]) -> dict[str, Any]:
         while not eq and i < len(argv) and not argv[i].startswith("--"):
             values.append(argv[i])
             i += 1
-        out[key] = _decode_cli_values(key, values)
+        annotation = FIELDS[key].annotation if key in FIELDS else _IGNORED_KEY_TYPE
+        out[key] = cli_value(key, annotation, values)
     return out
-
-
-def _decode_cli_values(key: str, values: list[str]) -> Any:
-    if not values:
-        return True  # a bare --flag
-    decoded = [_decode_scalar(v) for v in values]
-    if key in FIELDS and _is_string_key(key):
-        # `--project_name 2024` / `--run_name 42` name things: the text is the value, not a number.
-        decoded = [
-            v if isinstance(v, (str, list, dict)) or v is None else raw
-            for v, raw in zip(decoded, values, strict=True)
-        ]
-    if len(decoded) == 1:
-        return decoded[0]
-    return decoded
-
-
-def _is_string_key(key: str) -> bool:
-    """A key whose scalar values are only ever text (str, str | None, str | list[str], Literal of str)."""
-    scalars = set()
-    pending = [FIELDS[key].annotation]
-    while pending:
-        ann = pending.pop()
-        origin = typing.get_origin(ann)
-        if origin is Literal:
-            scalars |= {type(v) for v in typing.get_args(ann)}
-        elif origin in (typing.Union, types.UnionType):
-            pending += list(typing.get_args(ann))
-        elif origin is None:
-            scalars.add(ann)
-    scalars.discard(type(None))
-    return scalars == {str}
-
-
-def _decode_scalar(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def build_config(json_values: dict[str, Any], cli_values: dict[str, Any], *, source: str) -> TrainConfig:
@@ -484,12 +462,7 @@ def _accepts_none(key: str) -> bool:
 def _allowed(key: str) -> str:
     """Human description of a field's type and constraints, e.g. 'int, >= 64, <= 2048, multiple of 64'."""
     field = FIELDS[key]
-    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    text = re.sub(r"Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", text)  # StrictInt -> int
-    text = re.sub(r"^Union\[(.*)\]$", lambda m: m.group(1).replace(", ", " | "), text).replace(
-        "NoneType", "None"
-    )
-    parts = [text]
+    parts = [type_text(field.annotation)]
     for meta in field.metadata:
         for attr, label in (
             ("ge", ">="),
@@ -506,15 +479,28 @@ def _allowed(key: str) -> str:
 def _format_validation_error(
     exc: ValidationError, values: dict[str, Any], origins: dict[str, str], source: str
 ) -> str:
+    """One line per key: where it was given, the value and its JSON type, pydantic's reason, what
+    the key allows, and a fix where one is clear (drop the quotes; the closest valid name)."""
+    by_key: dict[str, list[dict]] = {}
     lines = []
     for err in exc.errors():
         key = err["loc"][0] if err["loc"] else None
         if key in FIELDS:
-            given = values.get(key, "<missing>")
-            where = origins.get(key, source)
-            lines.append(f"{where}: key '{key}' = {given!r}: {err['msg']} (allowed: {_allowed(key)})")
+            by_key.setdefault(key, []).append(err)
         else:
             lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
+    for key, errs in by_key.items():
+        # A union reports each of its types; the one that took the type says the real reason.
+        err = next((e for e in errs if not e["type"].endswith("_type")), errs[0])
+        given = values.get(key, "<missing>")
+        hint = unquote_hint(key, given, FIELDS[key].annotation)
+        if err["type"] == "literal_error" and isinstance(given, str):
+            close = closest_key(given, [str(v) for v in accepts(FIELDS[key].annotation).literals])
+            hint += f"; did you mean '{close}'?" if close else ""
+        lines.append(
+            f"{origins.get(key, source)}: key '{key}' = {given!r} ({json_kind(given)}): {err['msg']} "
+            f"(allowed: {_allowed(key)}){hint}",
+        )
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ def check_extra_options(cfg) -> None:
     """Refuse combinations of the kohya/OneTrainer keys that would do nothing or contradict."""
     stop = cfg.stop_text_encoder_training
     if stop is not None:
-        if isinstance(stop, bool) or (isinstance(stop, int) and stop < 1):
+        if isinstance(stop, int) and stop < 1:  # true/false never gets here: the field is strict
             raise ValueError(
                 f"stop_text_encoder_training={stop!r}: give optimizer steps (an integer >= 1) or a fraction "
                 "of the run (0 < x < 1); null = never stop"

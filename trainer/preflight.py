@@ -1,9 +1,11 @@
 """Checks that need no model, run before it loads (loading takes 30-60 s on a real model).
 
-`check_inputs` reads every file the config names (data_root, sample_prompts, validation_config,
-resume_ckpt, vae) and reports all problems at once, each naming its key and path, so a typo
-costs seconds and leaves no run folder behind. `finished_message` says when an exact resume
-has nothing left to train.
+`check_inputs` reads every file the config names (data_root, optimizer_config, sample_prompts,
+validation_config, resume_ckpt, vae) and checks that the attention kernel can run, and reports
+all problems at once, each naming its key and path, so a typo costs seconds and leaves no run
+folder behind. Only cheap checks: data_root needs one image file name (decoding is discovery's
+job, after the load); optimizer.json is parsed and validated (names, keys, schedules).
+`finished_message` says when an exact resume has nothing left to train.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ BUILTIN_PREFIX = "builtin:"
 def check_inputs(cfg) -> None:
     """Raise ConfigError listing every input the run would fail on later."""
     problems = []
-    for check in (_data_root, _sample_prompts, _validation_config, _resume_ckpt, _vae):
+    checks = (
+        _data_root,
+        _optimizer_config,
+        _sample_prompts,
+        _validation_config,
+        _resume_ckpt,
+        _vae,
+        _attention,
+    )
+    for check in checks:
         try:
             check(cfg)
         except TrainerError as exc:
@@ -31,9 +42,28 @@ def check_inputs(cfg) -> None:
 
 
 def _data_root(cfg) -> None:
-    from trainer.data.discovery import resolve_roots
+    from trainer.data.discovery import require_an_image_file
 
-    resolve_roots(cfg.data_root)
+    require_an_image_file(cfg.data_root)
+
+
+def _optimizer_config(cfg) -> None:
+    from trainer.optim.schema import load_optimizer_file  # the loader the build uses, so no drift
+
+    load_optimizer_file(cfg.optimizer_config)
+
+
+def _attention(cfg) -> None:
+    """attn_type xformers where it cannot run (not installed, no CUDA) fails after the load
+    otherwise; the session trains on CUDA when it is available, else on the CPU."""
+    if cfg.attn_type != "xformers":
+        return
+    import torch
+
+    from trainer.attention import xformers_problem
+
+    if problem := xformers_problem("cuda" if torch.cuda.is_available() else "cpu"):
+        raise ConfigError(problem)
 
 
 def _sample_prompts(cfg) -> None:

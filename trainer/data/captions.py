@@ -268,9 +268,21 @@ def load_mapping(path: str | Path, report: Report):
 
 
 def load_settings_file(path: str | Path, report: Report) -> Settings:
-    """A caption sidecar (.txt/.caption) or settings file (.yaml/.yml/.json) as one layer."""
+    """A caption sidecar (.txt/.caption) or settings file (.yaml/.yml/.json) as one layer.
+
+    A caption file with nothing but whitespace gives no caption, so the image falls back to
+    its other sources (EveryDream2 does the same); it is reported, because an empty file is
+    usually a captioning tool that failed, and the fallback trains text nobody wrote for it.
+    """
     if Path(path).suffix.lower() in (".txt", ".caption"):
-        return parse_caption_text(read_text(path))
+        text = read_text(path)
+        if not text.strip():
+            report.problem(
+                path,
+                "empty caption file (nothing but whitespace); image kept, captioned by its other sources "
+                "(a .yaml sidecar, the folder's settings, or else its file name)",
+            )
+        return parse_caption_text(text)
     data = load_mapping(path, report)
     if data is None:  # an empty yaml file sets nothing
         return Settings()

@@ -167,6 +167,58 @@ def resolve_roots(data_root) -> list[Path]:
     return out
 
 
+def require_an_image_file(data_root) -> None:
+    """DataError unless some folder of `data_root` holds at least one image file.
+
+    The check before the model loads (trainer/preflight.py): names only, no file is opened, and
+    it stops at the first image, so it costs milliseconds where discovery (which decodes every
+    header) comes after the model load. Hidden files and folders and masks do not count, as in
+    `discover`; a .json manifest root counts as having images (its entries are read later).
+    """
+    roots = resolve_roots(data_root)
+    unlisted: list[str] = []
+    visited: set[str] = set()
+    if any(not root.is_dir() or _holds_image(root, visited, unlisted) for root in roots):
+        return
+    listed = f" ({len(unlisted)} path(s) could not be read: {', '.join(unlisted[:3])})" if unlisted else ""
+    raise DataError(_no_images_message(data_root) + listed)
+
+
+def _holds_image(folder: Path, visited: set[str], unlisted: list[str]) -> bool:
+    """Whether `folder` or a folder below it holds an image file (depth first, sorted, loops cut)."""
+    real = os.path.realpath(folder)
+    if real in visited:
+        return False
+    visited.add(real)
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        unlisted.append(f"{folder}: {e.strerror}")
+        return False
+    subfolders = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        image_name = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(entry.name)
+        try:
+            if image_name and entry.is_file():
+                return True
+            if not image_name and entry.is_dir():
+                subfolders.append(Path(entry.path))
+        except OSError as e:
+            unlisted.append(f"{entry.path}: {e.strerror}")
+    return any(_holds_image(sub, visited, unlisted) for sub in subfolders)
+
+
+def _no_images_message(data_root) -> str:
+    return (
+        f"data_root '{data_root}' has 0 images: no files with extensions "
+        f"{', '.join(sorted(IMAGE_EXTENSIONS))} were found (hidden files and folders are skipped, and "
+        "*-masklabel.png masks are not training images)."
+    )
+
+
 def _probe(path: str) -> ProbeResult | ProbeError:
     try:
         return probe_image(path)
@@ -279,10 +331,7 @@ def require_trainable(result: DiscoveryResult, data_root) -> None:
     if result.items:
         return
     if not result.problems:
-        raise DataError(
-            f"data_root '{data_root}' has 0 images: no files with extensions "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))} were found (hidden files and folders are skipped)."
-        )
+        raise DataError(_no_images_message(data_root))
     shown = "; ".join(str(p) for p in result.problems[:5])
     more = f" (and {len(result.problems) - 5} more)" if len(result.problems) > 5 else ""
     raise DataError(

@@ -11,10 +11,15 @@ in docs/MIGRATING.md:
 * `keep_tokens` N counts the first caption chunk; our main prompt (chunk 0) always stays in
   place and `keep_tags` counts the tags after it: keep_tags = max(N - 1, 0).
 * `flip_aug` flips with probability 0.5: flip_p 0.5.
+* `xformers` on is `attn_type: xformers` where the xformers package is installed; where it is
+  not, `attn_type: sdp` (PyTorch SDPA, the same family of memory-efficient attention kernels,
+  built into torch), said in the key's row. Otherwise the imported file could not train here:
+  the trainer refuses xformers it cannot load rather than switch kernels silently.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -289,11 +294,23 @@ def _precision(ctx) -> None:
         )
 
 
+def xformers_installed() -> bool:
+    """Whether the xformers package can be found (by name only: importing it loads torch/CUDA)."""
+    return importlib.util.find_spec("xformers") is not None
+
+
 def _attention(ctx) -> None:
     xf = ctx.get("xformers")
     if ctx.has("xformers"):
-        if xf is True or xf == "xformers":
+        if (xf is True or xf == "xformers") and xformers_installed():
             ctx.result.set_train("attn_type", "xformers", "xformers", ctx.raw("xformers"))
+        elif xf is True or xf == "xformers":
+            note = (
+                "xformers is not installed here: PyTorch SDPA, the same family of memory-efficient "
+                "attention kernels, built into torch (pip install xformers and set attn_type xformers "
+                "to use it)"
+            )
+            ctx.result.set_train("attn_type", "sdp", "xformers", ctx.raw("xformers"), note)
         else:
             ctx.result.set_train("attn_type", "sdp", "xformers", ctx.raw("xformers"), "PyTorch SDPA")
     if ctx.has("sdpa"):

@@ -4,7 +4,10 @@ The file keeps ED2's layout (`base`, `text_encoder_overrides`, `text_encoder_lr_
 `text_encoder_freezing`, `apply_grad_scaler_step_tweaks`, `log_grad_norm`, an ignored `doc`).
 Unlike ED2, an unknown or misspelled key is an error naming the key path and the closest
 valid key, a key the chosen optimizer does not take is an error listing the keys it does take,
-and a missing file is an error rather than a TypeError. `None` for the path (no
+and a missing file is an error rather than a TypeError. Values are strict: a JSON value of
+another type (`"lr": "1e-4"`, `"amsgrad": 1`) is an error naming the value, its type and what
+the key takes (an integer is a valid float), and so is Infinity or NaN for any number, options
+passed through to pytorch_optimizer included. `None` for the path (no
 `optimizer_config`) means the documented defaults: adamw8bit, betas (0.9, 0.999), weight decay
 0.01, epsilon 1e-8.
 """
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from trainer.config_types import json_kind, type_text
 from trainer.errors import ConfigError
 from trainer.optim.bridge import is_bridge_name
 from trainer.optim.registry import ED2_ALWAYS_PRESENT_KEYS, closest_key, get_spec, normalize_name
@@ -26,7 +31,9 @@ from trainer.optim.schedules import SCHEDULER_NAMES
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = "adamw8bit"
-_STRICT = ConfigDict(strict=True, extra="forbid")
+# strict: a JSON value is taken only as the type it is; allow_inf_nan: Infinity / NaN (which
+# JSON readers accept) are refused for every float key.
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class SectionConfig(BaseModel):
@@ -137,7 +144,7 @@ class FreezingConfig(BaseModel):
 class OptimizerFile(BaseModel):
     """A validated optimizer.json. `source` names the file in every later error message."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     doc: Any = None
     base: SectionConfig = SectionConfig()
@@ -210,7 +217,7 @@ def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerF
         return default_optimizer_file()
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a JSON object at the top level, got {type(raw).__name__}")
-    if _collect_bridge_options(raw):
+    if _collect_bridge_options(raw, label):
         text = json.dumps(raw)
     try:
         parsed = OptimizerFile.model_validate_json(text)
@@ -221,10 +228,11 @@ def parse_optimizer_json(text: str, label: str = "optimizer.json") -> OptimizerF
     return parsed
 
 
-def _collect_bridge_options(raw: dict[str, Any]) -> bool:
+def _collect_bridge_options(raw: dict[str, Any], label: str) -> bool:
     """For `pytorch_optimizer.<Name>` sections, move keys that are not SectionConfig fields into
     `bridge_options` (checked against that class's signature later) instead of refusing them.
     Done on the raw JSON so validation stays in JSON mode (strict tuples accept JSON arrays).
+    Their values have no declared type, so only non-finite numbers are refused here.
     Returns whether anything moved."""
     moved = False
     base_opt = raw.get("base", {}).get("optimizer") if isinstance(raw.get("base"), dict) else None
@@ -235,10 +243,19 @@ def _collect_bridge_options(raw: dict[str, Any]) -> bool:
         ):
             continue
         extra = {k: v for k, v in section.items() if k not in SectionConfig.model_fields}
+        for name, value in extra.items():
+            _refuse_non_finite(value, f"{label}: {key}.{name}")
         if extra:
             raw[key] = {k: v for k, v in section.items() if k not in extra} | {"bridge_options": extra}
             moved = True
     return moved
+
+
+def _refuse_non_finite(value: Any, where: str) -> None:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where}: Input should be a finite number; got {value!r} ({json_kind(value)})")
 
 
 _MODELS_BY_PATH = {
@@ -261,8 +278,20 @@ def _format_validation_error(exc: ValidationError, label: str) -> str:
             hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(fields)}"
             lines.append(f"{label}: {path}: unknown key{hint}")
         else:
-            lines.append(f"{label}: {path}: {err['msg']} (got {err['input']!r})")
+            given = err["input"]
+            lines.append(
+                f"{label}: {path}: {err['msg']}; got {given!r} ({json_kind(given)}), expected {_expected(loc)}"
+            )
     return "\n".join(lines)
+
+
+def _expected(loc: tuple[str, ...]) -> str:
+    """The annotation of the field at `loc` (a key path, list positions after the field)."""
+    for depth in range(len(loc) - 1, -1, -1):
+        model = _MODELS_BY_PATH.get(loc[:depth])
+        if model is not None and loc[depth] in model.model_fields:
+            return type_text(model.model_fields[loc[depth]].annotation)
+    return "see docs/OPTIMIZERS.md"
 
 
 def check_section_keys(section: dict[str, Any], optimizer: str, where: str) -> dict[str, Any]:
