@@ -12,7 +12,6 @@ import pytest
 
 from trainer.config import FIELDS, build_config, load_config, parse_cli_overrides
 from trainer.errors import ConfigError
-from trainer.optim.schedules import SCHEDULER_NAMES
 from trainer.optim.schema import SectionConfig, parse_optimizer_json
 
 
@@ -200,11 +199,6 @@ def test_optimizer_json_wrong_types_name_file_key_value_type_and_expected():
 
 
 # ---- item 5: lr_scheduler ------------------------------------------------------------------------
-
-
-def test_train_json_lr_scheduler_names_are_the_schedules_names():
-    (literal,) = [a for a in typing.get_args(FIELDS["lr_scheduler"].annotation) if a is not type(None)]
-    assert typing.get_args(literal) == SCHEDULER_NAMES
 
 
 def test_a_misspelled_lr_scheduler_in_train_json_is_refused_with_the_closest_name(tmp_path):

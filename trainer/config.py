@@ -53,9 +53,9 @@ IGNORED_KEYS: dict[str, str] = {
 # What the command line reads an ignored key's text as (only whether it is set matters).
 _IGNORED_KEY_TYPE = bool | int | float | str | list[str] | None
 
-# The LR schedule names of trainer/optim/schedules.py (SCHEDULER_NAMES; a test keeps the two
-# equal). Spelled out here because this module loads before torch (the command line's thread
-# settings must be made first), and trainer.optim imports torch.
+# The LR schedule names, for train.json and optimizer.json alike (trainer/optim/schedules.py reads
+# them from here as SCHEDULER_NAMES). Here because this module loads before torch (the command
+# line's thread settings must be made first), and trainer.optim imports torch.
 LrSchedulerName = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor"
 ]

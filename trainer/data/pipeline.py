@@ -182,7 +182,9 @@ class LoadedDataset:
             lines.append(f"  stabilize-train set: {len(self.stabilize_items)} images")
         skipped = [p for p in self.problems if not p.reason.startswith(UNDERSIZED_PREFIX)]
         if skipped:
-            lines.append(f"  {len(skipped)} file(s) skipped:")
+            lines.append(
+                f"  {len(skipped)} data problem(s) (what each means for its image is said on its line):"
+            )
             lines.extend(f"    {p}" for p in skipped)
         if self.undersized:
             lines.append(f"  {len(self.undersized)} undersized image(s) (trained, upscaled):")

@@ -10,21 +10,15 @@ cosine ends at ~25 % of the nominal LR instead of 0), warmup null means decay / 
 from __future__ import annotations
 
 import importlib
+import typing
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainer.config import LrSchedulerName
 from trainer.errors import ConfigError
 
-SCHEDULER_NAMES = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
+SCHEDULER_NAMES: tuple[str, ...] = typing.get_args(LrSchedulerName)  # one list, train.json's type
 ADAFACTOR_SCHEDULE = "adafactor"
 AUTO_DECAY_FACTOR = 1.5
 AUTO_WARMUP_DIVISOR = 50
