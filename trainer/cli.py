@@ -1,4 +1,5 @@
-"""Command-line entry: parse, build, train, summarise, and map errors to exit codes.
+"""Command-line entry: `sdtrainer [SUBCOMMAND]`; training parses, builds, trains, summarises and
+maps errors to exit codes. The other subcommands are thin doors to their own modules.
 
 Exit codes: 0 finished (max_epochs or stop_at_step reached, or nothing left to train), 2 bad
 input (config, data, model, checkpoint) or a run folder in use by another process, 3 stopped on
@@ -10,6 +11,7 @@ once, not saved).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -26,10 +28,15 @@ log = logging.getLogger("trainer")
 
 NORMAL_ENDS = ("finished", "stop_at_step")
 
-USAGE = """usage: python train.py --config train.json [--optimizer_config optimizer.json] [--KEY VALUE ...]
-
-Every train.json key can be given as --KEY VALUE (booleans: true/false, bare --flag = true;
-lists as JSON or repeated values). The command line wins over the JSON file. See docs/CONFIG.md."""
+# subcommand -> "module:function" taking argv and returning an exit code (imported when used,
+# so `sdtrainer --help` and training load nothing they do not need)
+SUBCOMMANDS = {
+    "plan": "trainer.plan.command:main",
+    "extract-lora": "trainer.export.command:main",
+    "preview": "trainer.data.preview:main",
+    "import-config": "trainer.import_config:main",
+    "convert": "trainer.models.convert:main",
+}
 
 
 def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -58,10 +65,22 @@ def setup_console_logging(level: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`sdtrainer SUBCOMMAND ...`, or training (`sdtrainer [train] --config ...`, `python train.py`)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[argv[0]].split(":")
+        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+    if argv and argv[0] == "train":
+        argv = argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        from trainer.cli_help import train_help
+
+        print(train_help())
         return 0
+    return _train(argv)
+
+
+def _train(argv: list[str]) -> int:
     setup_console_logging()
     session = None
     try:

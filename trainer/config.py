@@ -459,7 +459,7 @@ def _accepts_none(key: str) -> bool:
     return type(None) in typing.get_args(FIELDS[key].annotation)
 
 
-def _allowed(key: str) -> str:
+def allowed_text(key: str) -> str:
     """Human description of a field's type and constraints, e.g. 'int, >= 64, <= 2048, multiple of 64'."""
     field = FIELDS[key]
     parts = [type_text(field.annotation)]
@@ -499,7 +499,7 @@ def _format_validation_error(
             hint += f"; did you mean '{close}'?" if close else ""
         lines.append(
             f"{origins.get(key, source)}: key '{key}' = {given!r} ({json_kind(given)}): {err['msg']} "
-            f"(allowed: {_allowed(key)}){hint}",
+            f"(allowed: {allowed_text(key)}){hint}",
         )
     return "\n".join(lines)
 
@@ -521,7 +521,7 @@ def keys_markdown() -> str:
     rows = ["| key | type and range | default | meaning |", "|---|---|---|---|"]
     for name, field in FIELDS.items():
         default = json.dumps(field.default)
-        allowed = _allowed(name).replace("|", "\\|")
+        allowed = allowed_text(name).replace("|", "\\|")
         rows.append(f"| `{name}` | {allowed} | `{default}` | {field.description or ''} |")
     ignored = ["| key | why it does nothing here |", "|---|---|"]
     ignored += [f"| `{k}` | {why} |" for k, why in IGNORED_KEYS.items()]
