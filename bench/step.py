@@ -181,6 +181,7 @@ class Bench:
     scaler: torch.amp.GradScaler | None
     batches: list[dict]
     ema: EMA | None = None
+    steps_taken: int = 0  # optimizer steps run on this build (time_steps continues from here)
 
     def run_step(self, index: int) -> None:
         """One optimizer step as the training loop takes it (grad_accum 1)."""
@@ -283,13 +284,21 @@ def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device)
 def count_flops(args: argparse.Namespace) -> int:
     """Model FLOPs of one forward+backward, on an eager build of the same configuration (no
     checkpointing, compile or fused hooks), freed before the timed build."""
+    return count_step_flops(build(args, eager=True))
+
+
+def count_step_flops(bench: Bench) -> int:
+    """FLOPs of one forward+backward of `bench` (matmuls, convolutions, attention). On a build
+    without checkpointing or compile these are the model FLOPs, so the GPU suite counts on the
+    build it times instead of building the model twice; the fused back pass's hooks still step
+    the optimizer during the count (element-wise work, not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    bench = build(args, eager=True)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, _sdpa(bench.args.sdpa_backend):
         out = bench.step(bench.batches[0])
-        (out.loss.sum() / len(bench.batches[0]["captions"])).backward()
+        bench.optim.backward(out.loss.sum() / len(bench.batches[0]["captions"]), bench.scaler)
+    bench.optim.step(bench.scaler)
     return int(counter.get_total_flops())
 
 
@@ -329,8 +338,6 @@ def _memory(device: torch.device, scope: str) -> dict:
         }
     hwm = _proc_status_kb("VmHWM")
     if hwm is None:
-        import resource
-
         hwm, scope = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "process"
     return {"peak_rss_mib": round(hwm / 1024, 1), "peak_rss_scope": scope}
 
@@ -339,20 +346,31 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """Build, count FLOPs, warm up, time `args.steps` optimizer steps; return the result dict."""
     flops = None if args.no_flops else count_flops(args)
     bench = build(args)
-    device = bench.step.device
-    for i in range(args.warmup):
-        bench.run_step(i)
+    result = time_steps(bench, warmup=args.warmup, steps=args.steps, flops=flops)
+    if args.breakdown:
+        result["breakdown"] = time_phases(bench, args.steps, args.warmup + args.steps)
+    return result
+
+
+def time_steps(bench: Bench, *, warmup: int, steps: int, flops: int | None) -> dict:
+    """Warm up, then time `steps` optimizer steps of an existing build (the GPU suite times
+    several settings on one build: SDPA kernel, TF32, EMA, rounding chunk); the result dict."""
+    args, device = bench.args, bench.step.device
+    first = bench.steps_taken  # batches continue across calls on the same build
+    for i in range(warmup):
+        bench.run_step(first + i)
     _sync(device)
     scope = _reset_peak(device)
     times, cpu_times = [], []
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    for i in range(args.steps):
+    for i in range(steps):
         started, cpu_started = time.perf_counter(), time.process_time()
-        bench.run_step(args.warmup + i)
+        bench.run_step(first + warmup + i)
         _sync(device)  # only the benchmark syncs: the time must include the queued GPU work
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
     after = resource.getrusage(resource.RUSAGE_SELF)
+    bench.steps_taken = first + warmup + steps
     median = statistics.median(times)
     images_per_s = args.batch_size / median
     flops_per_image = flops / args.batch_size if flops is not None else None
@@ -369,8 +387,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         # shared machine, and what bench/loop.py compares with the loop's
         "cpu_seconds_per_step_median": round(statistics.median(cpu_times), 5),
         # host page faults and kernel time per step (trainer/host_memory.py: freed memory kept)
-        "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) // args.steps,
-        "system_seconds_per_step": round((after.ru_stime - usage.ru_stime) / args.steps, 5),
+        "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) // steps,
+        "system_seconds_per_step": round((after.ru_stime - usage.ru_stime) / steps, 5),
         "images_per_s": images_per_s,
         "model_flops_per_image": flops_per_image,
         "model_tflops_per_image": round(flops_per_image / 1e12, 6) if flops_per_image is not None else None,
@@ -382,7 +400,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "attention": sorted({type(p).__name__ for p in bench.model.unet.attn_processors.values()}),
         "machine": machine_info(device),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "breakdown": time_phases(bench, args.steps, args.warmup + args.steps) if args.breakdown else None,
+        "breakdown": None,
     }
 
 

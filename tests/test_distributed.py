@@ -29,7 +29,7 @@ def small_data(tmp_path):
     return copy_images(tmp_path / "data", 12)
 
 
-def torchrun(tmp_path, out, args, nproc=2):
+def torchrun(tmp_path, out, args, nproc=2, worker=WORKER):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -40,7 +40,7 @@ def torchrun(tmp_path, out, args, nproc=2):
         str(nproc),
         "--master_port",
         str(29500 + os.getpid() % 1000),
-        str(WORKER),
+        str(worker),
         str(out),
         *args,
     ]
@@ -125,3 +125,20 @@ def test_two_process_run_resumes_exactly(tmp_path, small_data):
         pipeline_weights(checkpoint_dirs(tmp_path / "logs" / os.path.basename(straight[0]["run"]))[-1]),
         pipeline_weights(checkpoint_dirs(tmp_path / "logs" / os.path.basename(second[0]["run"]))[-1]),
     )
+
+
+def test_ddp_gradients_are_views_into_its_buckets(tmp_path, small_data):
+    """Issue 32 item 2: without `gradient_as_bucket_view` (accelerate leaves it off) DDP keeps
+    every gradient twice, in `p.grad` and in its all-reduce bucket: +3.7 GiB per GPU for SD1.5
+    with fp32 gradients. Every trained parameter's gradient must lie inside a bucket's buffer."""
+    ranks = torchrun(
+        tmp_path,
+        tmp_path / "bucket",
+        base_args(tmp_path, project_name="bucket", data_root=small_data, **RUN),
+        worker=ROOT / "tests" / "ddp_bucket_worker.py",
+    )
+    for rank in ranks:
+        for name in ("unet", "text_encoder"):
+            got = rank[name]
+            assert got["grads"] > 0 and got["in_bucket"] == got["grads"], (rank["rank"], name, got)
+            assert got["logged"] == 1, got  # and DDP's own log says so

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer.attention import configure_attention
 from trainer.config import TrainConfig
@@ -86,6 +87,11 @@ def build_components(
     seed_everything(cfg.seed)
     opt_file = opt_file or load_optimizer_file(cfg.optimizer_config)
     check_text_encoder_lr_scale(opt_file, cfg.lr, text_encoder_trains=not cfg.disable_textenc_training)
+    device = accelerator.device
+    # Before the model loads: the GPU decides what `auto` means, and may refuse the weight dtype.
+    autocast_dtype = resolve_autocast_dtype(
+        cfg.mixed_precision, cfg.disable_amp, device, weight_dtype=cfg.weight_dtype
+    )
     model = load_model(
         model_spec or cfg.resume_ckpt,
         vae=cfg.vae,
@@ -99,8 +105,6 @@ def build_components(
     if total_optimizer_steps is None:
         data = load_data(data_settings(cfg, accelerator))
         total_optimizer_steps = data.windows_per_epoch() * cfg.max_epochs
-    device = accelerator.device
-    autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, device)
     # `deterministic` needs cuDNN autotuning off (configure_determinism already turned it off).
     cuda_modes = configure_cuda_backends(device, allow_tf32=cfg.allow_tf32, benchmark=not cfg.deterministic)
     scaler = make_grad_scaler(autocast_dtype, device)
@@ -295,10 +299,19 @@ def _text_cache(cfg: TrainConfig, model: SDComponents) -> TextEmbeddingCache | N
 
 
 def enable_gradient_checkpointing(model: SDComponents, trained: tuple[str, ...]) -> None:
-    """Activation checkpointing for the UNet, and for the text encoder when it trains."""
+    """Activation checkpointing for the UNet, and for the text encoder when it trains.
+
+    Both non-reentrant, said explicitly: diffusers passes `use_reentrant=False` itself, while
+    transformers 4.x defaults to the reentrant variant, which gives no gradient to a checkpointed
+    layer whose input needs none, so with frozen embeddings (optimizerSD21.json) the trainable
+    layers silently stopped learning. transformers 5 renamed the method (the old name warns)."""
     model.unet.enable_gradient_checkpointing()
     if "text_encoder" in trained:
-        model.text_encoder.gradient_checkpointing_enable()
+        encoder = model.text_encoder
+        enable = (
+            getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+        )
+        enable({"use_reentrant": False})  # positional: the keyword's name differs between the two
 
 
 def _prepare_for_ddp(
@@ -308,7 +321,17 @@ def _prepare_for_ddp(
 
     Optimizers are built on the unwrapped parameters (the same tensors) and EMA / saving use the
     unwrapped modules, so checkpoints never carry a `module.` prefix.
+
+    DDP gets `gradient_as_bucket_view=True` (accelerate's default leaves it off): each gradient
+    is then a view into the bucket DDP all-reduces instead of a second copy of it (+3.7 GiB per
+    GPU for SD1.5's fp32 gradients). Nothing here needs separate copies: the optimizers, the
+    clipping, the GradScaler and stochastic rounding read and update `p.grad` in place or copy
+    it, and `zero_grad(set_to_none=True)` lets DDP hand out the bucket view again next backward.
+    A handler the caller gave the accelerator keeps its other settings.
     """
+    if accelerator.num_processes > 1:
+        handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+        accelerator.ddp_handler = replace(handler, gradient_as_bucket_view=True)
     return {name: accelerator.prepare_model(getattr(model, name), device_placement=False) for name in trained}
 
 

@@ -20,9 +20,14 @@ _SCALER_INIT = dict(init_scale=2**17.5, growth_factor=2.0, backoff_factor=0.5, g
 
 
 def resolve_autocast_dtype(
-    mixed_precision: str, disable_amp: bool, device: torch.device
+    mixed_precision: str, disable_amp: bool, device: torch.device, *, weight_dtype: str = "fp32"
 ) -> torch.dtype | None:
-    """The autocast dtype for the UNet forward, or None for full fp32."""
+    """The autocast dtype for the UNet forward, or None for full fp32.
+
+    Refuses (ConfigError) `weight_dtype` "bf16" with `auto` on a GPU without native bf16:
+    `auto` would compute in fp16 on bf16 weights (every forward casting between the two, a
+    GradScaler on weights that need none), which nobody asks for. config.py refuses the same
+    pair when fp16 is written out; only here is the GPU known."""
     if disable_amp or mixed_precision == "no":
         return None
     if device.type == "cpu":
@@ -33,8 +38,23 @@ def resolve_autocast_dtype(
         # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation,
         # several times slower than their fp16 tensor cores.
         native = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not native and weight_dtype == "bf16":
+            raise ConfigError(_no_native_bf16_message(device))
         return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def _no_native_bf16_message(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)
+    gpu = (
+        f"{getattr(props, 'name', 'this GPU')}, compute capability {props.major}.{getattr(props, 'minor', 0)}"
+    )
+    return (
+        f"weight_dtype 'bf16' with mixed_precision 'auto': the GPU ({gpu}) has no native bf16, so 'auto' "
+        "would compute in fp16 on bf16 weights. Set weight_dtype 'fp32' (fp16 autocast with a GradScaler: "
+        "the usual choice on this GPU), or mixed_precision 'bf16' to compute in emulated bf16 (several "
+        "times slower)."
+    )
 
 
 def make_grad_scaler(autocast_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from trainer.checkpointing import (
     restore_training_state,
     resume_guard,
 )
+from trainer.checkpointing.resume_changes import log_resume_changes
 from trainer.checkpointing.store import CheckpointInfo
 from trainer.config import TrainConfig, config_to_json
 from trainer.data import LatentCache, LoadedDataset, fill_latent_cache
@@ -43,7 +45,15 @@ from trainer.observe import Observers
 from trainer.optim import OptimizerFile, TrainingOptimizer
 from trainer.placement import ExportPrecision
 from trainer.preflight import check_inputs, finished_message
-from trainer.run import RunFolder, StartupLog, new_run_folder, run_folder_of_checkpoint, write_json
+from trainer.run import (
+    RunFolder,
+    StartupLog,
+    claim_run_folder,
+    lock_resumed_folder,
+    new_run_folder,
+    run_folder_of_checkpoint,
+    write_json,
+)
 from trainer.runlog import Metrics, config_text
 from trainer.sampling import (
     SampleGenerator,
@@ -160,6 +170,9 @@ def _start(cfg: TrainConfig, accelerator: Accelerator, plan: ResumePlan, startup
             total_optimizer_steps=parts.total_optimizer_steps,
             rank=accelerator.process_index,
         )
+        # before this session rewrites train_effective.json: the change table compares with it
+        checkpoint_config = run_folder_of_checkpoint(plan.checkpoint.path).path / "train_effective.json"
+        log_resume_changes(plan, parts.optim, cfg, parts.total_optimizer_steps, checkpoint_config)
         resumed_from = plan.checkpoint.path
         plan = replace(plan, state=None)  # the optimizer states are GBs: do not hold a copy
     run, log_handler = _start_run_folder(
@@ -248,12 +261,23 @@ def _fill_latent_cache(cfg: TrainConfig, accelerator: Accelerator, parts: Compon
 
 def _start_run_folder(cfg, accelerator, ckpt: CheckpointInfo | None, startup_log: StartupLog):
     """The run starts: a resumed run keeps its folder, a new one gets a fresh folder (rank 0
-    creates it), and train.log opens with the start-up lines. Returns (run, log handler)."""
+    creates it), and train.log opens with the start-up lines. Returns (run, log handler).
+
+    Rank 0 locks the folder (trainer/run.py `RunLock`) before anything is written into it and
+    holds the lock until the session closes (the train.log handler owns it); a second process is
+    refused, naming the holder. The lock is taken here, after the model and training state are
+    loaded, rather than before restoring them: which folder the run writes is known only once
+    the resume plan and the settings check have chosen between exact resume (the checkpoint's
+    folder) and a new run. The window this leaves, two `findlast` picking the same checkpoint,
+    is closed once the lock is held: a folder into which another run saved a newer checkpoint
+    meanwhile is refused (`lock_resumed_folder`). The cost is that a refused process has loaded
+    the model before it learns the folder is taken."""
     if ckpt is not None:
         run = run_folder_of_checkpoint(ckpt.path)
+        take = partial(lock_resumed_folder, run, ckpt, findlast=cfg.resume_ckpt == "findlast")
     else:
-        run = new_run_folder(cfg.logdir, cfg.project_name) if accelerator.is_main_process else None
-        run = _broadcast_run_folder(accelerator, run)
+        take = partial(new_run_folder, cfg.logdir, cfg.project_name)
+    run = claim_run_folder(accelerator, take)
     handler = startup_log.attach(run) if accelerator.is_main_process else None
     return run, handler
 

@@ -11,8 +11,13 @@ training by OneTrainer and others).
 `stochastic_round_` is the rounding; `step_with_stochastic_rounding` runs any optimizer's step
 on bf16 parameters by giving it fp32 stand-ins of the weights and gradients, chunk by chunk (so
 the optimizer's state is created and kept in fp32, or 8-bit), then rounding each chunk into the
-bf16 storage in one pass. Peak extra memory is about 2.5x one chunk (64 MiB of fp32 weights by
-default); with the fused backward step (trainer/optim/fused_backward.py) it is one parameter.
+bf16 storage. The stand-ins are the only memory proportional to what is stepped (4 bytes of
+weight and 4 of gradient per element: one chunk of 64 MiB of fp32 weights by default; one
+parameter under the fused backward step, trainer/optim/fused_backward.py; everything for the
+optimizers that adapt over all parameters). The rounding itself works in place on the
+stand-ins' int32 view, `ROUND_CHUNK_ELEMENTS` at a time, so its own temporaries (random bits,
+NaN mask) are a few MiB whatever the size: done in one pass it took ~19 bytes per element,
+0.9 GiB for SD1.5's token embedding and ~23 GiB for Prodigy over UNet + text encoder.
 """
 
 from __future__ import annotations
@@ -23,14 +28,45 @@ from torch import Tensor
 _LOW_BITS = 1 << 16  # bf16 is the upper 16 bits of an fp32
 
 
+# Elements rounded per pass: the random bits (int32) and NaN mask of one pass are its only
+# temporaries (5 bytes per element: 20 MiB), and the passes are few enough (~250 for the SD1.5
+# UNet) that their kernel launches cost nothing next to the optimizer step.
+ROUND_CHUNK_ELEMENTS = 1 << 22
+
+
+def round_in_place_(x_fp32: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Round the fp32 values of contiguous `x_fp32` stochastically to bf16-representable fp32
+    values, in place; returns it. Copying the result to bf16 is then exact.
+
+    Adds uniform random bits below bf16's precision to the fp32 bit pattern (through the int32
+    view, in place), then clears them: a value a fraction f of the way between two bf16
+    neighbours rounds up with probability f. Works for both signs (sign-magnitude: the bits add
+    to the magnitude). NaN stays NaN, +-inf stays inf; a value within one bf16 ulp of the
+    largest finite bf16 may round to inf. The random bits come from `generator` (on the
+    tensor's device), `ROUND_CHUNK_ELEMENTS` at a time; on CPU the generator draws in sequence,
+    so the bits equal one draw for the whole tensor.
+    """
+    if x_fp32.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x_fp32.dtype}")
+    if not x_fp32.is_contiguous():
+        raise ValueError("x must be contiguous (its int32 view is rounded in place)")
+    flat = x_fp32.view(-1)
+    noise = torch.empty(min(flat.numel(), ROUND_CHUNK_ELEMENTS), dtype=torch.int32, device=flat.device)
+    for start in range(0, flat.numel(), ROUND_CHUNK_ELEMENTS):
+        values = flat[start : start + ROUND_CHUNK_ELEMENTS]
+        bits, draw = values.view(torch.int32), noise[: values.numel()]
+        nan = torch.isnan(values)
+        draw.random_(0, _LOW_BITS, generator=generator)
+        bits.add_(draw).bitwise_and_(-_LOW_BITS)  # two's complement mask 0xFFFF0000
+        values.masked_fill_(nan, float("nan"))  # the carry may have made a NaN finite or inf
+    return x_fp32
+
+
 def stochastic_round_(dst_bf16: Tensor, src_fp32: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Write `src_fp32` rounded stochastically to bf16 into `dst_bf16` (in place); returns it.
 
-    Adds uniform random bits below bf16's precision to the fp32 bit pattern, then truncates:
-    a value a fraction f of the way between two bf16 neighbours rounds up with probability f.
-    Works for both signs (sign-magnitude: the bits add to the magnitude). NaN stays NaN, +-inf
-    stays inf; a value within one bf16 ulp of the largest finite bf16 may round to inf. The
-    random bits come from `generator` (on the tensors' device), so the result is reproducible.
+    `src_fp32` is left unchanged: each `ROUND_CHUNK_ELEMENTS` slice is copied, rounded in place
+    (`round_in_place_`) and written to `dst_bf16`, so the extra memory is one slice.
     """
     if dst_bf16.dtype != torch.bfloat16:
         raise TypeError(f"dst must be bfloat16, got {dst_bf16.dtype}")
@@ -38,14 +74,10 @@ def stochastic_round_(dst_bf16: Tensor, src_fp32: Tensor, generator: torch.Gener
         raise TypeError(f"src must be float32, got {src_fp32.dtype}")
     if dst_bf16.shape != src_fp32.shape:
         raise ValueError(f"shape mismatch: dst {tuple(dst_bf16.shape)} vs src {tuple(src_fp32.shape)}")
-    noise = torch.randint(
-        0, _LOW_BITS, src_fp32.shape, dtype=torch.int32, device=src_fp32.device, generator=generator
-    )
-    bits = src_fp32.contiguous().view(torch.int32) + noise
-    bits = bits & -_LOW_BITS  # clear the low 16 bits (two's complement mask 0xFFFF0000)
-    rounded = bits.view(torch.float32)
-    rounded = torch.where(torch.isnan(src_fp32), src_fp32, rounded)
-    dst_bf16.copy_(rounded)  # exact: only bf16-representable bits remain
+    src, dst = src_fp32.reshape(-1), dst_bf16.view(-1)
+    for start in range(0, src.numel(), ROUND_CHUNK_ELEMENTS):
+        part = src[start : start + ROUND_CHUNK_ELEMENTS].clone()
+        dst[start : start + part.numel()].copy_(round_in_place_(part, generator))
     return dst_bf16
 
 
@@ -64,14 +96,14 @@ def step_with_stochastic_rounding(
 
     The optimizer steps fp32 *stand-ins*: views into one flat fp32 buffer per chunk, filled
     from the bf16 weights and gradients with one foreach copy each, put in the optimizer's
-    param groups (and its state moved to them) for the call. The result is rounded in one
-    pass over the flat buffer and copied back into the bf16 storage. The model's parameters
+    param groups (and its state moved to them) for the call. The result is rounded in place in
+    the flat buffer (`round_in_place_`) and copied back into the bf16 storage. The model's parameters
     are never retyped: swapping `p.data` to fp32 resets the autograd gradient accumulator that
     DDP hooks into, so replicas silently stopped all-reducing after the first step.
 
     Chunks of at most `chunk_bytes` of fp32 weights (at least one parameter; None = all at
-    once) bound the extra memory to ~2.5x the chunk instead of fp32 copies of every weight and
-    gradient together (+7 GB for the SD1.5 UNet). Optimizers that adapt their step size over
+    once) bound the extra memory to 2x the chunk (weights and gradients) plus the rounding's few
+    MiB, instead of fp32 copies of every weight and gradient together (+7 GB for the SD1.5 UNet). Optimizers that adapt their step size over
     all parameters (D-Adaptation, Prodigy: param groups carry `d`) get a single call. Other
     dtypes are stepped normally, once. The optimizer state is created from the fp32 stand-ins,
     so it is fp32 (or 8-bit), never bf16.
@@ -113,14 +145,14 @@ def _step_chunk(optimizer, chunk: list[list[Tensor]], other: list[list[Tensor]],
     device = params[0].device
     flat_w = torch.empty(total, dtype=torch.float32, device=device)
     flat_g = torch.empty(total, dtype=torch.float32, device=device)
-    views, grad_views, spans, offset = [], [], [], 0
+    slots, views, grad_views, offset = [], [], [], 0
     for p in params:
         n = p.numel()
-        views.append(flat_w[offset : offset + n].view(p.shape))
+        slots.append(flat_w[offset : offset + n].view(p.shape))  # where the result is rounded
+        views.append(flat_w[offset : offset + n].view(p.shape))  # the stand-in the optimizer steps
         grad_views.append(flat_g[offset : offset + n].view(p.shape))
-        spans.append((offset, n))
         offset += n
-    torch._foreach_copy_(views, [p.data for p in params])
+    torch._foreach_copy_(slots, [p.data for p in params])
     torch._foreach_copy_(grad_views, [p.grad for p in params])
     stand_in = {}
     for p, view, grad in zip(params, views, grad_views, strict=True):
@@ -136,15 +168,11 @@ def _step_chunk(optimizer, chunk: list[list[Tensor]], other: list[list[Tensor]],
         for p, view in stand_in.items():
             if view in optimizer.state:
                 optimizer.state[p] = optimizer.state.pop(view)
-    for view, kept in zip([stand_in[p] for p in params], views, strict=True):
-        if view.data_ptr() != kept.data_ptr():  # an optimizer that replaced .data (not in place)
-            kept.copy_(view.data)
-    rounded = torch.empty(total, dtype=torch.bfloat16, device=device)
-    stochastic_round_(rounded, flat_w, generator)  # one pass for the whole chunk
-    torch._foreach_copy_(
-        [p.data for p in params],
-        [rounded[o : o + n].view(p.shape) for p, (o, n) in zip(params, spans, strict=True)],
-    )
+    for view, slot in zip(views, slots, strict=True):
+        if view.data_ptr() != slot.data_ptr():  # an optimizer that assigned a new `.data`
+            slot.copy_(view.data)
+    round_in_place_(flat_w, generator)  # the stand-ins' own memory: no bf16 or int32 copy
+    torch._foreach_copy_([p.data for p in params], slots)  # exact: only bf16 bits are left
 
 
 def rounding_seed(run_seed: int) -> int:

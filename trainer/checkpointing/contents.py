@@ -25,7 +25,6 @@ from trainer.checkpointing.resume import (
     ResumePlan,
     resume_guard,
     schedule_horizon,
-    warn_horizon_change,
 )
 from trainer.checkpointing.store import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
 from trainer.config import config_to_json
@@ -255,7 +254,6 @@ def restore_training_state(
     from `plan`'s training state (its settings were already compared: `check_settings`)."""
     state, ckpt = plan.state, plan.checkpoint
     optim.load_state_dict(state["optimizers"])
-    warn_horizon_change(state.get("horizon"), optim, total_optimizer_steps)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if ema is not None:

@@ -30,7 +30,6 @@ from trainer.checkpointing.store import (
     open_checkpoint,
 )
 from trainer.errors import CheckpointError
-from trainer.optim.schedules import mirrors_optimizer_lr
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,10 @@ def plan_resume(resume_ckpt: str, logdir: str, project_name: str) -> ResumePlan:
     if findlast and owner is not None and owner != project_name:
         return plan.weights_only(f"it belongs to project '{owner}', not '{project_name}'")
     if not info.resumable:
+        if info.manifest.get("reason") == "last_good":
+            return plan.weights_only(
+                "it holds the starting weights of a run stopped by non-finite weights (no training state)"
+            )
         if not findlast:
             return plan.weights_only("it holds no training state (saved with save_optimizer: false)")
         return plan.weights_only("it holds no training state (the previous run had save_optimizer: false)")
@@ -171,7 +174,9 @@ def check_settings(plan: ResumePlan, current_guard: dict[str, Any]) -> ResumePla
 
 
 def schedule_horizon(optim, total_optimizer_steps: int) -> dict[str, Any]:
-    """What each component's LR schedule derives from the run's length (saved in the state)."""
+    """Each component's LR schedule and the run length it derives from (saved in the training
+    state: the change table of a later resume compares against it, resume_changes.py). Older
+    checkpoints lack it, or its cycles and power."""
     return {
         "total_optimizer_steps": total_optimizer_steps,
         "components": {
@@ -179,45 +184,9 @@ def schedule_horizon(optim, total_optimizer_steps: int) -> dict[str, Any]:
                 "lr_scheduler": comp.resolved.lr_scheduler,
                 "lr_decay_steps": comp.resolved.lr_decay_steps,
                 "lr_warmup_steps": comp.resolved.lr_warmup_steps,
+                "lr_scheduler_num_cycles": comp.resolved.num_cycles,
+                "lr_scheduler_power": comp.resolved.power,
             }
             for name, comp in optim.components.items()
         },
     }
-
-
-def warn_horizon_change(saved: dict | None, optim, total_optimizer_steps: int) -> list[str]:
-    """After an exact resume: warn when the run's length moved a schedule's horizon.
-
-    The default decay is 1.5 x the run's optimizer steps, so a resume with another max_epochs
-    bends the LR curve from the resume step on. Call after the schedulers' state is restored.
-    """
-    if not saved:
-        return []
-    now = schedule_horizon(optim, total_optimizer_steps)
-    messages = []
-    for name in optim.components:
-        old = saved["components"].get(name)
-        new = now["components"][name]
-        if old is None or new["lr_scheduler"] == "constant" or mirrors_optimizer_lr(new["lr_scheduler"]):
-            continue
-        if (old["lr_decay_steps"], old["lr_warmup_steps"]) == (new["lr_decay_steps"], new["lr_warmup_steps"]):
-            continue
-        before, after, step = _lr_before_after(optim.lr_schedulers()[name])
-        lr_change = f"; the LR at step {step} goes from {before:.6g} to {after:.6g}"
-        messages.append(
-            f"{name}: the run now has {total_optimizer_steps} optimizer steps (was "
-            f"{saved['total_optimizer_steps']}), so its {new['lr_scheduler']} schedule's horizon moves from "
-            f"decay {old['lr_decay_steps']} / warmup {old['lr_warmup_steps']} to decay {new['lr_decay_steps']} / "
-            f"warmup {new['lr_warmup_steps']}{lr_change}. Set lr_decay_steps explicitly to keep a fixed horizon."
-        )
-    for message in messages:
-        log.warning("resume: %s", message)
-    return messages
-
-
-def _lr_before_after(scheduler) -> tuple[float, float, int]:
-    """The restored scheduler's last LR (old schedule) and the new schedule's LR at that step."""
-    step = scheduler.last_epoch
-    before = float(scheduler.get_last_lr()[0])
-    after = float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step))
-    return before, after, step

@@ -43,7 +43,7 @@ from trainer.optim.component import StepResult
 from trainer.optim.optimizer_set import OptimizerSet, build_component_scheduler
 from trainer.optim.protocol import TrainingOptimizer
 from trainer.optim.registry import build_optimizer, get_spec
-from trainer.optim.state_io import load_optimizer_state
+from trainer.optim.state_io import ResumeRules, load_optimizer_state, load_with_new_settings
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,10 @@ class FusedBackward:
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], rules: ResumeRules | None = None) -> None:
+        """Restore every parameter's optimizer and schedule. With `rules` (a training resume),
+        each keeps this run's LR base, schedule and changeable options
+        (state_io.load_with_new_settings); without, everything is the saved state's."""
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"fused backward state: unsupported format {state.get('format')!r}")
         saved = state["params"]
@@ -165,6 +168,11 @@ class FusedBackward:
                 "parameters changed (text_encoder_freezing, clip_skip or disable_*_training)."
             )
         for name, opt, sched in zip(self.names, self.optimizers, self.schedulers, strict=True):
+            if rules is not None:
+                load_with_new_settings(
+                    opt, sched, saved[name]["optimizer"], saved[name]["lr_scheduler"], rules
+                )
+                continue
             load_optimizer_state(opt, saved[name]["optimizer"])
             if sched is not None:
                 sched.load_state_dict(saved[name]["lr_scheduler"])
@@ -293,6 +301,10 @@ class FusedOptimizerSet(TrainingOptimizer):
     def _entries_state(self) -> dict[str, Any]:
         return {name: fused.state_dict() for name, fused in self.fused.items()}
 
+    def _saved_pair(self, entry: dict[str, Any]) -> tuple[dict, dict | None]:
+        first = next(iter(entry["params"].values()))
+        return first["optimizer"], first["lr_scheduler"]
+
     def _load_entries(self, saved: dict[str, Any]) -> None:
         for name, fused in self.fused.items():
-            fused.load_state_dict(saved[name])
+            fused.load_state_dict(saved[name], self.resume_rules(name))

@@ -33,7 +33,7 @@ from trainer.optim.resolve import (
 from trainer.optim.schedule_free import restore, set_train_mode_flag, snapshot
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
-from trainer.optim.state_io import load_optimizer_state
+from trainer.optim.state_io import load_with_new_settings
 from trainer.stochastic_rounding import StochasticRounding
 
 logger = logging.getLogger(__name__)
@@ -231,8 +231,12 @@ class OptimizerSet(TrainingOptimizer):
             return {"schedule_free_train_weights": self.train_weights[comp.name]}
         return {"schedule_free_train_weights": snapshot(comp.params)}
 
+    def _saved_pair(self, entry: dict[str, Any]) -> tuple[dict, dict | None]:
+        return entry["optimizer"], entry["lr_scheduler"]
+
     def _load_entries(self, saved: dict[str, Any]) -> None:
-        """Changed optimizer or trained parameters is a CheckpointError."""
+        """Changed optimizer, trained parameters or fixed option is a CheckpointError; the LR,
+        schedule and changeable options are this run's (state_io.load_with_new_settings)."""
         for name, comp in self.components.items():
             entry = saved[name]
             if entry["optimizer_name"] != comp.spec.name:
@@ -249,8 +253,9 @@ class OptimizerSet(TrainingOptimizer):
                     f"{missing}, only now {extra}). Did text_encoder_freezing or clip_skip change?"
                 )
         for name, comp in self.components.items():
-            load_optimizer_state(comp.optimizer, saved[name]["optimizer"])
-            comp.lr_scheduler.load_state_dict(saved[name]["lr_scheduler"])
+            load_with_new_settings(
+                comp.optimizer, comp.lr_scheduler, *self._saved_pair(saved[name]), self.resume_rules(name)
+            )
             if comp.spec.schedule_free:  # the weights loaded from the pipeline are eval-mode ones
                 if "schedule_free_train_weights" not in saved[name]:
                     raise CheckpointError(

@@ -18,6 +18,7 @@ import torch
 
 from trainer.errors import CheckpointError
 from trainer.optim.component import ComponentOptimizer, StepResult, effective_lr
+from trainer.optim.state_io import GroupSettings, ResumeRules, resume_rules
 from trainer.optim.table import render_summary
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,13 @@ class TrainingOptimizer(ABC):
 
     @abstractmethod
     def _load_entries(self, saved: dict[str, Any]) -> None:
-        """Restore per-component state (the component set is already checked)."""
+        """Restore per-component state (the component set is already checked), under this run's
+        changeable settings (`load_with_new_settings` with `resume_rules(name)`)."""
+
+    @abstractmethod
+    def _saved_pair(self, entry: dict[str, Any]) -> tuple[dict, dict | None]:
+        """One saved per-component entry's optimizer and scheduler state (for a fused set, its
+        first parameter's: all of a component's agree)."""
 
     def learning_rates(self) -> dict[str, float]:
         """Effective LR per component (d*lr for D-Adaptation/Prodigy, Adafactor's own LR).
@@ -87,8 +94,11 @@ class TrainingOptimizer(ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Exact restore. A changed format, fused_back_pass or set of trained components is a
-        CheckpointError naming the setting; the subclass checks optimizer and parameters."""
+        """Exact restore of what training learned (moments, step counters, adaptive estimates)
+        under this run's changeable settings: its LR base, schedule, betas / eps / weight decay
+        (state_io.py; docs/CHECKPOINTS.md "What may change on resume"). A changed format,
+        fused_back_pass or set of trained components is a CheckpointError naming the setting;
+        the subclass checks optimizer, parameters and fixed options."""
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(
                 f"optimizer state: unsupported format {state.get('format')!r} (expected {STATE_FORMAT})"
@@ -107,6 +117,21 @@ class TrainingOptimizer(ABC):
             )
         self._load_entries(saved)
         load_rounding_state(self.rounding, state.get("stochastic_rounding"))
+
+    def resume_rules(self, name: str) -> ResumeRules:
+        """What of component `name`'s saved state this run's settings may replace."""
+        comp = self.components[name]
+        return resume_rules(name, comp.spec, comp.resolved)
+
+    def saved_settings(self, state: dict[str, Any]) -> dict[str, GroupSettings]:
+        """Per component this set trains: LR base, LR at the step and changeable options as saved
+        in `state` (a `state_dict()` of this kind of set; read only, nothing is loaded)."""
+        saved = state[self.state_key]
+        return {name: GroupSettings.of_state(*self._saved_pair(saved[name])) for name in self.components}
+
+    def current_settings(self) -> dict[str, GroupSettings]:
+        """The same, from the live optimizers: what the next update uses."""
+        return {name: GroupSettings.of_live(*self.representative(name)) for name in self.components}
 
     def trainable_parameter_count(self) -> dict[str, tuple[int, int]]:
         return {name: (c.trainable_count, c.frozen_count) for name, c in self.components.items()}
