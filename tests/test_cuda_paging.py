@@ -21,10 +21,6 @@ pytestmark = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 32 item 1: resumed paged state becomes ordinary device memory (fix: trainer/optim/state_io.py)",
-)
 def test_paged_state_survives_the_trainers_resume_on_cuda(tmp_path):
     data = copy_images(tmp_path / "data", 4)
     _, fresh = _run(tmp_path, data, stop_at_step=1)

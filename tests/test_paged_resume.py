@@ -68,11 +68,6 @@ def _run(tmp_path, data, **overrides):
     return train_in_process(tmp_path, project_name="paged", **settings, **overrides)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 32 item 1: the resumed state is loaded to the device as ordinary tensors; fixed by "
-    "re-allocating it through get_state_buffer in trainer/optim/state_io.py (see the report)",
-)
 def test_paged_state_is_still_paged_after_the_trainers_resume(tmp_path, paged_on_cpu):
     data = copy_images(tmp_path / "data", 4)
     _, fresh = _run(tmp_path, data, stop_at_step=1)

@@ -65,10 +65,14 @@ class Metrics:
             self._writer.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        """Flush and close the writers; finish the wandb run. Safe to call twice."""
+        if self.enabled and self._writer is not None:
             self._writer.close()
+            self._writer = None
             if self._wandb is not None:
                 self._wandb.finish()
+                self._wandb = None
+            self.enabled = False  # the run is over: nothing may be written after its end
 
 
 def sample_tag(variant: str, index: int, prompt: str) -> str:

@@ -99,8 +99,11 @@ class Session:
     )
 
     def close(self) -> None:
-        """Detach this run's train.log from the root logger. Call when the run is over (after
-        its summary is logged); otherwise later runs in the same process also write into it."""
+        """End the run's outputs: close the metrics (TensorBoard's files, `wandb.finish()`, which
+        marks a wandb run finished and uploads its last data) and detach train.log from the root
+        logger. Call when the run is over (after its summary is logged); otherwise later runs in
+        the same process also write into it. Idempotent."""
+        self.metrics.close()
         if self.log_handler is not None:
             logging.getLogger().removeHandler(self.log_handler)
             self.log_handler.close()

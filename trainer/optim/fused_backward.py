@@ -116,7 +116,8 @@ class FusedBackward:
 
         def step_and_free(param: torch.Tensor) -> None:
             if self._track_grad_norm:  # stays on the device: no sync
-                sq = param.grad.detach().float().square().sum()
+                # fp32 accumulation inside the norm kernel: no fp32 copy of a bf16 gradient
+                sq = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
                 self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
             self._step_fn(optimizer)
             if scheduler is not None:

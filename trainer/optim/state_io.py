@@ -45,8 +45,18 @@ CHANGEABLE_GROUP_KEYS = ("betas", "beta3", "eps", "weight_decay", "log_every")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """`optimizer.load_state_dict(saved)`, with the saved dtype of every state tensor kept."""
-    optimizer.load_state_dict(saved)
+    """`optimizer.load_state_dict(saved)`, with the saved dtype of every state tensor kept, and a
+    paged bitsandbytes optimizer's states back in paged buffers.
+
+    The training state is read with `map_location="cpu"`; bitsandbytes' own load would move its
+    states to ordinary device memory, so a resumed `paged_*` run could run out of memory where
+    the fresh run fit. Its states are copied into buffers from its own pager instead.
+    """
+    paged = bool(getattr(optimizer, "is_paged", False))
+    if paged:
+        optimizer.load_state_dict(saved, move_to_device=False)
+    else:
+        optimizer.load_state_dict(saved)
     by_index = dict(
         zip(
             chain.from_iterable(g["params"] for g in saved["param_groups"]),
@@ -60,6 +70,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
             loaded = state.get(key)
             if torch.is_tensor(value) and torch.is_tensor(loaded) and loaded.dtype != value.dtype:
                 state[key] = value.to(device=loaded.device)
+    if paged:
+        _repage(optimizer)
+
+
+def _repage(optimizer) -> None:
+    """Move a paged optimizer's loaded states into its pager's buffers (by identity: a loaded
+    tensor keeps the pickled `is_paged` tag, so the tag proves nothing)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p) or {}
+            for key in ("state1", "state2"):
+                value = state.get(key)
+                if torch.is_tensor(value):
+                    buffer = optimizer.get_state_buffer(p, dtype=value.dtype)
+                    if buffer.device != value.device or buffer.data_ptr() != value.data_ptr():
+                        buffer.copy_(value)
+                        state[key] = buffer
 
 
 @dataclass(frozen=True)
