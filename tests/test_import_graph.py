@@ -105,3 +105,69 @@ def test_the_step_benchmark_builds_through_public_names_only():
     source = (ROOT / "bench" / "step.py").read_text(encoding="utf-8")
     assert "build_components(" in source
     assert private_uses(ROOT / "bench" / "step.py") == []
+
+
+# --- the layer table of docs/ARCHITECTURE.md, checked against the imports -------------------------
+
+
+def layer_table(doc: Path) -> list[tuple[str, list[str]]]:
+    """(layer, [path prefixes]) from the '## Layers' table, bottom layer first.
+
+    The table lists the layers top down; each row's second cell names its folders and modules in
+    backticks (`trainer/run/`, `trainer/cli.py`).
+    """
+    rows, in_section = [], False
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            in_section = line.strip() == "## Layers"
+            continue
+        if in_section and line.startswith("|") and not set(line) <= set("|- "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            paths = [p for p in cells[1].split("`")[1::2] if p.startswith("trainer")]
+            if paths:
+                rows.append((cells[0].strip("*` "), paths))
+    return rows[::-1]
+
+
+def layer_index(module_path: str, table: list[tuple[str, list[str]]]) -> int | None:
+    for index, (_layer, prefixes) in enumerate(table):
+        for prefix in prefixes:
+            if module_path == prefix or (prefix.endswith("/") and module_path.startswith(prefix)):
+                return index
+    return None
+
+
+def test_the_layer_table_parses_and_names_every_module():
+    table = layer_table(ROOT / "docs" / "ARCHITECTURE.md")
+    assert [name for name, _ in table][:2] == ["runtime", "config"] and table[-1][0] == "cli"
+    files = module_files(ROOT)
+    unplaced = [
+        str(p.relative_to(ROOT))
+        for p in files.values()
+        if layer_index(str(p.relative_to(ROOT)), table) is None
+    ]
+    assert unplaced == [], f"modules in no layer of docs/ARCHITECTURE.md: {unplaced}"
+
+
+def test_every_import_goes_to_its_own_layer_or_below():
+    """docs/ARCHITECTURE.md: a module imports only from its own layer or below. The document
+    cannot drift from the code: a new upward import or a module outside the table fails here."""
+    table = layer_table(ROOT / "docs" / "ARCHITECTURE.md")
+    files = module_files(ROOT)
+    upward = []
+    for name, edges in import_graph(ROOT).items():
+        here = layer_index(str(files[name].relative_to(ROOT)), table)
+        for target in edges:
+            there = layer_index(str(files[target].relative_to(ROOT)), table)
+            if here is not None and there is not None and there > here:
+                upward.append(f"{name} ({table[here][0]}) imports {target} ({table[there][0]})")
+    assert upward == [], "imports against the layer table:\n" + "\n".join(sorted(upward))
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    doc = tmp_path / "A.md"
+    doc.write_text(
+        "## Layers\n\n| layer | modules |\n|---|---|\n| top | `trainer/top/` |\n| low | `trainer/low/` |\n"
+    )
+    table = layer_table(doc)
+    assert layer_index("trainer/low/a.py", table) == 0 and layer_index("trainer/top/b.py", table) == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +72,6 @@ class Metrics:
                 self._wandb.finish()
                 self._wandb = None
             self.enabled = False  # the run is over: nothing may be written after its end
-
-
-def sample_tag(variant: str, index: int, prompt: str) -> str:
-    """`samples_<variant>/<NN>-<prompt>`: the prompt, reduced to letters, digits and `_` (what
-    TensorBoard tags and file names take) and cut to 60 characters, so each image in TensorBoard
-    says what it was asked to show; NN keeps tags unique and in prompt order."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:60].strip("_")
-    return f"samples_{variant}/{index:02d}-{slug}" if slug else f"samples_{variant}/{index:02d}"
 
 
 def config_text(config: dict) -> str:

@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainer.determinism import isolated_rng
 from trainer.errors import ConfigError
-from trainer.runlog import sample_tag
 
 log = logging.getLogger(__name__)
 
@@ -345,3 +344,11 @@ def pretrain_samples_wanted(sample_at_start: bool | None, prompts_path: str, spe
     if sample_at_start is not None:
         return sample_at_start
     return Path(prompts_path).suffix.lower() == ".json" and spec.generate_pretrain_samples
+
+
+def sample_tag(variant: str, index: int, prompt: str) -> str:
+    """`samples_<variant>/<NN>-<prompt>`: the prompt, reduced to letters, digits and `_` (what
+    TensorBoard tags and file names take) and cut to 60 characters, so each image in TensorBoard
+    says what it was asked to show; NN keeps tags unique and in prompt order."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:60].strip("_")
+    return f"samples_{variant}/{index:02d}-{slug}" if slug else f"samples_{variant}/{index:02d}"
