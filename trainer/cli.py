@@ -32,7 +32,7 @@ NORMAL_ENDS = ("finished", "stop_at_step")
 # so `sdtrainer --help` and training load nothing they do not need)
 SUBCOMMANDS = {
     "plan": "trainer.plan.command:main",
-    "extract-lora": "trainer.export.command:main",
+    "extract-lora": "trainer.extract_lora:main",  # sets the CPU threads before torch loads
     "preview": "trainer.data.preview:main",
     "import-config": "trainer.import_config:main",
     "convert": "trainer.models.convert:main",
