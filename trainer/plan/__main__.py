@@ -1,0 +1,5 @@
+import sys
+
+from trainer.plan.command import main
+
+sys.exit(main())

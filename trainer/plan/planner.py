@@ -1,0 +1,294 @@
+"""Plan a recipe: the device memory of its peak, by category, from the built objects.
+
+`evaluate` builds the run on shadow tensors (`fake_model.py`), reads the bytes of weights and
+gradients off the modules and the optimizer states off the optimizers' layouts
+(`optimizer_state.py`), runs one shadow training micro-step (`activations.py`), and places the
+peak at the worst of three moments:
+
+* the backward pass's own peak (activations, their gradients, parameter gradients so far);
+* with `grad_accum` > 1, a later micro-batch's backward, which runs on top of every gradient
+  the earlier ones accumulated;
+* the optimizer step (not with the fused back pass, whose steps happen inside the backward):
+  every gradient plus the step's working memory (`transients.py`).
+
+Then the EMA on the device, and on CUDA the context and the allocator's slack (estimates, said
+so in the plan's notes). `plan_memory` adds the budget and, when it does not fit, the advice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.data.buckets import get_buckets
+from trainer.ema import EMA
+from trainer.optim import OptimizerFile
+from trainer.optim.fused_backward import check_fused_backward
+from trainer.plan.activations import CUDA_ALLOCATION_GRANULARITY, PassResult, run_pass
+from trainer.plan.architecture import architecture_of
+from trainer.plan.fake_model import FakeRun, build_fake_run, module_bytes, tensor_bytes
+from trainer.plan.model import CATEGORIES, PlanSizes
+from trainer.plan.optimizer_state import parameter_state, shared_state, state_bytes
+from trainer.plan.transients import (
+    DEFAULT_ROUNDING_CHUNK_BYTES,
+    gradient_norm_bytes,
+    optimizer_temporaries,
+    rounding_bytes,
+)
+from trainer.precision import resolve_autocast_dtype
+
+log = logging.getLogger(__name__)
+
+# Estimates until bench/gpu_suite.py measures them (docs/PERFORMANCE.md): the CUDA context of a
+# PyTorch process on an H100 (driver, kernels loaded lazily), the cuBLAS/cuDNN handles and
+# workspaces created at the first matmul and convolution, and the caching allocator's slack
+# (blocks reserved but not allocated at the peak) as a share of the allocated peak.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+CUDA_LIBRARY_BYTES = 256 * 2**20
+ALLOCATOR_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    categories: dict[str, int]
+    sizes: PlanSizes
+    settings: dict
+    notes: tuple[str, ...]
+
+
+def target_autocast(cfg: TrainConfig, device: str) -> tuple[torch.dtype | None, list[str]]:
+    """The autocast dtype the run will use on `device`, and a note when it had to be assumed."""
+    if device == "cpu" or torch.cuda.is_available():
+        return resolve_autocast_dtype(cfg.mixed_precision, cfg.disable_amp, torch.device(device)), []
+    if cfg.disable_amp or cfg.mixed_precision == "no":
+        return None, []
+    if cfg.mixed_precision == "fp16":
+        return torch.float16, []
+    notes = []
+    if cfg.mixed_precision == "auto":
+        notes.append(
+            "mixed_precision auto: planned as bf16 (GPUs with bf16 tensor cores); pre-Ampere GPUs use fp16, "
+            "whose activations are the same size"
+        )
+    return torch.bfloat16, notes
+
+
+def largest_bucket(resolution: int) -> tuple[int, int]:
+    """The bucket with the most pixels (the square one: no bucket exceeds resolution**2)."""
+    return max(get_buckets(resolution), key=lambda b: (b[0] * b[1], b[0] == b[1]))
+
+
+# train.json keys the planning pass does not depend on among those the advice changes: the
+# fused back pass and grad_accum change when gradients are freed or kept, not the pass.
+_NOT_IN_PASS = {"fused_back_pass", "grad_accum"}
+
+
+def pass_key(cfg: TrainConfig, opt_file: OptimizerFile, device: str) -> str:
+    """Everything the planning pass depends on: the recipe without its optimizer choice (the
+    pass's gradients are the same whatever steps them), the text-encoder freezing, the device."""
+    settings = cfg.model_dump(mode="json", exclude=_NOT_IN_PASS)
+    freezing = opt_file.text_encoder_freezing.model_dump(mode="json", exclude_unset=True)
+    return json.dumps([settings, freezing, device], sort_keys=True)
+
+
+def evaluate(
+    cfg: TrainConfig,
+    opt_file: OptimizerFile,
+    device: str,
+    *,
+    processes: int = 1,
+    passes: dict[str, PassResult] | None = None,
+) -> Evaluation:
+    """The peak of `cfg` on `device` by category, without budget or advice, for one of
+    `processes` data-parallel processes. `passes` remembers planning passes by `pass_key`, for
+    re-plans that change only the optimizer or fused_back_pass."""
+    arch, source = architecture_of(cfg.resume_ckpt, logdir=cfg.logdir, project_name=cfg.project_name)
+    autocast, notes = target_autocast(cfg, device)
+    run = build_fake_run(arch, cfg, opt_file, device=device, autocast_dtype=autocast)
+    comps = list(run.optim.components.values())
+    if cfg.fused_back_pass:
+        check_fused_backward(
+            uses_grad_scaler=device == "cuda" and autocast is torch.float16,
+            world_size=processes,
+            optimizer_names=[c.spec.name for c in comps],
+        )
+    trained_params = [p for c in comps for p in c.params]
+    weights = sum(module_bytes(getattr(run, name)) for name in run.trained)
+    frozen = sum(
+        module_bytes(getattr(run, n)) for n in ("unet", "text_encoder", "vae") if n not in run.trained
+    )
+    states = _optimizer_state_bytes(run, fused=cfg.fused_back_pass, device=device)
+    bucket = largest_bucket(cfg.resolution)
+    passes = {} if passes is None else passes
+    key = pass_key(cfg, opt_file, device)
+    if key not in passes:
+        passes[key] = run_pass(
+            run, cfg, device=device, autocast_dtype=autocast, bucket=bucket, batch_size=cfg.batch_size
+        )
+    result = passes[key]
+    gradients_total = tensor_bytes(trained_params)
+    moment = _peak_moment(run, cfg, opt_file, result, gradients_total, device)
+    categories = dict.fromkeys(CATEGORIES, 0)
+    categories.update(weights=weights, frozen_weights=frozen, optimizer_states=states, **moment)
+    categories["ema"] = _ema_bytes(run, cfg)
+    # DDP (accelerate's default gradient_as_bucket_view=False) all-reduces through flat buckets
+    # holding a copy of every gradient, alive from the first backward on.
+    categories["ddp_buckets"] = gradients_total if processes > 1 else 0
+    if device == "cuda":
+        notes.append(_cuda_estimates(categories))
+    if cfg.cache_text_encoder_outputs:
+        notes.append("cache_text_encoder_outputs: the frozen text encoder's forward is planned (first epoch)")
+    step_peak = (
+        sum(moment[k] for k in ("gradients", "activations", "transient"))
+        if cfg.fused_back_pass
+        else result.peak
+    )
+    sizes = PlanSizes(
+        weights=weights,
+        frozen_weights=frozen,
+        gradients=gradients_total,
+        optimizer_states=states,
+        saved_activations=result.saved_activations,
+        step_peak=step_peak,
+        trainable_parameters=sum(p.numel() for p in trained_params),
+    )
+    settings = {
+        "model": source,
+        "device": device,
+        "bucket": f"{bucket[0]}x{bucket[1]}",
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "trained": list(run.trained),
+        "optimizers": {c.name: c.spec.name for c in comps},
+        "autocast": str(autocast).removeprefix("torch.") if autocast else "none (fp32)",
+        "dtypes": {k: str(v).removeprefix("torch.") for k, v in run.dtypes.items()},
+        **{k: getattr(cfg, k) for k in _OPTION_KEYS},
+    }
+    return Evaluation(categories, sizes, settings, tuple(notes))
+
+
+def _cuda_estimates(categories: dict[str, int]) -> str:
+    """Fill in the CUDA context and allocator margin (estimates) and say so."""
+    allocated = sum(categories.values())
+    categories["cuda_context"] = CUDA_CONTEXT_BYTES + CUDA_LIBRARY_BYTES
+    categories["allocator_margin"] = int(ALLOCATOR_MARGIN * allocated)
+    return (
+        f"CUDA context and library handles ({(CUDA_CONTEXT_BYTES + CUDA_LIBRARY_BYTES) / 2**20:.0f} MiB) and "
+        f"allocator margin ({ALLOCATOR_MARGIN:.0%} of the allocated peak) are estimates until "
+        "bench/gpu_suite.py measures them"
+    )
+
+
+_OPTION_KEYS = (
+    "resolution",
+    "cache_latents",
+    "gradient_checkpointing",
+    "fused_back_pass",
+    "weight_dtype",
+    "attn_type",
+    "channels_last",
+)
+
+
+def _optimizer_state_bytes(run: FakeRun, *, fused: bool, device: str) -> int:
+    """Every optimizer's state; the fused back pass builds one optimizer per parameter."""
+    total = 0
+    for comp in run.optim.components.values():
+        options = comp.resolved.options
+        shapes = [tuple(p.shape) for p in comp.params]
+        per_param = [s for shape in shapes for s in parameter_state(comp.spec, options, shape)]
+        shared = [s for shape in shapes for s in shared_state(comp.spec, options, [shape])] if fused else (
+            shared_state(comp.spec, options, shapes)
+        )  # fmt: skip
+        total += state_bytes(per_param + shared, device_only=device == "cuda")
+    return total
+
+
+def _fused_step_bytes(run: FakeRun, cfg: TrainConfig, opt_file: OptimizerFile, device: str) -> list[int]:
+    """Working memory of each trained parameter's step inside the fused back pass: its own
+    optimizer's update, the rounding of that one parameter (bf16 weights), and the 0-dim
+    tensors of the logged gradient norm (`FusedBackward`)."""
+    out = []
+    for comp in run.optim.components.values():
+        for p in comp.params:
+            own = optimizer_temporaries(comp.spec, comp.resolved.options, [p.numel()], device=device)
+            rounding = 0
+            if cfg.weight_dtype == "bf16":
+                rounding = rounding_bytes([tuple(p.shape)], adaptive=False, chunk_bytes=None)
+            if opt_file.log_grad_norm:
+                # FusedBackward's hook: the 0-dim norm of this gradient, its square and the
+                # running sum before and after adding it; the sum lives on through the step
+                accumulator = 4
+                out.append(max(own + rounding + accumulator, 2 * 4 + accumulator))
+            else:
+                out.append(own + rounding)
+    return out
+
+
+def _peak_moment(
+    run: FakeRun,
+    cfg: TrainConfig,
+    opt_file: OptimizerFile,
+    result: PassResult,
+    gradients_total: int,
+    device: str,
+) -> dict[str, int]:
+    """gradients / activations / transient at the worst moment of the step (module docstring)."""
+    if cfg.fused_back_pass:
+        params = [p for comp in run.optim.components.values() for p in comp.params]
+        peak, grad, step = result.fused_peak(
+            _fused_step_bytes(run, cfg, opt_file, device), [p.numel() * p.element_size() for p in params]
+        )
+        return {"gradients": grad, "activations": peak - grad - step, "transient": step}
+    moments = [
+        {
+            "gradients": result.gradients_at_peak,
+            "activations": result.peak - result.gradients_at_peak,
+            "transient": 0,
+        },
+        {
+            "gradients": result.end_gradients,
+            "activations": result.end_live - result.end_gradients,
+            "transient": _step_transient(run, cfg, device),
+        },
+    ]
+    if cfg.grad_accum > 1:  # a later micro-batch's backward runs on top of every gradient
+        moments.append(
+            {"gradients": gradients_total, "activations": result.peak_without_gradients, "transient": 0}
+        )
+    return max(moments, key=lambda m: sum(m.values()))
+
+
+def _step_transient(run: FakeRun, cfg: TrainConfig, device: str) -> int:
+    """The largest working memory of a component's optimizer step (they step one after another)."""
+    largest = 0
+    for comp in run.optim.components.values():
+        numels = [p.numel() for p in comp.params]
+        own = optimizer_temporaries(comp.spec, comp.resolved.options, numels, device=device)
+        rounding = 0
+        if cfg.weight_dtype == "bf16":
+            rounding = rounding_bytes(
+                [tuple(p.shape) for p in comp.params],
+                adaptive=comp.spec.adaptive,
+                chunk_bytes=DEFAULT_ROUNDING_CHUNK_BYTES,
+            )
+        granularity = CUDA_ALLOCATION_GRANULARITY if device == "cuda" else 1
+        largest = max(largest, own + rounding + gradient_norm_bytes(len(numels), granularity))
+    return largest
+
+
+def _ema_bytes(run: FakeRun, cfg: TrainConfig) -> int:
+    """The EMA's shadow weights and buffers when they live on the device (ema_device device)."""
+    if not cfg.ema_enabled or cfg.ema_device == "cpu":
+        return 0
+    modules = {"unet": run.unet}
+    if "text_encoder" in run.trained:
+        modules["text_encoder"] = run.text_encoder
+    ema = EMA(modules, decay=0.9, update_interval=1, device="cpu")
+    return tensor_bytes(
+        [t for group in (ema.shadow, ema.buffers) for d in group.values() for t in d.values()]
+    )
