@@ -192,6 +192,19 @@ class TrainConfig(BaseModel):
     weight_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="Storage of trained weights; bf16 updates them with stochastic rounding."
     )
+    vram: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory budget in GiB for the start-up memory plan (null: the CUDA device's free "
+        "memory; on CPU no check unless set). A recipe whose planned peak exceeds it stops before the model "
+        "loads, with the plan and the changes that make it fit (sdtrainer plan shows the same).",
+    )
+    auto_fit: bool = Field(
+        False,
+        description="When the memory plan does not fit the budget, apply its advice (8-bit states, gradient "
+        "checkpointing, fused back pass, bf16 weights, a smaller micro-batch) instead of stopping; each "
+        "change is logged.",
+    )
 
     # --- diffusion maths ------------------------------------------------------------------
     loss_type: Literal["mse", "huber", "smooth_l1", "mse_huber", "huber_mse"] = Field(

@@ -21,7 +21,9 @@ import torch
 from trainer.checkpointing import SavePolicy
 from trainer.checkpointing.saves import RunSaves
 from trainer.data import make_run_loader
+from trainer.errors import TrainingStopped
 from trainer.optim import apply_grad_scaler_tweak
+from trainer.plan.check import out_of_memory_report
 from trainer.progress import StepTracker
 from trainer.session import Session
 from trainer.signals import StopFlag
@@ -108,6 +110,8 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
                 saved.append(saves.save(s, "epoch"))
         saved.append(saves.save(s, "final"))
         return _summary(s, "finished", started, tracker, saved)
+    except torch.OutOfMemoryError as exc:  # nothing saved from a failed step: the last checkpoint stays
+        raise TrainingStopped(out_of_memory_report(cfg, s.opt_file, s.device.type, st.global_step)) from exc
     finally:
         tracker.close()
         s.metrics.flush()

@@ -44,6 +44,7 @@ from trainer.models import SDComponents
 from trainer.observe import Observers
 from trainer.optim import OptimizerFile, TrainingOptimizer
 from trainer.placement import ExportPrecision
+from trainer.plan.check import startup_check
 from trainer.preflight import check_inputs, finished_message
 from trainer.run import (
     RunFolder,
@@ -123,13 +124,15 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
     accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     check_inputs(cfg)  # every named file, before the model loads
+    # the memory plan against the budget, before the model loads (auto_fit: the fitted recipe)
+    cfg, opt_file = startup_check(cfg, device=accelerator.device.type, processes=accelerator.num_processes)
     startup_log = StartupLog()  # the run folder (and its train.log) is created once all went well
     try:
         plan = plan_resume(cfg.resume_ckpt, cfg.logdir, cfg.project_name)
         if plan.exact and (finished := finished_message(cfg, plan.checkpoint.manifest, plan.checkpoint.path)):
             raise RunFinished(finished)
         cfg = cfg.model_copy(update={"seed": resolve_seed(cfg.seed, plan, draw=_seed_draw(accelerator))})
-        return _start(cfg, accelerator, plan, startup_log)
+        return _start(cfg, accelerator, plan, startup_log, opt_file=opt_file)
     except BaseException:
         startup_log.detach_file()  # the error itself is logged by the caller, on the console
         raise
@@ -151,8 +154,15 @@ def _seed_draw(accelerator: Accelerator) -> Callable[[], int] | None:
     return draw
 
 
-def _start(cfg: TrainConfig, accelerator: Accelerator, plan: ResumePlan, startup_log: StartupLog) -> Session:
-    parts = build_components(cfg, accelerator, model_spec=plan.spec)
+def _start(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    plan: ResumePlan,
+    startup_log: StartupLog,
+    *,
+    opt_file: OptimizerFile | None = None,
+) -> Session:
+    parts = build_components(cfg, accelerator, model_spec=plan.spec, opt_file=opt_file)
     data = parts.data
     plan = check_settings(
         plan,

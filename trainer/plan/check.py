@@ -149,3 +149,33 @@ def out_of_memory_report(cfg: TrainConfig, opt_file: OptimizerFile, device: str,
         f"out of memory at optimizer step {step}; nothing was saved for this step and the last checkpoint "
         f"is unchanged. The memory plan of this recipe:\n{plan_table(plan)}"
     )
+
+
+def startup_check(
+    cfg: TrainConfig, *, device: str, processes: int = 1
+) -> tuple[TrainConfig, OptimizerFile | None]:
+    """The check `build_session` runs before the model loads: the recipe against `vram` (or the
+    CUDA device's free memory). Raises DoesNotFit; with `auto_fit` returns the fitted recipe and
+    its optimizer file instead. Without an explicit `vram`, an optimizer the plan does not model
+    or a planning failure is logged as a warning and the run goes on unchecked: the implicit
+    check must never stop a run it cannot judge (an explicit `vram` is a request, and raises)."""
+    from trainer.plan.optimizer_state import UnmodelledOptimizer
+
+    budget, source = resolve_budget(cfg.vram, device)
+    if budget is None:
+        return cfg, None
+    try:
+        if cfg.auto_fit:
+            fitted, opt_file, _plan = fit_to_budget(
+                cfg, None, budget, device=device, budget_source=source, processes=processes
+            )
+            return fitted, opt_file
+        check_budget(cfg, None, budget, device=device, budget_source=source, processes=processes)
+        return cfg, None
+    except DoesNotFit:
+        raise
+    except (UnmodelledOptimizer, RuntimeError, ValueError, NotImplementedError) as exc:
+        if cfg.vram is not None:
+            raise
+        log.warning("memory plan skipped, the run is not checked against %s: %s", source, exc)
+        return cfg, None
