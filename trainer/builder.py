@@ -231,17 +231,7 @@ def step_settings(cfg: TrainConfig) -> StepSettings:
 def _build_optim(
     cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents, total: int, rounding
 ) -> OptimizerSet:
-    settings = TrainOptimSettings(
-        lr=cfg.lr,
-        lr_scheduler=cfg.lr_scheduler,
-        lr_warmup_steps=cfg.lr_warmup_steps,
-        lr_decay_steps=cfg.lr_decay_steps,
-        clip_grad_norm=cfg.clip_grad_norm,
-        disable_unet_training=cfg.disable_unet_training,
-        disable_textenc_training=cfg.disable_textenc_training,
-        clip_skip=cfg.clip_skip,
-        log_step=cfg.log_step,
-    )
+    settings = TrainOptimSettings.from_config(cfg)
     model.vae.requires_grad_(False)
     return build_optimizers(
         opt_file,

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 from trainer.optim.registry import SCHEDULE_KEYS, get_spec, is_adafactor_adaptive, normalize_name
 from trainer.optim.schedules import SCHEDULER_NAMES, resolve_decay_steps, resolve_warmup_steps
@@ -47,6 +48,22 @@ class TrainOptimSettings:
     disable_textenc_training: bool = False
     clip_skip: int = 0
     log_step: int = 25
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> TrainOptimSettings:
+        """The train.json side of the precedence, projected from the config (one copy: the
+        builder and the memory plan both use it)."""
+        return cls(
+            lr=cfg.lr,
+            lr_scheduler=cfg.lr_scheduler,
+            lr_warmup_steps=cfg.lr_warmup_steps,
+            lr_decay_steps=cfg.lr_decay_steps,
+            clip_grad_norm=cfg.clip_grad_norm,
+            disable_unet_training=cfg.disable_unet_training,
+            disable_textenc_training=cfg.disable_textenc_training,
+            clip_skip=cfg.clip_skip,
+            log_step=cfg.log_step,
+        )
 
 
 @dataclass(frozen=True)

@@ -49,17 +49,7 @@ class FakeRun:
 
 def optim_settings(cfg: TrainConfig) -> TrainOptimSettings:
     """The train.json side of the optimizer precedence, as `trainer.builder` passes it."""
-    return TrainOptimSettings(
-        lr=cfg.lr,
-        lr_scheduler=cfg.lr_scheduler,
-        lr_warmup_steps=cfg.lr_warmup_steps,
-        lr_decay_steps=cfg.lr_decay_steps,
-        clip_grad_norm=cfg.clip_grad_norm,
-        disable_unet_training=cfg.disable_unet_training,
-        disable_textenc_training=cfg.disable_textenc_training,
-        clip_skip=cfg.clip_skip,
-        log_step=cfg.log_step,
-    )
+    return TrainOptimSettings.from_config(cfg)
 
 
 def build_fake_run(
