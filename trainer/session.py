@@ -295,17 +295,6 @@ def _start_run_folder(cfg, accelerator, ckpt: CheckpointInfo | None, startup_log
     return run, handler
 
 
-def _broadcast_run_folder(accelerator: Accelerator, run: RunFolder | None) -> RunFolder:
-    """Rank 0 names the run folder; other ranks learn it (they never create one)."""
-    if accelerator.num_processes == 1:
-        return run
-    from accelerate.utils import broadcast_object_list
-
-    holder = [str(run.path) if run is not None else None]
-    broadcast_object_list(holder, from_process=0)
-    return RunFolder(Path(holder[0]))
-
-
 def _build_observers(
     cfg: TrainConfig,
     parts: Components,
