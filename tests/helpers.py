@@ -35,6 +35,20 @@ def adamw_file(folder: Path, lr: float = 3e-4) -> str:
     return str(path)
 
 
+def small_run(folder: Path, **extra) -> dict:
+    """Overrides for a short run whose subject is not the model: plain AdamW, 64 px, batch 4, one
+    epoch, no checkpoint saves, no latent cache (no VAE pass over the data per test)."""
+    return {
+        "optimizer_config": adamw_file(folder, lr=1e-4),
+        "resolution": 64,
+        "batch_size": 4,
+        "max_epochs": 1,
+        "no_save_ckpt": True,
+        "cache_latents": False,
+        **extra,
+    }
+
+
 def pinned_optimizer_file(folder: Path) -> str:
     """The root optimizer.json as the tests were written against: its text encoder at the
     train lr (the quick start now scales it by `text_encoder_lr_scale`)."""

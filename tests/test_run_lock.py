@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, base_args, checkpoint_dirs, run_train, train_in_process
+from tests.helpers import ROOT, base_args, checkpoint_dirs, run_train, small_run, train_in_process
 from trainer.checkpointing.store import open_checkpoint, write_checkpoint
 from trainer.errors import CheckpointError, RunFolderInUse
 from trainer.run import LOCK_FILE, RunFolder, lock_resumed_folder, lock_run_folder
@@ -104,17 +104,7 @@ def test_findlast_refuses_a_folder_another_run_moved_on_while_this_one_loaded(tm
 
 @pytest.fixture
 def fast(tmp_path):
-    opt = tmp_path / "optimizer_adamw.json"
-    opt.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-4}, "text_encoder_overrides": None}))
-    return {
-        "optimizer_config": str(opt),
-        "resolution": 64,
-        "batch_size": 4,
-        "max_epochs": 1,
-        "no_save_ckpt": True,
-        "cache_latents": False,  # no VAE pass over the data per test (and data-loader workers run)
-        "save_optimizer": True,
-    }
+    return small_run(tmp_path, save_optimizer=True)
 
 
 def test_a_session_on_a_locked_run_folder_is_refused_until_the_holder_dies(tmp_path, fast):

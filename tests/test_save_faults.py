@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from tests.helpers import ROOT, base_args, checkpoint_dirs, run_train
+from tests.helpers import ROOT, base_args, checkpoint_dirs, run_train, small_run
 from trainer.checkpointing import store
 from trainer.checkpointing.store import list_checkpoints, open_checkpoint, write_checkpoint
 from trainer.errors import CheckpointWriteError
@@ -146,17 +145,7 @@ def test_free_space_shortfall_compares_with_the_last_checkpoint(tmp_path, monkey
 
 @pytest.fixture
 def fast(tmp_path):
-    opt = tmp_path / "optimizer_adamw.json"
-    opt.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-4}, "text_encoder_overrides": None}))
-    return {
-        "optimizer_config": str(opt),
-        "resolution": 64,
-        "batch_size": 4,
-        "max_epochs": 1,
-        "log_step": 1,
-        "no_save_ckpt": True,
-        "cache_latents": False,  # no VAE pass over the data per test (and data-loader workers run)
-    }
+    return small_run(tmp_path, log_step=1)
 
 
 def test_disk_full_mid_run_stops_with_one_message_and_keeps_the_state(tmp_path, fast, monkeypatch, caplog):
