@@ -30,9 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
 from trainer.data import DataSettings, LatentCache, fill_latent_cache, make_loader
+from trainer.data.dataset import LoadedDataset
 from trainer.data.discovery import discover
 from trainer.data.items import CaptionSpec, ImageItem
-from trainer.data.pipeline import LoadedDataset
 
 SIZES = [(768, 640), (640, 768), (900, 500), (700, 700)]
 

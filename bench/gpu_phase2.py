@@ -91,7 +91,7 @@ def _tf32(on: bool):
 def _ema(device: str):
     @contextlib.contextmanager
     def switch(bench):
-        from trainer.ema import EMA
+        from trainer.build.ema import EMA
 
         target = "cpu" if device == "cpu" else bench.step.device
         bench.ema = EMA({"unet": bench.model.unet}, decay=0.999, update_interval=1, device=target)
@@ -305,9 +305,53 @@ def run_memory_row(report: Report, recipe, *, dry: bool, device, work: Path) -> 
         return
     done = f"{result['steps']} steps, {result['samples']} sample(s), validation {result['validated']}, "
     done += f"{result['checkpoints']} save(s)"
-    text = f"peak {_memory_text(result['memory'])} ({recipe.train_json}; {done})"
-    data = {"train_json": recipe.train_json, **result}
+    plan = plan_beside(recipe, result["memory"], work=work, dry=dry, device=device)
+    text = f"peak {_memory_text(result['memory'])} ({recipe.train_json}; {done}); {plan['text']}"
+    data = {"train_json": recipe.train_json, **result, "plan": plan}
     report.add(Measurement("memory", recipe.row, "measured", time.monotonic() - started, text, data))
+
+
+def plan_beside(recipe, memory: dict, *, work: Path, dry: bool, device) -> dict:
+    """The memory plan's prediction for the row's recipe (the same settings run_recipe trains
+    with), beside the measured peak, and their ratio: the plan's tensors (its total without the
+    CUDA context and allocator margin estimates) against the allocator's peak allocated, and its
+    total against the peak reserved (on CPU: the plan for the CPU against the peak RSS)."""
+    from gpu_recipes import _cli, recipe_settings
+
+    from trainer.config import load_config
+    from trainer.optim import load_optimizer_file
+    from trainer.plan import plan_memory
+
+    try:
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            settings = recipe_settings(recipe, Path(tmp), dry=dry)
+            argv = [arg for key, value in settings.items() for arg in (f"--{key}", _cli(value))]
+            cfg = load_config(str(ROOT / recipe.train_json), argv)
+            plan = plan_memory(
+                cfg, load_optimizer_file(cfg.optimizer_config), device=device.type, with_advice=False
+            )
+    except Exception as exc:  # the measurement stands without it
+        return {"text": f"no plan ({type(exc).__name__}: {exc})", "error": str(exc)}
+    gib = 2**30
+    total = plan.total_bytes
+    tensors = total - plan.categories["cuda_context"] - plan.categories["allocator_margin"]
+    out = {"plan_total_gib": round(total / gib, 3), "plan_tensors_gib": round(tensors / gib, 3)}
+    out["plan_categories"] = dict(plan.categories)
+    if plan.host is not None:
+        out["plan_host_gib"] = round(plan.host.total_bytes / gib, 3)
+    if "cuda_peak_allocated_gib" in memory:
+        allocated, reserved = memory["cuda_peak_allocated_gib"], memory["cuda_peak_reserved_gib"]
+        out["ratio_allocated"] = round(tensors / gib / allocated, 3) if allocated else None
+        out["ratio_reserved"] = round(total / gib / reserved, 3) if reserved else None
+        out["text"] = (
+            f"plan {out['plan_tensors_gib']} GiB tensors (x{out['ratio_allocated']} of allocated), "
+            f"{out['plan_total_gib']} GiB with context and margin (x{out['ratio_reserved']} of reserved)"
+        )
+    else:
+        rss = memory.get("peak_rss_mib")
+        out["ratio_rss"] = round(total / 2**20 / rss, 3) if rss else None
+        out["text"] = f"plan {out['plan_total_gib']} GiB on the CPU (x{out['ratio_rss']} of the peak RSS)"
+    return out
 
 
 def run_compile(report: Report, prof: dict, *, device, dry: bool, deadline: float) -> None:

@@ -119,8 +119,8 @@ def run_recipe(recipe: Recipe, work: Path, *, dry: bool, device: torch.device) -
     from step import _memory, _reset_peak  # bench/step.py's peak memory, CUDA or CPU
 
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     settings = recipe_settings(recipe, work, dry=dry)
     argv = [arg for key, value in settings.items() for arg in (f"--{key}", _cli(value))]
@@ -184,9 +184,6 @@ def release_fused_hooks(optim) -> None:
     They close a reference cycle through C++ (parameter -> its post-accumulate-grad hook ->
     closure -> optimizer -> parameter) that Python's cycle collector cannot see: without this,
     a fused build's weights and optimizer states stay allocated for the rest of the process and
-    in every later peak (measured on CPU: tests/test_gpu_suite.py). The trainer has no call for
-    it yet (reported: a `close()` on the fused set that the session's close calls); until then
-    the suite reaches for the hook handles itself."""
-    for fused in getattr(optim, "fused", {}).values():
-        for handle in fused._handles:
-            handle.remove()
+    in every later peak (measured on CPU: tests/test_gpu_suite.py). The optimizer set's public
+    `close()` removes them (a no-op for a plain set, and a second call does nothing)."""
+    optim.close()

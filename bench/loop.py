@@ -102,10 +102,10 @@ def write_config(work: Path, args: argparse.Namespace, epochs: int) -> Path:
 
 def thread_env(threads: int | None) -> dict[str, str]:
     """The environment of the timed processes: the OpenMP wait policy and spin count that
-    trainer/threads.py gives a training process (unless the caller's environment sets them),
+    trainer/runtime/threads.py gives a training process (unless the caller's environment sets them),
     written out so that bench/step.py, which does not configure threads itself, runs the same
     way; OMP_NUM_THREADS when --threads is given."""
-    from trainer.threads import available_cpus, plan_threads
+    from trainer.runtime.threads import available_cpus, plan_threads
 
     env = dict(os.environ)
     plan = plan_threads(env, available_cpus())
@@ -176,14 +176,14 @@ def loop_phases(config: Path) -> dict:
     micro-steps (forward + backward) and optimizer steps; the loop's own share is the rest:
     data loading, bookkeeping, logging (and the final save, spread over the steps). CPU seconds
     of this process per optimizer step (a loader worker's own time is not in them)."""
-    from trainer.host_memory import configure_host_memory
-    from trainer.threads import configure_threads
+    from trainer.runtime.host_memory import configure_host_memory
+    from trainer.runtime.threads import configure_threads
 
     configure_threads()  # before torch loads, as train.py does
     configure_host_memory()
-    from trainer import loop
     from trainer.config import load_config
-    from trainer.session import build_session
+    from trainer.run import loop
+    from trainer.run.session import build_session
 
     spent = {"forward + backward": 0.0, "optimizer step": 0.0}
 

@@ -5,7 +5,7 @@
         --precision bf16 --optimizer adamw --cache_latents --cache_text --peak_tflops 989
     python bench/step.py ... --json out.json
 
-The step is built as the trainer builds it, by `trainer.builder.build_components` from the
+The step is built as the trainer builds it, by `trainer.build.builder.build_components` from the
 train.json these options stand for (`bench_config`; optimizer.json holding only `--optimizer`,
 `--lr` and `--optimizer_options`): model, optimizers, `TrainingStep`, models placed and wrapped
 as in training; loss = per-sample loss summed / batch size, `optim.backward`, `optim.step()`. Batches are
@@ -20,9 +20,9 @@ data pipeline (see bench/data_throughput.py for that).
 * `--fused_backward`: per-parameter optimizer step inside the backward (trainer/optim/fused_backward.py).
 * `--bf16_weights`: UNet (and trained TE) weights stored in bf16, updated with stochastic rounding.
 * `--vae_layout contiguous`: the VAE in NCHW instead of the channels_last layout training gives
-  it (trainer/placement.py), to measure that choice.
+  it (trainer/build/placement.py), to measure that choice.
 * `--generic_blocks`: diffusers' own attention and ResNet forwards instead of the exact lean
-  ones training installs (trainer/lean_blocks.py), to measure what those save.
+  ones training installs (trainer/build/lean_blocks.py), to measure what those save.
 * `--breakdown`: after the timed steps, time `--steps` more split into phases (text encode,
   VAE encode, UNet forward, UNet backward, text-encoder backward, optimizer, the loop's
   per-step bookkeeping, the rest of the step) with hooks on the models, the step itself
@@ -35,7 +35,7 @@ are model FLOPs (recomputation is not counted: the MFU is MFU, not hardware FLOP
 The counter counts matmuls, convolutions and attention, not element-wise ops.
 MFU = FLOPs/image x images/s / (peak_tflops x 1e12).
 
-Host page faults and system CPU seconds per step are printed too: trainer/host_memory.py keeps
+Host page faults and system CPU seconds per step are printed too: trainer/runtime/host_memory.py keeps
 freed memory in the process, as train.py does (`SDTRAINER_HOST_MEMORY=default` for the C
 library's own behaviour, to compare).
 
@@ -66,14 +66,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from accelerate import Accelerator
 
-from trainer.builder import build_components
+from trainer.build.builder import build_components
+from trainer.build.ema import EMA
+from trainer.build.lean_blocks import use_generic_blocks
 from trainer.config import TrainConfig
-from trainer.ema import EMA
-from trainer.host_memory import configure_host_memory
-from trainer.lean_blocks import use_generic_blocks
 from trainer.models import SDComponents
 from trainer.optim import TrainingOptimizer, parse_optimizer_json
-from trainer.step import TrainingStep
+from trainer.runtime.host_memory import configure_host_memory
+from trainer.step.training_step import TrainingStep
 
 log = logging.getLogger("bench.step")
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generic_blocks",
         action="store_true",
-        help="diffusers' own attention/ResNet forwards (training uses trainer/lean_blocks.py's)",
+        help="diffusers' own attention/ResNet forwards (training uses trainer/build/lean_blocks.py's)",
     )
     p.add_argument(
         "--fused_backward",
@@ -386,7 +386,7 @@ def time_steps(bench: Bench, *, warmup: int, steps: int, flops: int | None) -> d
         # CPU seconds of this process (all its threads) per step: steadier than wall time on a
         # shared machine, and what bench/loop.py compares with the loop's
         "cpu_seconds_per_step_median": round(statistics.median(cpu_times), 5),
-        # host page faults and kernel time per step (trainer/host_memory.py: freed memory kept)
+        # host page faults and kernel time per step (trainer/runtime/host_memory.py: freed memory kept)
         "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) // steps,
         "system_seconds_per_step": round((after.ru_stime - usage.ru_stime) / steps, 5),
         "images_per_s": images_per_s,
@@ -486,7 +486,7 @@ class PhaseClock:
 
     def run_step(self, index: int) -> None:
         """`Bench.run_step` with each phase timed, plus the loop's per-step StepTracker calls."""
-        from trainer.progress import StepTracker
+        from trainer.run.progress import StepTracker
 
         bench = self.bench
         if not hasattr(self, "tracker"):

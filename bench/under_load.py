@@ -10,7 +10,7 @@ spinning Python processes started beside it ("loaded"). The busy processes stop 
 after `--busy_limit` seconds and are killed when each measurement ends. Policies:
 
 * `torch`: `SDTRAINER_THREADS=torch`, torch's and OpenMP's own defaults (before the fix);
-* `auto`: the trainer's thread settings (trainer/threads.py), what `train.py` uses;
+* `auto`: the trainer's thread settings (trainer/runtime/threads.py), what `train.py` uses;
 * a number N: `SDTRAINER_THREADS=N`;
 * `torch+passive`: torch's thread counts, only the OpenMP wait policy changed to PASSIVE.
 
@@ -48,7 +48,7 @@ def policy_env(policy: str) -> dict[str, str]:
 
 def child(steps: int, out: Path) -> None:
     """In a fresh process: thread settings first (before torch loads), then time the step."""
-    from trainer.threads import configure_threads
+    from trainer.runtime.threads import configure_threads
 
     plan = configure_threads()
     sys.path.insert(0, str(ROOT / "bench"))

@@ -8,7 +8,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Two pytest-xdist workers share 2 cores: one torch thread each, and OpenMP threads that sleep
-# rather than spin at barriers (spinning starves the other worker; see trainer/threads.py).
+# rather than spin at barriers (spinning starves the other worker; see trainer/runtime/threads.py).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OMP_NUM_THREADS", "1")

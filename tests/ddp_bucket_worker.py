@@ -19,7 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.session import build_session  # noqa: E402
+from trainer.run.session import build_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

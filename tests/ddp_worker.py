@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.session import build_session  # noqa: E402
+from trainer.run.loop import train  # noqa: E402
+from trainer.run.session import build_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -127,8 +127,8 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0, poll: fl
 def train_in_process(tmp_path: Path, **overrides):
     """Run a whole training in this process; returns (summary, session)."""
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **overrides))
     session = build_session(cfg)

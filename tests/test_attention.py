@@ -9,11 +9,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 from diffusers.utils import is_xformers_available
 
-from trainer import attention
-from trainer.attention import configure_attention
-from trainer.errors import ConfigError
-from trainer.lean_blocks import LeanAttnProcessor
+from trainer.build import attention
+from trainer.build.attention import configure_attention
+from trainer.build.lean_blocks import LeanAttnProcessor
 from trainer.models import load_model
+from trainer.runtime.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_sdp_sets_sdpa_processors_everywhere_and_logs_backends(model, caplog):
     unet, te = model.unet, model.text_encoder
     unet.set_attn_processor(AttnProcessor())  # start from something else
     te.set_attn_implementation("eager")
-    with caplog.at_level(logging.INFO, logger="trainer.attention"):
+    with caplog.at_level(logging.INFO, logger="trainer.build.attention"):
         desc = configure_attention(unet, te, "sdp")
     assert _processor_types(unet) == {LeanAttnProcessor}
     assert len(unet.attn_processors) > 0
@@ -114,14 +114,14 @@ def _config(tmp_path, **overrides):
 
 
 def test_the_session_applies_attn_type(tmp_path):
-    from trainer.session import build_session
+    from trainer.run.session import build_session
 
     session = build_session(_config(tmp_path, attn_type="slice"))
     assert _processor_types(session.model.unet) == {SlicedAttnProcessor}
 
 
 def test_unavailable_xformers_fails_before_a_run_folder_exists(tmp_path, monkeypatch):
-    from trainer.session import build_session
+    from trainer.run.session import build_session
 
     monkeypatch.setattr(attention, "is_xformers_available", lambda: False)
     with pytest.raises(ConfigError, match="attn_type 'xformers'"):

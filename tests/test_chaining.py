@@ -21,8 +21,8 @@ from tests.helpers import (
 )
 from trainer.checkpointing import EXACT, WEIGHTS
 from trainer.config import load_config
-from trainer.errors import CheckpointError
-from trainer.session import build_session
+from trainer.run.session import build_session
+from trainer.runtime.errors import CheckpointError
 
 # 8 images at batch 4: 2 optimizer steps per epoch; 64 px and plain AdamW keep each run ~1-2 s.
 RUN = dict(resolution=64, batch_size=4, max_epochs=1, lr=None, no_save_ckpt=True, cond_dropout=0.0)
@@ -44,7 +44,7 @@ def args(tmp_path, **overrides) -> list[str]:
 
 
 def train(tmp_path, **overrides):
-    from trainer.loop import train as run_loop
+    from trainer.run.loop import train as run_loop
 
     session = build_session(load_config(str(ROOT / "train.json"), args(tmp_path, **overrides)))
     try:

@@ -15,7 +15,7 @@ from trainer.checkpointing.store import (
     open_checkpoint,
     write_checkpoint,
 )
-from trainer.errors import CheckpointError
+from trainer.runtime.errors import CheckpointError
 
 
 def save(ckpts, step, *, resumable=True):

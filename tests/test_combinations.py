@@ -201,7 +201,7 @@ def overrides(case: dict, files: dict[str, str], logdir: Path, name: str) -> dic
 
 def test_refused_combinations_say_why(tmp_path):
     from trainer.config import load_config
-    from trainer.errors import ConfigError
+    from trainer.runtime.errors import ConfigError
 
     files = _files(tmp_path / "files")
     valid = next(c for c in CASES if c["model"] == "sd1")
@@ -215,8 +215,8 @@ def test_refused_combinations_say_why(tmp_path):
 def test_an_ema_that_would_never_update_is_refused_before_the_run_folder(tmp_path, files):
     """Issue 13 item 6: 2 optimizer steps with ema_update_interval 3 exported the base model as EMA."""
     from trainer.config import load_config
-    from trainer.errors import ConfigError
-    from trainer.session import build_session
+    from trainer.run.session import build_session
+    from trainer.runtime.errors import ConfigError
 
     run = overrides(dict(CASES[0], ema="cpu"), files, tmp_path / "logs", "never")
     run.update(max_epochs=1, ema_decay_rate=None, ema_strength_target=0.5, ema_update_interval=3)

@@ -8,7 +8,7 @@ import pytest
 
 from trainer.cli import split_config_arg
 from trainer.config import keys_markdown, load_config, parse_cli_overrides
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -105,8 +105,8 @@ def test_mixed_precision_trains(tmp_path, precision):
 
 
 def test_grad_scaler_skips_a_planted_inf_and_halves_the_scale():
+    from trainer.build.precision import make_grad_scaler
     from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
-    from trainer.precision import make_grad_scaler
 
     unet, te = _tiny_net(), torch.nn.Linear(4, 4).cuda()
     opt_file = parse_optimizer_json(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-3}}), "test")
@@ -128,7 +128,7 @@ def test_grad_scaler_skips_a_planted_inf_and_halves_the_scale():
 def test_fp16_scale_survives_resume(tmp_path):
     from tests.helpers import ROOT, base_args
     from trainer.config import load_config
-    from trainer.session import build_session
+    from trainer.run.session import build_session
 
     _, first = _train(tmp_path, mixed_precision="fp16", project_name="fp16", stop_at_step=2)
     scale = first.scaler.state_dict()

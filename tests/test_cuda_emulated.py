@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.test_step import CAPTIONS, make_step, models, pixel_batch  # noqa: F401 (fixture)
-from trainer import state as state_mod
+from trainer.checkpointing import state as state_mod
 
 
 class FakeCuda:
@@ -75,7 +75,7 @@ def _fake_gpu(monkeypatch, major: int) -> None:
     ("major", "expected"), [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)]
 )
 def test_auto_precision_uses_fp16_on_gpus_without_bf16_hardware(monkeypatch, major, expected):
-    from trainer.precision import make_grad_scaler, resolve_autocast_dtype
+    from trainer.build.precision import make_grad_scaler, resolve_autocast_dtype
 
     _fake_gpu(monkeypatch, major)  # 7 = T4 / V100: bf16 only emulated
     cuda = torch.device("cuda")
@@ -111,7 +111,7 @@ def restore_cuda_backends():
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_cuda_math_modes_follow_the_config(restore_cuda_backends, allow_tf32):
-    from trainer.precision import configure_cuda_backends
+    from trainer.build.precision import configure_cuda_backends
 
     torch.backends.cuda.matmul.allow_tf32 = not allow_tf32
     torch.backends.cudnn.allow_tf32 = not allow_tf32
@@ -137,7 +137,7 @@ def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
     """bitsandbytes makes parameters contiguous in its update; the layout and storage must stay."""
     import json
 
-    from trainer.builder import wrap_optimizer_set
+    from trainer.build.builder import wrap_optimizer_set
     from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
 
     torch.manual_seed(0)
@@ -168,7 +168,7 @@ def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
 
 def test_per_sample_noise_is_moved_in_one_copy_with_unchanged_values(models, monkeypatch):  # noqa: F811
     """Item 8: the per-sample draws (so N processes == 1 process) arrive in one host->device copy."""
-    from trainer import diffusion as D
+    from trainer.step import diffusion as D
 
     step = make_step(models, zero_frequency_noise_ratio=0.1)
     captured, copies = {}, []

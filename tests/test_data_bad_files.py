@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from trainer.data.discovery import discover, require_trainable
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 
 def noisy(size=(256, 256), mode="RGB") -> Image.Image:

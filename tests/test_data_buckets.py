@@ -14,7 +14,7 @@ from trainer.data import buckets as bk
 from trainer.data.caption_sampling import sample_caption, shuffled_caption
 from trainer.data.items import CaptionSpec
 from trainer.data.transforms import load_image, process_image, trim_to_aspect
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 
 def _mirror_closed(table):

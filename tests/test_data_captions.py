@@ -10,7 +10,7 @@ from PIL import Image
 
 from trainer.data.captions import Report, Settings, merge, parse_caption_text, settings_from_dict
 from trainer.data.discovery import discover
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 
 def img(path: Path, size=(96, 80)) -> Path:

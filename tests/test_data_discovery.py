@@ -11,7 +11,7 @@ from PIL import Image
 from trainer.data import image_probe
 from trainer.data.discovery import DiscoveryResult, discover, require_trainable
 from trainer.data.items import Problem
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 
 def img(path: Path, size=(96, 80), fmt=None, **save_kw) -> Path:

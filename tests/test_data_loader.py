@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from trainer.data import DataSettings, auto_num_workers, load_data, make_eval_loader, make_loader
-from trainer.data.dataset import RunBatchDataset, RunLoader, _sample_options
+from trainer.data.dataset import LoadedDataset
 from trainer.data.items import CaptionSpec, ImageItem
-from trainer.data.pipeline import LoadedDataset
+from trainer.data.loaders import RunBatchDataset, RunLoader, _sample_options
 from trainer.data.transforms import load_image, to_tensor
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 
 def _write(path, w, h, seed):

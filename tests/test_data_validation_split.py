@@ -15,7 +15,7 @@ from trainer.data.validation_split import (
     load_validation_config,
     split_dataset,
 )
-from trainer.errors import ConfigError, DataError
+from trainer.runtime.errors import ConfigError, DataError
 
 
 def items(n: int, prefix="/data") -> list[ImageItem]:

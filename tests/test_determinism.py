@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.helpers import copy_images, train_in_process
-from trainer.determinism import CUBLAS_ENV, configure_determinism
-from trainer.errors import ConfigError
+from trainer.runtime.determinism import CUBLAS_ENV, configure_determinism
+from trainer.runtime.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

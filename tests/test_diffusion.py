@@ -1,4 +1,4 @@
-"""Closed-form checks of trainer/diffusion.py (schedule, noise, targets, SNR, losses)."""
+"""Closed-form checks of trainer/step/diffusion.py (schedule, noise, targets, SNR, losses)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from trainer import diffusion as D
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
+from trainer.step import diffusion as D
 
 SD_CONFIG = {
     "_class_name": "PNDMScheduler",

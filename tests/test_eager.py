@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from trainer.observe import Observers
+from trainer.eval.observe import Observers
 
 
 @dataclass

@@ -13,10 +13,7 @@ import pytest
 from trainer.checkpointing import SavePolicy
 from trainer.config import build_config, parse_cli_overrides
 from trainer.data.validation_split import load_validation_config
-from trainer.errors import ConfigError
-from trainer.models.components import training_scheduler_config
-from trainer.optim import TrainOptimSettings, parse_optimizer_json, resolve_components
-from trainer.sampling import (
+from trainer.eval.sampling import (
     SCHEDULERS,
     SampleJob,
     _batches,
@@ -25,6 +22,9 @@ from trainer.sampling import (
     make_sample_scheduler,
     pretrain_samples_wanted,
 )
+from trainer.models.components import training_scheduler_config
+from trainer.optim import TrainOptimSettings, parse_optimizer_json, resolve_components
+from trainer.runtime.errors import ConfigError
 
 # ---- item 3: tolerant reading ------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ def test_sample_json_keys_as_documented_in_everydream2_logging_md(tmp_path):
         ("", "", 102, 640, 384, 15),
     ]
     assert jobs[2].random_caption and not jobs[0].random_caption
-    from trainer.sampling import SampleGenerator
+    from trainer.eval.sampling import SampleGenerator
 
     gen = SampleGenerator(jobs, tmp_path, variants=["live"], zero_terminal_snr=False, spec=spec)
     assert gen.every_n_steps(250) == 200

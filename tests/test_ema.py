@@ -1,11 +1,11 @@
-"""trainer/ema.py: decay law, update interval, swap-in/restore, state round trip."""
+"""trainer/build/ema.py: decay law, update interval, swap-in/restore, state round trip."""
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.ema import EMA, decay_from_strength_target, ema_decay_for_run
-from trainer.errors import CheckpointError, ConfigError
+from trainer.build.ema import EMA, decay_from_strength_target, ema_decay_for_run
+from trainer.runtime.errors import CheckpointError, ConfigError
 
 
 class Tiny(nn.Module):

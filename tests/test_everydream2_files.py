@@ -19,8 +19,8 @@ import logging
 import pytest
 
 from tests.helpers import copy_images
-from trainer import sampling
 from trainer.checkpointing import WEIGHTS
+from trainer.eval import sampling
 
 # train.json
 TRAIN_JSON = {
@@ -542,8 +542,8 @@ def ed2_checkout(tmp_path_factory):
 def run_ed2(root, config: str, *cli: str):
     """`python train.py --config <config> ...` as run from the EveryDream2 checkout, in process."""
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     pointed = ["--resolution", "64", "--stop_at_step", "1", "--num_workers", "0", *cli]
     session = build_session(load_config(config, pointed))

@@ -21,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import DDIMScheduler  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
-from trainer.diffusion import NoiseSchedule  # noqa: E402
 from trainer.models import load_model, save_pipeline, save_single_file  # noqa: E402
 from trainer.models.saving import inference_scheduler  # noqa: E402
+from trainer.step.diffusion import NoiseSchedule  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_a_zero_snr_base_model_trains_and_exports_with_its_schedule(tiny, tmp_pa
 def test_zero_snr_training_exports_the_schedule_it_trained_with(tmp_path):
     from tests.helpers import ROOT, base_args, checkpoint_dirs
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     args = base_args(
         tmp_path,
@@ -326,7 +326,7 @@ def test_kohya_dummy_text_projection_on_a_smaller_model_loads(tiny, tmp_path, ca
     ],
 )
 def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tiny, tmp_path, name, key):
-    from trainer.errors import ModelLoadError
+    from trainer.runtime.errors import ModelLoadError
 
     save_single_file(tiny[name], tmp_path / "m.safetensors", half=False)
     sd = load_file(str(tmp_path / "m.safetensors"))
@@ -342,7 +342,7 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tiny, tmp_path, n
 
 
 def test_corrupt_pickles_are_reported_as_corrupt_not_as_unsafe(tmp_path):
-    from trainer.errors import ModelLoadError
+    from trainer.runtime.errors import ModelLoadError
 
     torch.save({"state_dict": {"x": torch.ones(3)}}, tmp_path / "ok.ckpt")
     data = (tmp_path / "ok.ckpt").read_bytes()

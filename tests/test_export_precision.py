@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import checkpoint_dirs, copy_images, run_folders, train_in_process
-from trainer import placement
+from trainer.build import placement
 from trainer.models import load_model
 
 

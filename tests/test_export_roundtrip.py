@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import checkpoint_dirs, copy_images, train_in_process
 from trainer.checkpointing import EXACT, WEIGHTS
-from trainer.errors import ModelLoadError
 from trainer.models import load_model, save_pipeline, save_single_file
 from trainer.models.builtin import ensure_cached
 from trainer.models.builtin import main as builtin_main
 from trainer.models.convert import main as convert_main
+from trainer.runtime.errors import ModelLoadError
 
 OPEN_CLIP = "cond_stage_model.model."
 EXTRAS_FILE = Path("text_encoder") / "openclip_extras.safetensors"

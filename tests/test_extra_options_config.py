@@ -1,12 +1,12 @@
-"""Validation of the kohya / OneTrainer keys (trainer/extra_options.py) and their start-up line."""
+"""Validation of the kohya / OneTrainer keys (trainer/config/rules.py) and their start-up line."""
 
 from __future__ import annotations
 
 import pytest
 
 from trainer.config import build_config
-from trainer.errors import ConfigError
-from trainer.extra_options import active_extra_options
+from trainer.config.rules import active_extra_options
+from trainer.runtime.errors import ConfigError
 
 
 def _cfg(**values):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.errors import ConfigError
 from trainer.optim import OptimizerFile, SectionConfig, TrainOptimSettings, build_optimizers
 from trainer.optim.fused_backward import attach_fused_backward, fused_backward_from_optimizer_set
+from trainer.runtime.errors import ConfigError
 
 
 def _net() -> nn.Module:
@@ -201,8 +201,8 @@ def test_adafactor_own_schedule_survives_a_skipped_first_step(fused):
 
 def test_optimizer_state_of_the_other_mode_is_refused_naming_the_key():
     """The protocol's one load_state_dict check: a plain state into a fused set and back."""
-    from trainer.errors import CheckpointError
     from trainer.optim import FusedOptimizerSet
+    from trainer.runtime.errors import CheckpointError
 
     def opt_set(net):
         return build_optimizers(

@@ -1,4 +1,4 @@
-"""Host memory settings (trainer/host_memory.py): when they apply, and that they stop the page
+"""Host memory settings (trainer/runtime/host_memory.py): when they apply, and that they stop the page
 faults a step's alloc/free churn causes."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.errors import ConfigError
-from trainer.host_memory import plan_host_memory
+from trainer.runtime.errors import ConfigError
+from trainer.runtime.host_memory import plan_host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_an_invalid_setting_names_the_variable_and_the_choices():
 CHURN = """
 import resource, sys
 if sys.argv[1] == "keep":
-    from trainer.host_memory import configure_host_memory
+    from trainer.runtime.host_memory import configure_host_memory
     assert configure_host_memory({}).keep_freed
 import torch
 torch.manual_seed(0)

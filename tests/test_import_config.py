@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.errors import ConfigError
-from trainer.import_config import main
+from trainer.importing.command import main
 from trainer.importing.convert import convert_file, convert_values, root_key
 from trainer.importing.rows import NOT_SUPPORTED, UNKNOWN
 from trainer.importing.writer import optimizer_document, train_document, validate
+from trainer.runtime.errors import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kohya"
 SEED = FIXTURES / "gui_sdxl_lora.json"

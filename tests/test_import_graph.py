@@ -74,7 +74,9 @@ def test_find_cycle_reports_a_circle_and_accepts_a_tree():
 
 def test_trainer_has_no_import_circles():
     graph = import_graph(ROOT)
-    assert "trainer.session" in graph and "trainer.checkpointing.store" in graph  # the walk saw the package
+    assert (
+        "trainer.run.session" in graph and "trainer.checkpointing.store" in graph
+    )  # the walk saw the package
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
@@ -84,7 +86,7 @@ def test_checkpointing_never_imports_the_session_or_the_loop():
     graph = import_graph(ROOT)
     for name, edges in graph.items():
         if name.startswith("trainer.checkpointing"):
-            assert not edges & {"trainer.session", "trainer.loop", "trainer.builder"}, name
+            assert not edges & {"trainer.run.session", "trainer.run.loop", "trainer.build.builder"}, name
 
 
 def private_uses(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import ROOT, copy_images
-from trainer.import_config import main as import_main
+from trainer.importing.command import main as import_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kohya" / "gui_pdxl_lora_xformers.json"
 

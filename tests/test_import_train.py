@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import base_args, copy_images
-from trainer.errors import ConfigError
-from trainer.import_config import main
+from trainer.importing.command import main
+from trainer.runtime.errors import ConfigError
 
 SEED = Path(__file__).parent / "fixtures" / "kohya" / "gui_sdxl_lora.json"
 
@@ -152,8 +152,8 @@ def test_dreambooth_folder_repeats_become_multiply_txt(tmp_path):
 
 def test_imported_seed_configuration_trains_tiny_sd1_for_a_step(tmp_path):
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     assert main([str(SEED), "--out", str(tmp_path / "imported"), "--steps_per_epoch", "25"]) == 0
     config = tmp_path / "imported" / "train.json"

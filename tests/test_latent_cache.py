@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from trainer.data import DataSettings, LatentCache, fill_latent_cache, make_loader
+from trainer.data.dataset import LoadedDataset
 from trainer.data.items import CaptionSpec, ImageItem
 from trainer.data.latent_cache import latent_key
-from trainer.data.pipeline import LoadedDataset
 
 
 class CountingEncoder:

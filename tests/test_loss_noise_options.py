@@ -1,4 +1,4 @@
-"""Closed forms of the kohya / OneTrainer loss and noise options (trainer/losses.py, diffusion.py)."""
+"""Closed forms of the kohya / OneTrainer loss and noise options (trainer/step/losses.py, diffusion.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from helpers import bundled_tokenizer, tiny_text_encoder
 
 from tests.test_step import CAPTIONS
-from trainer import diffusion, losses
-from trainer.step import StepSettings, TrainingStep
+from trainer.step import diffusion, losses
+from trainer.step.training_step import StepSettings, TrainingStep
 
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 

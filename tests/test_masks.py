@@ -14,13 +14,13 @@ from PIL import Image
 from tests.test_latent_cache import CountingEncoder
 from trainer.data import DataSettings, LatentCache, fill_latent_cache, make_loader
 from trainer.data.caption_sampling import epoch_drops_captions, sample_caption
+from trainer.data.dataset import LoadedDataset
 from trainer.data.discovery import discover
 from trainer.data.items import CaptionSpec, ImageItem
 from trainer.data.latent_cache import latent_key
 from trainer.data.masks import MaskSource, mask_file_for, process_image_and_mask, scan_masks
-from trainer.data.pipeline import LoadedDataset
 from trainer.data.transforms import process_image
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 
 def _gradient(w: int, h: int) -> np.ndarray:

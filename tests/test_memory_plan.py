@@ -22,7 +22,8 @@ import torch
 from accelerate import Accelerator
 
 from tests.helpers import ROOT
-from trainer.builder import build_components
+from trainer.build.builder import build_components
+from trainer.build.placement import WEIGHT_DTYPES
 from trainer.config import load_config
 from trainer.models.components import ComponentConfigs
 from trainer.optim import apply_text_encoder_freeze, load_optimizer_file, plan_text_encoder_freeze
@@ -30,7 +31,6 @@ from trainer.optim.freezing import text_encoder_num_layers
 from trainer.optim.registry import REGISTRY, build_optimizer, get_spec
 from trainer.optim.resolve import TrainOptimSettings, resolve_components
 from trainer.optim.schema import OptimizerFile, SectionConfig
-from trainer.placement import WEIGHT_DTYPES
 from trainer.plan import CATEGORIES, DoesNotFit, check_budget, fit_to_budget, plan_memory
 from trainer.plan.activations import planning_batch
 from trainer.plan.architecture import architecture_of
@@ -387,3 +387,38 @@ def test_cuda_emulation_runs_norms_in_fp32_under_autocast_only():
         assert layers[0](x).dtype == torch.float32 and text(x.permute(0, 2, 3, 1)).dtype == torch.float32
         assert layers(x).dtype == torch.bfloat16  # the convolution casts back down, as on CUDA
     assert layers[0](x.float()).dtype == torch.float32 and layers[0].weight.dtype == torch.float32
+
+
+def _sample_file(tmp_path: Path, resolution: int) -> Path:
+    path = tmp_path / f"samples{resolution}.json"
+    path.write_text(
+        json.dumps(
+            {"batch_size": 2, "cfgs": [7.0], "resolution": resolution, "samples": [{"prompt": "a"}] * 2}
+        )
+    )
+    return path
+
+
+def test_sampling_is_a_transient_at_the_step_boundary_max_not_sum(tmp_path):
+    """A larger sample resolution raises the sampling working memory and, once the sampling
+    moment exceeds the training peak, the `sampling` category; the total is max(training
+    peak, resident + sampling), never their sum (sampling happens with the gradients freed)."""
+    cfg = small_recipe(tmp_path)
+    opt_file = load_optimizer_file(cfg.optimizer_config)
+    without = plan_memory(cfg.model_copy(update={"sample_prompts": None}), opt_file, device="cpu")
+    assert without.categories["sampling"] == 0 and without.sizes.sampling == 0
+    plans = {
+        res: plan_memory(
+            cfg.model_copy(update={"sample_prompts": str(_sample_file(tmp_path, res))}),
+            opt_file,
+            device="cpu",
+        )
+        for res in (64, 256)
+    }
+    assert plans[256].sizes.sampling > plans[64].sizes.sampling > 0
+    assert plans[256].categories["sampling"] > plans[64].categories["sampling"]
+    for plan in plans.values():
+        c = plan.categories
+        resident = c["weights"] + c["frozen_weights"] + c["optimizer_states"] + c["ema"] + c["ddp_buckets"]
+        assert plan.total_bytes == max(without.total_bytes, resident + plan.sizes.sampling)
+        assert plan.total_bytes == sum(c.values())

@@ -15,7 +15,7 @@ from trainer.config import load_config
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import trainer.builder as builder_mod
+    import trainer.build.builder as builder_mod
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the memory check")
@@ -55,8 +55,8 @@ def test_auto_fit_applies_the_advice_and_the_run_builds_with_it(tmp_path):
 
 
 def test_an_out_of_memory_step_stops_with_the_plan_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from trainer.errors import TrainingStopped
-    from trainer.step import TrainingStep
+    from trainer.runtime.errors import TrainingStopped
+    from trainer.step.training_step import TrainingStep
 
     real = TrainingStep.__call__
     calls = {"n": 0}

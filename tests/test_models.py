@@ -13,11 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
-from trainer.errors import ModelLoadError  # noqa: E402
 from trainer.models import BUILTINS, build_builtin, cache_dir, load_model, save_pipeline  # noqa: E402
 from trainer.models import builtin as builtin_mod  # noqa: E402
 from trainer.models.components import load_tokenizer  # noqa: E402
 from trainer.models.tiny_vae import tiny_vae_config  # noqa: E402
+from trainer.runtime.errors import ModelLoadError  # noqa: E402
 
 CROSS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 CROSS_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3

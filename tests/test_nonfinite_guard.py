@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, base_args, checkpoint_dirs, pipeline_weights, start_weights
-from trainer.errors import ModelLoadError, TrainingStopped
 from trainer.optim.optimizer_set import OptimizerSet
+from trainer.runtime.errors import ModelLoadError, TrainingStopped
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,8 +66,8 @@ def nan_weights_after_step(monkeypatch, step: int) -> None:
 
 def run_until_stopped(tmp_path, fast, **overrides):
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **{**fast, **overrides}))
     session = build_session(cfg)
@@ -122,7 +122,7 @@ def test_nan_weights_are_never_saved_and_the_last_finite_checkpoint_is_named(tmp
 def test_finite_weights_with_nan_losses_are_saved_resumable(tmp_path, fast, monkeypatch):
     """A NaN loss (a bad batch, fp16 overflow) leaves the weights finite: they are the last good
     state and are saved with the training state, as the step that last updated them says."""
-    from trainer.step import StepOutput, TrainingStep
+    from trainer.step.training_step import StepOutput, TrainingStep
 
     real_call = TrainingStep.__call__
 
@@ -139,8 +139,8 @@ def test_finite_weights_with_nan_losses_are_saved_resumable(tmp_path, fast, monk
 
 def test_a_model_with_nonfinite_weights_is_refused_before_training(tmp_path, fast):
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **fast))
     session = build_session(cfg)

@@ -8,8 +8,8 @@ import pytest
 from helpers import tiny_text_encoder
 from optim_models import Regressor, build_from_json
 
-from trainer.errors import ConfigError
 from trainer.optim import TrainOptimSettings, load_optimizer_file, parse_optimizer_json, resolve_components
+from trainer.runtime.errors import ConfigError
 
 
 def _resolve(config: dict | None, steps: int = 1000, **settings):

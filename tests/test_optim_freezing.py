@@ -9,8 +9,8 @@ import torch
 from helpers import tiny_text_encoder
 from optim_models import Regressor, build_from_json
 
-from trainer.errors import ConfigError
 from trainer.optim import FreezingConfig, plan_text_encoder_freeze
+from trainer.runtime.errors import ConfigError
 
 N_LAYERS = 4
 

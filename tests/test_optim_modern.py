@@ -23,9 +23,9 @@ from tests.helpers import (
     pipeline_weights,
     train_in_process,
 )
-from trainer.errors import CheckpointError, ConfigError
 from trainer.optim import OptionalDependencyError, eval_weights, get_spec, parse_optimizer_json
 from trainer.optim.fused_backward import check_fused_backward
+from trainer.runtime.errors import CheckpointError, ConfigError
 
 SCHEDULE_FREE = {
     "adamw_schedulefree": {"lr": 1e-2},
@@ -257,8 +257,8 @@ RUN = dict(max_epochs=2, batch_size=4, lr=None, save_every_n_epochs=1, resolutio
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_tiny_model_resume_is_bitwise_and_checkpoints_hold_eval_weights(tmp_path, monkeypatch, case):
-    from trainer.sampling import SampleGenerator
-    from trainer.validation import Validator
+    from trainer.eval.sampling import SampleGenerator
+    from trainer.eval.validation import Validator
 
     seen = {}  # (what, step) -> the UNet weights samples / validation were given
 

@@ -11,9 +11,9 @@ from helpers import tiny_text_encoder
 from optim_models import Regressor, build_from_json, regression_data
 from torch import nn
 
-from trainer.errors import CheckpointError
 from trainer.optim import grad_scaler_tweak
 from trainer.optim.grad_scaler import apply_grad_scaler_tweak
+from trainer.runtime.errors import CheckpointError
 
 
 def _unet_only(base: dict, steps: int = 100, model: nn.Module | None = None, **settings):

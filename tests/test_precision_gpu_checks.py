@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 
 from tests.test_cuda_emulated import _fake_gpu
-from trainer import builder
+from trainer.build import builder
 from trainer.config import TrainConfig
-from trainer.errors import ConfigError
 from trainer.optim import parse_optimizer_json
+from trainer.runtime.errors import ConfigError
 
 
 class _ModelLoaded(Exception):

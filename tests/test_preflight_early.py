@@ -11,12 +11,12 @@ import pytest
 
 from tests.helpers import ROOT, base_args, copy_images
 from trainer.config import load_config
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import trainer.builder as builder_mod
+    import trainer.build.builder as builder_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -26,7 +26,7 @@ def no_model_load(monkeypatch):
 
 def session_error(tmp_path, **overrides) -> str:
     """build_session's ConfigError for the quick start's train.json plus `overrides`."""
-    import trainer.session as session_mod
+    import trainer.run.session as session_mod
 
     values = {"data_root": copy_images(tmp_path / "data", 2), "resolution": 64, **overrides}
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **values))
@@ -78,7 +78,7 @@ def test_a_data_folder_without_any_image_is_refused_before_the_model_loads(tmp_p
 
 
 def test_an_image_anywhere_under_data_root_passes_the_early_check(tmp_path):
-    from trainer.preflight import check_inputs
+    from trainer.run.preflight import check_inputs
 
     root = tmp_path / "images"
     copy_images(root / "deep" / "er", 1)
@@ -90,7 +90,7 @@ def test_an_image_anywhere_under_data_root_passes_the_early_check(tmp_path):
 def test_attn_type_xformers_without_xformers_is_refused_before_the_model_loads(
     tmp_path, no_model_load, monkeypatch
 ):
-    import trainer.attention as attention_mod
+    import trainer.build.attention as attention_mod
 
     monkeypatch.setattr(attention_mod, "is_xformers_available", lambda: False)
     message = session_error(tmp_path, attn_type="xformers")
@@ -98,7 +98,7 @@ def test_attn_type_xformers_without_xformers_is_refused_before_the_model_loads(
 
 
 def test_attn_type_xformers_needs_cuda(monkeypatch):
-    import trainer.attention as attention_mod
+    import trainer.build.attention as attention_mod
 
     monkeypatch.setattr(attention_mod, "is_xformers_available", lambda: True)
     assert "needs a CUDA device" in attention_mod.xformers_problem("cpu")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tests.helpers import assert_bitwise_equal, checkpoint_dirs, scalars, train_in_process
-from trainer.errors import CheckpointError
+from trainer.runtime.errors import CheckpointError
 
 # Warmup 2 then cosine to 0 at step 10: the resume at step 3 lands in the decay.
 COSINE = {"lr_scheduler": "cosine", "lr_warmup_steps": 2, "lr_decay_steps": 10}
@@ -171,7 +171,7 @@ def test_training_state_holds_no_generator_and_reads_older_checkpoints():
     when it still did (a "generator" entry nothing drew from) loads, the entry ignored."""
     import torch
 
-    from trainer.state import TrainingState
+    from trainer.checkpointing.state import TrainingState
 
     state = TrainingState(global_step=7, epoch=1, batch_in_epoch=3, samples_seen=40)
     saved = state.state_dict()

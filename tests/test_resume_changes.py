@@ -21,9 +21,9 @@ import torch
 from tests.helpers import ROOT, base_args, copy_images, scalars
 from trainer.checkpointing.store import TRAINING_STATE, load_training_state
 from trainer.config import load_config
-from trainer.errors import CheckpointError
-from trainer.loop import train
-from trainer.session import build_session
+from trainer.run.loop import train
+from trainer.run.session import build_session
+from trainer.runtime.errors import CheckpointError
 
 # 8 images at batch 4: 2 optimizer steps per epoch; 64 px and plain AdamW keep each run ~1-2 s.
 RUN = dict(

@@ -17,8 +17,8 @@ from tests.helpers import ROOT, base_args, checkpoint_dirs, copy_images, run_fol
 from trainer import cli
 from trainer.config import load_config
 from trainer.data.latent_cache import cache_directory, vae_fingerprint
-from trainer.errors import ConfigError
-from trainer.signals import StopFlag, StopNow
+from trainer.runtime.errors import ConfigError
+from trainer.runtime.signals import StopFlag, StopNow
 
 
 @pytest.fixture
@@ -72,12 +72,12 @@ def test_second_signal_stops_at_once_and_handlers_are_restored():
 
 
 def test_an_interrupt_before_or_outside_the_loop_exits_130(tmp_path, small, monkeypatch):
-    import trainer.session
+    import trainer.run.session
 
     def interrupted(cfg):
         raise StopNow("SIGINT")
 
-    monkeypatch.setattr(trainer.session, "build_session", interrupted)
+    monkeypatch.setattr(trainer.run.session, "build_session", interrupted)
     assert cli.main(cli_args(tmp_path, **small)) == 130
     assert not (tmp_path / "logs").exists()
 
@@ -147,8 +147,8 @@ def test_resume_reuses_the_latent_cache_and_a_finished_run_writes_nothing(tmp_pa
 def test_vae_fingerprint_does_not_read_device_weights(tmp_path, small, monkeypatch):
     """The fingerprint is taken before the VAE moves: a VAE whose weights are then on a device
     numpy cannot read (meta here, CUDA on a GPU) still gets the fingerprint of its CPU weights."""
-    import trainer.builder as builder_mod
-    import trainer.session as session_mod
+    import trainer.build.builder as builder_mod
+    import trainer.run.session as session_mod
     from trainer.models import load_model
 
     real_place = builder_mod.place_models
@@ -195,8 +195,8 @@ def _checkpoint_like(tmp_path):
 def test_bad_inputs_fail_before_the_model_loads_and_leave_no_run_folder(
     tmp_path, small, monkeypatch, overrides, message
 ):
-    import trainer.builder as builder_mod
-    import trainer.session as session_mod
+    import trainer.build.builder as builder_mod
+    import trainer.run.session as session_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -212,7 +212,7 @@ def test_bad_inputs_fail_before_the_model_loads_and_leave_no_run_folder(
 
 
 def test_every_bad_input_is_reported_at_once(tmp_path, small):
-    import trainer.session as session_mod
+    import trainer.run.session as session_mod
 
     bad = {**small, "data_root": str(tmp_path / "gone"), "sample_prompts": str(tmp_path / "p.txt")}
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **bad))
@@ -235,7 +235,7 @@ class Collect(logging.Handler):
 
 def test_known_harmless_library_warnings_are_hidden_and_others_kept():
     """Hidden by logger and whole message; the same loggers' other warnings still show."""
-    from trainer.console import hide_known_harmless_warnings
+    from trainer.runtime.console import hide_known_harmless_warnings
 
     hide_known_harmless_warnings()
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -267,14 +267,14 @@ def test_known_harmless_library_warnings_are_hidden_and_others_kept():
 
 
 def test_log_lines_go_through_tqdm_while_the_run_shows_a_bar(tmp_path, small, monkeypatch):
-    import trainer.loop
-    import trainer.session
+    import trainer.run.loop
+    import trainer.run.session
 
     class NoSession:
         def close(self):
             pass
 
-    monkeypatch.setattr(trainer.session, "build_session", lambda cfg: NoSession())
+    monkeypatch.setattr(trainer.run.session, "build_session", lambda cfg: NoSession())
 
     console = logging.StreamHandler(sys.stderr)
     root = logging.getLogger()
@@ -288,7 +288,7 @@ def test_log_lines_go_through_tqdm_while_the_run_shows_a_bar(tmp_path, small, mo
         seen.append(f"transformers bars {hf_logging.is_progress_bar_enabled()}")
         raise StopNow("SIGINT")
 
-    monkeypatch.setattr(trainer.loop, "train", fake_train)
+    monkeypatch.setattr(trainer.run.loop, "train", fake_train)
     try:
         assert cli.main(cli_args(tmp_path, **small, cache_latents=False)) == 130
     finally:
@@ -319,7 +319,7 @@ def test_preview_takes_the_train_json_and_summarises_repeated_problems(tmp_path,
 def test_a_start_up_that_fails_late_detaches_its_train_log(tmp_path, small, monkeypatch):
     """An error after the run folder exists (here: building the observers) must not leave the
     run's train.log on the root logger, where every later run in the process would write."""
-    import trainer.session as session_mod
+    import trainer.run.session as session_mod
 
     def broken(*a, **k):
         raise ConfigError("broken observers")
@@ -336,7 +336,7 @@ def test_a_start_up_that_fails_late_detaches_its_train_log(tmp_path, small, monk
 def test_one_loader_serves_every_epoch_of_a_run(tmp_path, small, monkeypatch):
     """The training loader is built once per run, not once per epoch (so loader workers, when
     there are any, are not started again at every epoch)."""
-    from trainer import loop
+    from trainer.run import loop
 
     built = []
     real = loop.make_run_loader

@@ -14,14 +14,14 @@ import pytest
 
 from tests.helpers import ROOT, base_args, checkpoint_dirs, run_train, small_run, train_in_process
 from trainer.checkpointing.store import open_checkpoint, write_checkpoint
-from trainer.errors import CheckpointError, RunFolderInUse
-from trainer.run import LOCK_FILE, RunFolder, lock_resumed_folder, lock_run_folder
+from trainer.run.folder import LOCK_FILE, RunFolder, lock_resumed_folder, lock_run_folder
+from trainer.runtime.errors import CheckpointError, RunFolderInUse
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that takes the folder's lock the trainer's way and keeps it."""
     code = (
-        "import sys, time; from pathlib import Path; from trainer.run import RunFolder, lock_run_folder; "
+        "import sys, time; from pathlib import Path; from trainer.run.folder import RunFolder, lock_run_folder; "
         "lock_run_folder(RunFolder(Path(sys.argv[1]))); print('locked', flush=True); time.sleep(600)"
     )
     proc = subprocess.Popen(
@@ -109,7 +109,7 @@ def fast(tmp_path):
 
 def test_a_session_on_a_locked_run_folder_is_refused_until_the_holder_dies(tmp_path, fast):
     from trainer.config import load_config
-    from trainer.session import build_session
+    from trainer.run.session import build_session
 
     _, first = train_in_process(tmp_path, **fast, stop_at_step=1)
     proc = hold_lock(first.run.path)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tests.helpers import ROOT, base_args, checkpoint_dirs, run_train, small_run
 from trainer.checkpointing import store
 from trainer.checkpointing.store import list_checkpoints, open_checkpoint, write_checkpoint
-from trainer.errors import CheckpointWriteError
+from trainer.runtime.errors import CheckpointWriteError
 
 KIB = 1024
 Usage = namedtuple("Usage", "total used free")  # what shutil.disk_usage returns
@@ -154,8 +154,8 @@ def test_disk_full_mid_run_stops_with_one_message_and_keeps_the_state(tmp_path, 
     the model after the failed save (the EMA swap is undone)."""
     from trainer.checkpointing import contents
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     real_save_pipeline = contents.save_pipeline
     calls, live = {"n": 0}, {}

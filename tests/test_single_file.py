@@ -15,9 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from trainer.errors import ModelLoadError  # noqa: E402
 from trainer.models import convert_file, load_model, save_pipeline, save_single_file  # noqa: E402
 from trainer.models.convert import main as convert_main  # noqa: E402
+from trainer.runtime.errors import ModelLoadError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

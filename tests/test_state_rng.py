@@ -1,4 +1,4 @@
-"""Global RNG capture and restore (trainer/state.py): each of Python, NumPy and torch rewinds.
+"""Global RNG capture and restore (trainer/checkpointing/state.py): each of Python, NumPy and torch rewinds.
 
 Exact resume restores these generators because libraries (and DataLoader worker seeding) draw
 from them. Each generator is its own test case, so a restore that forgets any one of them fails
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.state import capture_global_rng, restore_global_rng
+from trainer.checkpointing.state import capture_global_rng, restore_global_rng
 
 # Draws include the Gaussian paths: Python and NumPy (legacy) cache a second normal value, which
 # is part of the captured state.

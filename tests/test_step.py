@@ -1,4 +1,4 @@
-"""trainer/step.py: one micro-batch with tiny diffusers/transformers models on CPU."""
+"""trainer/step/training_step.py: one micro-batch with tiny diffusers/transformers models on CPU."""
 
 from types import SimpleNamespace
 
@@ -8,10 +8,10 @@ from diffusers import AutoencoderKL
 from helpers import bundled_tokenizer, tiny_text_encoder, tiny_unet
 from torch import nn
 
-from trainer import diffusion as D
-from trainer.errors import ConfigError
-from trainer.step import StepSettings, TrainingStep
-from trainer.text import encode_captions
+from trainer.runtime.errors import ConfigError
+from trainer.step import diffusion as D
+from trainer.step.text import encode_captions
+from trainer.step.training_step import StepSettings, TrainingStep
 
 SCHED_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 CAPTIONS = ["a photo of a cat", "a red car"]

@@ -9,8 +9,8 @@ in Python, and Adafactor in relative-step mode compares a tensor in Python per p
 counts here are what a CUDA run would sync: `bitsandbytes.utils.sync_gpu` calls, and
 `Tensor.__bool__` / `Tensor.item` calls, inside one backward.
 
-Each test is an expected failure until the fix described in its reason lands (files not owned
-by this change); `strict` makes a fixed one fail until its mark is removed.
+The fixes (trainer/optim/sync_free.py, trainer/optim/fused_backward.py) must not change an
+update: the tests after the counts compare them with the libraries' own, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer.builder import build_components
+from trainer.build.builder import build_components
 from trainer.config import TrainConfig
 from trainer.optim import parse_optimizer_json
 
@@ -51,11 +51,6 @@ def bnb_syncs(monkeypatch):
     return calls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 32 item 4: bitsandbytes syncs per parameter; fix in trainer/optim/registry.py: "
-    "non-paged 8-bit optimizers step without bitsandbytes' per-parameter sync_gpu",
-)
 @pytest.mark.parametrize("fused", [False, True], ids=["optimizer set", "fused back pass"])
 def test_a_non_paged_8bit_step_makes_no_per_parameter_sync(bnb_syncs, fused):
     parts = _parts({"optimizer": "adamw8bit", "lr": 1e-4}, fused_back_pass=fused)
@@ -65,11 +60,6 @@ def test_a_non_paged_8bit_step_makes_no_per_parameter_sync(bnb_syncs, fused):
     assert len(bnb_syncs) <= trained, f"{len(bnb_syncs)} device syncs in one optimizer step"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 32 item 4: one LR scheduler per parameter; fix in trainer/optim/fused_backward.py: "
-    "one scheduler per component, its LR copied to the per-parameter optimizers",
-)
 def test_the_fused_back_pass_steps_one_schedule_per_component(monkeypatch):
     parts = _parts({"optimizer": "adamw", "lr": 1e-4, "lr_scheduler": "cosine"}, fused_back_pass=True)
     steps = []
@@ -83,11 +73,6 @@ def test_the_fused_back_pass_steps_one_schedule_per_component(monkeypatch):
     assert len(steps) <= components, f"{len(steps)} scheduler steps in one backward ({components} components)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 32 item 4: Adafactor's relative step reads a tensor per parameter; fix in "
-    "trainer/optim/registry.py: keep its RMS-based step size on the device",
-)
 def test_adafactor_relative_step_reads_no_tensor_per_parameter_in_backward(monkeypatch):
     parts = _parts({"optimizer": "adafactor", "lr": None, "lr_scheduler": "adafactor"}, fused_back_pass=True)
     loss = _loss(parts)
@@ -98,6 +83,107 @@ def test_adafactor_relative_step_reads_no_tensor_per_parameter_in_backward(monke
     parts.optim.backward(loss)
     monkeypatch.undo()
     assert len(reads) <= 1, f"{len(reads)} host reads in one backward (one is the finiteness check)"
+
+
+def _steps(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int = 3) -> None:
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+
+
+def _params() -> list[torch.nn.Parameter]:
+    """Above and below bitsandbytes' min_8bit_size (8-bit and fp32 state); a zero one and a tiny
+    one (Adafactor: RMS below eps2, the other branch of its step size)."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        torch.nn.Parameter(torch.randn(96, 64, generator=gen)),
+        torch.nn.Parameter(torch.randn(64, generator=gen)),
+        torch.nn.Parameter(torch.zeros(32, 8)),
+        torch.nn.Parameter(torch.randn(5000, generator=gen) * 1e-5),
+    ]
+
+
+def _assert_same_run(name: str, options: dict, lr: float | None) -> None:
+    """The registry's class (trainer/optim/sync_free.py) against the library's, built with the
+    same arguments: same weights and state, bit for bit."""
+    from trainer.optim import registry
+
+    spec = registry.get_spec(name)
+    options = {**spec.defaults, **options}  # merged by the resolution in training
+    ours, theirs = _params(), _params()
+    built = registry.build_optimizer(spec, ours, lr, options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "without_host_syncs", lambda spec, cls: cls)
+        reference = registry.build_optimizer(spec, theirs, lr, options)
+    assert type(reference) is spec.load_class() and isinstance(built, type(reference))
+    assert type(built) is not type(reference)
+    _steps(built, ours)
+    _steps(reference, theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+        for key, value in built.state[a].items():
+            other = reference.state[b][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit", "lamb8bit", "sgd8bit", "adagrad8bit"])
+def test_the_sync_free_bitsandbytes_step_is_the_library_step(bnb_syncs, name):
+    _assert_same_run(name, {}, 1e-3)
+
+
+def test_a_paged_optimizer_keeps_the_syncs_paging_needs(bnb_syncs):
+    """Paged state migrates asynchronously: bitsandbytes' own step runs, one sync per parameter
+    and one at the end."""
+    from trainer.optim.registry import build_optimizer, get_spec
+
+    params = _params()
+    with pytest.warns(UserWarning, match="Paged optimizers are not supported on CPU"):
+        _steps(build_optimizer(get_spec("paged_adamw8bit"), params, 1e-3, {}), params, steps=1)
+    assert len(bnb_syncs) == len(params) + 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"warmup_init": True},
+        {"beta1": 0.9},
+        {"relative_step": False, "scale_parameter": True},
+        {"weight_decay": 0.1},  # the library's own _get_lr (alpha= reads a tensor anyway)
+    ],
+    ids=lambda o: ",".join(o) or "relative step",
+)
+def test_the_sync_free_adafactor_is_the_library_adafactor(options):
+    _assert_same_run("adafactor", options, None if options.get("relative_step", True) else 1e-3)
+
+
+def test_every_parameter_trains_at_the_component_schedule_lr():
+    """One schedule per component: each step, every per-parameter optimizer's LR (and
+    initial_lr) is what its own scheduler gave it before, and the saved schedule is the one a
+    normal optimizer's scheduler saves."""
+    from trainer.optim.fused_backward import attach_fused_backward
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.9**s)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    fused = attach_fused_backward(
+        list(net.named_parameters()), lambda ps: torch.optim.SGD(ps, lr=0.1), lr_scheduler_factory=schedule
+    )
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference_schedule = schedule(reference)
+    for _ in range(4):
+        groups = [opt.param_groups[0] for opt in fused.optimizers]
+        assert {(g["lr"], g["initial_lr"]) for g in groups} == {(reference.param_groups[0]["lr"], 0.1)}
+        net(torch.randn(3, 4)).sum().backward()
+        reference.step()
+        reference_schedule.step()
+    saved = fused.state_dict()["params"]
+    assert {s["lr_scheduler"]["last_epoch"] for s in saved.values()} == {4}
+    assert saved["0.weight"]["lr_scheduler"] == reference_schedule.state_dict()
 
 
 class _PeakBytes(torch.utils._python_dispatch.TorchDispatchMode):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.utils._pytree
 
-from trainer.stochastic_rounding import (
+from trainer.optim.stochastic_rounding import (
     DEFAULT_CHUNK_BYTES,
     ROUND_CHUNK_ELEMENTS,
     step_with_stochastic_rounding,

@@ -11,8 +11,8 @@ import typing
 import pytest
 
 from trainer.config import FIELDS, build_config, load_config, parse_cli_overrides
-from trainer.errors import ConfigError
 from trainer.optim.schema import SectionConfig, parse_optimizer_json
+from trainer.runtime.errors import ConfigError
 
 
 def float_keys(fields) -> list[str]:
@@ -211,7 +211,7 @@ def test_a_misspelled_lr_scheduler_in_train_json_is_refused_with_the_closest_nam
 
 
 def test_a_misspelled_lr_scheduler_stops_the_command_before_any_model_loads(tmp_path, monkeypatch, caplog):
-    import trainer.builder as builder_mod
+    import trainer.build.builder as builder_mod
     from trainer import cli
 
     def no_load(*a, **k):

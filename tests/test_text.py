@@ -1,12 +1,12 @@
-"""trainer/text.py: caption encoding (clip_skip, 75-token chunks) and embedding perturbation."""
+"""trainer/step/text.py: caption encoding (clip_skip, 75-token chunks) and embedding perturbation."""
 
 import pytest
 import torch
 from helpers import bundled_tokenizer, tiny_text_encoder
 from transformers import CLIPTextModel
 
-from trainer.errors import ConfigError
-from trainer.text import chunked_input_ids, encode_captions, perturb_embeddings, token_count
+from trainer.runtime.errors import ConfigError
+from trainer.step.text import chunked_input_ids, encode_captions, perturb_embeddings, token_count
 
 
 def make_text_encoder(tokenizer, layers: int = 3) -> CLIPTextModel:

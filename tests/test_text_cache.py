@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainer.models import build_builtin
-from trainer.text import encode_captions
-from trainer.text_cache import TextEmbeddingCache, text_encoder_fingerprint
+from trainer.step.text import encode_captions
+from trainer.step.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 
 LONG = " ".join(f"word{i}" for i in range(60))  # > 75 CLIP tokens: two chunks at max_token_length 150
 

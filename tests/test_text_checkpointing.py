@@ -17,7 +17,7 @@ import torch
 import transformers.modeling_utils
 from accelerate import Accelerator
 
-from trainer.builder import build_components
+from trainer.build.builder import build_components
 from trainer.config import TrainConfig
 from trainer.optim import parse_optimizer_json
 

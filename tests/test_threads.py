@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from trainer.errors import ConfigError
-from trainer.threads import ThreadPlan, available_cpus, plan_threads
+from trainer.runtime.errors import ConfigError
+from trainer.runtime.threads import ThreadPlan, available_cpus, plan_threads
 
 
 def test_auto_uses_the_available_cpus_one_interop_thread_and_a_bounded_spin():
@@ -55,7 +55,7 @@ def test_the_cli_imports_no_torch_before_configuring_threads():
 
 def test_configure_threads_applies_the_plan_in_a_fresh_process():
     code = (
-        "import os; from trainer.threads import configure_threads; configure_threads(); import torch; "
+        "import os; from trainer.runtime.threads import configure_threads; configure_threads(); import torch; "
         "print(torch.get_num_threads(), torch.get_num_interop_threads(), os.environ['OMP_WAIT_POLICY'], "
         "os.environ.get('GOMP_SPINCOUNT'))"
     )

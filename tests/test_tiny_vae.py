@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors import safe_open
 
+from tools import train_tiny_vae as script
 from trainer.models import build_builtin
 from trainer.models.components import ComponentConfigs
 from trainer.models.tiny_vae import FOLDER, WEIGHTS, load_tiny_vae, tiny_vae_config
-from trainer.models.tiny_vae import train_tiny_vae as script
 
 SHAPES = Path(__file__).resolve().parents[1] / "data" / "shapes"
 # Measured on the 16 first bundled data/shapes images (never seen in training: the script draws

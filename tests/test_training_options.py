@@ -28,11 +28,11 @@ from tests.helpers import (
     start_weights,
     train_in_process,
 )
-from trainer import diffusion
-from trainer.errors import TrainingStopped
 from trainer.optim.fused_backward import FusedOptimizerSet
 from trainer.optim.optimizer_set import OptimizerSet
-from trainer.step import StepOutput, TrainingStep
+from trainer.runtime.errors import TrainingStopped
+from trainer.step import diffusion
+from trainer.step.training_step import StepOutput, TrainingStep
 
 # Max |difference| that counts as "the same run": gradient checkpointing recomputes the same
 # float32 maths; a changed option moves Adam's first updates by ~lr = 3e-4 somewhere.
@@ -300,8 +300,8 @@ def test_nan_batch_is_skipped_reported_and_the_run_continues(tmp_path, fast, mon
 
 def test_repeated_nan_stops_after_saving_the_starting_weights(tmp_path, fast, monkeypatch):
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.session import build_session
+    from trainer.run.loop import train
+    from trainer.run.session import build_session
 
     _poison(monkeypatch, all)
     cfg = load_config(
@@ -374,8 +374,8 @@ def test_fused_back_pass_skips_a_nonfinite_loss_before_touching_weights(tmp_path
 
 def test_fused_back_pass_refuses_settings_it_cannot_honour(tmp_path, fast):
     from trainer.config import load_config
-    from trainer.errors import ConfigError
-    from trainer.session import build_session
+    from trainer.run.session import build_session
+    from trainer.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fused_back_pass needs grad_accum 1"):
         load_config(
@@ -410,7 +410,7 @@ def test_text_encoder_cache_trains_like_the_frozen_encoder(tmp_path, fast):
 
 def test_text_encoder_cache_needs_a_frozen_text_encoder(tmp_path, fast):
     from trainer.config import load_config
-    from trainer.errors import ConfigError
+    from trainer.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cache_text_encoder_outputs needs disable_textenc_training: true"):
         load_config(

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from trainer.config import load_config
-from trainer.console import progress_safe_logging
-from trainer.errors import RunFinished, TrainerError
-from trainer.host_memory import configure_host_memory
-from trainer.signals import StopFlag
-from trainer.threads import configure_threads
+from trainer.runtime.console import progress_safe_logging
+from trainer.runtime.errors import RunFinished, TrainerError
+from trainer.runtime.host_memory import configure_host_memory
+from trainer.runtime.signals import StopFlag
+from trainer.runtime.threads import configure_threads
 
 log = logging.getLogger("trainer")
 
@@ -34,7 +34,7 @@ SUBCOMMANDS = {
     "plan": "trainer.plan.command:main",
     "extract-lora": "trainer.extract_lora:main",  # sets the CPU threads before torch loads
     "preview": "trainer.data.preview:main",
-    "import-config": "trainer.import_config:main",
+    "import-config": "trainer.importing.command:main",
     "convert": "trainer.models.convert:main",
 }
 
@@ -88,8 +88,8 @@ def _train(argv: list[str]) -> int:
         cfg = load_config(config_path, overrides)  # seed -1 is resolved by build_session (resume)
         configure_threads()  # before torch loads: OpenMP reads its wait policy once
         host_memory = configure_host_memory()
-        from trainer.loop import train  # heavy imports (torch, diffusers) only after the config is valid
-        from trainer.session import build_session
+        from trainer.run.loop import train  # heavy imports (torch, diffusers) only after the config is valid
+        from trainer.run.session import build_session
 
         session = build_session(cfg)
         log.info("%s", host_memory.summary())  # in train.log, beside the thread settings

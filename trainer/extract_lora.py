@@ -3,13 +3,13 @@
 
 Extracts a LoRA from a full fine-tune and reports how much of it the LoRA keeps
 (`trainer.export.command`; docs/LORA.md). The CPU thread settings are applied before torch
-loads, as for training (trainer/threads.py: the SVDs and the probe are many short parallel
+loads, as for training (trainer/runtime/threads.py: the SVDs and the probe are many short parallel
 regions, which a busy machine slows badly with OpenMP's default spinning).
 """
 
 import sys
 
-from trainer.threads import configure_threads
+from trainer.runtime.threads import configure_threads
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,19 +26,19 @@ from trainer.checkpointing.resume import (
     resume_guard,
     schedule_horizon,
 )
+from trainer.checkpointing.state import TrainingState, capture_global_rng, restore_global_rng
 from trainer.checkpointing.store import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
 from trainer.config import config_to_json
-from trainer.errors import CheckpointError, CheckpointWriteError, NonFiniteWeights, TrainerError
-from trainer.fileperm import apply_umask
 from trainer.models import save_pipeline, save_single_file
 from trainer.optim.schedule_free import eval_weights
-from trainer.state import TrainingState, capture_global_rng, restore_global_rng
+from trainer.runtime.errors import CheckpointError, CheckpointWriteError, NonFiniteWeights, TrainerError
+from trainer.runtime.fileperm import apply_umask
 
 log = logging.getLogger(__name__)
 
 
 class TrainingRun(Protocol):
-    """What saving reads of a run (trainer.session.Session has it; named here so that this
+    """What saving reads of a run (trainer.run.session.Session has it; named here so that this
     package never imports the session above it)."""
 
     cfg: Any

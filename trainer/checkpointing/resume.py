@@ -29,7 +29,7 @@ from trainer.checkpointing.store import (
     load_training_state,
     open_checkpoint,
 )
-from trainer.errors import CheckpointError
+from trainer.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def resolve_seed(seed: int, plan: ResumePlan, draw: Callable[[], int] | None = N
     """-1: the recorded seed when resuming exactly, else a new random one from `draw` (logged).
 
     `draw` defaults to a fresh random seed; a multi-process run passes one that hands every
-    process rank 0's draw (`trainer.session`), since the data order and each sample's noise
+    process rank 0's draw (`trainer.run.session`), since the data order and each sample's noise
     derive from the seed and must be the same on every rank.
     """
     if seed != -1:
@@ -151,7 +151,7 @@ def optimizer_layout(optim) -> dict[str, str]:
     for name, comp in optim.components.items():
         digest = hashlib.sha256("\n".join(comp.param_names).encode()).hexdigest()[:12]
         layout[name] = f"{comp.spec.name} ({len(comp.param_names)} tensors, {digest})"
-    # A component whose training stopped mid-run (trainer/te_stop.py) keeps its place in the guard.
+    # A component whose training stopped mid-run (trainer/run/te_stop.py) keeps its place in the guard.
     return layout | getattr(optim, "stopped_layouts", {})
 
 

@@ -108,7 +108,7 @@ def log_resume_changes(
 def read_previous_config(path: Path, manifest: dict) -> tuple[dict | None, str]:
     """The configuration the checkpoint was saved with, or None and why it is not known.
 
-    train_effective.json holds exactly `config_to_json(cfg)` (trainer/run.py `write_json` of its
+    train_effective.json holds exactly `config_to_json(cfg)` (trainer/run/folder.py `write_json` of its
     parsed text), whose hash the manifest records, so a matching hash identifies it."""
     if not path.is_file():
         return None, f"{path} does not exist"

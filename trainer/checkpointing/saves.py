@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from trainer.checkpointing.contents import TrainingRun, nonfinite_names, save_checkpoint, trained_tensors
+from trainer.checkpointing.state import TrainingState
 from trainer.checkpointing.store import format_bytes, space_shortfall
-from trainer.errors import ModelLoadError, NonFiniteWeights, TrainingStopped
-from trainer.state import TrainingState
+from trainer.runtime.errors import ModelLoadError, NonFiniteWeights, TrainingStopped
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from shutil import disk_usage
 import torch
 from safetensors import SafetensorError
 
-from trainer.errors import CheckpointError, CheckpointWriteError
+from trainer.runtime.errors import CheckpointError, CheckpointWriteError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 Bucket = tuple[int, int]
 

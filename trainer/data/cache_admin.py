@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from trainer.data.latent_cache import KEY_FIELDS, cache_directory, key_of_fields
 from trainer.data.transforms import TRANSFORM_VERSION
-from trainer.errors import TrainerError
+from trainer.runtime.errors import TrainerError
 
 NO_METADATA = "(no metadata)"
 

@@ -1,360 +1,227 @@
-"""Batches from an epoch plan: the Dataset (one index = one whole batch) and the loader.
+"""`load_data`: discover + split + bucket once at start-up, giving the `LoadedDataset`.
 
-A Dataset index is a *batch* index of the epoch plan, so a DataLoader worker builds a whole
-batch and a mid-epoch resume is just "start at batch k". Each sample draws its crop, trim and
-caption randomness from RNGs seeded by its SampleRef, so the tensors are bitwise identical with
-0 or N workers and after a resume.
-
-A file that fails to decode at batch time (changed or corrupted since the scan) does not stop
-the run: the sample is replaced by another image of the same bucket, chosen deterministically
-from the sample's own RNG, and the failure travels back with the batch so the main process
-logs it once and records it in `plan.problems` (worker processes cannot write to the plan).
+The LoadedDataset (items, buckets, validation sets, problems) is the only data object the
+training loop holds. Its `epoch_plan(epoch)` (an `EpochPlan`: one epoch's batches and
+accumulation windows, planner.py) is a
+pure function of (seed, epoch, rank), so the loop's resumable state is just (epoch, batch
+index); `fingerprint()` lets a resume check that the data and data settings are unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-
-from trainer.data.buckets import Bucket, nearest_bucket
-from trainer.data.caption_sampling import epoch_drops_captions, sample_caption
+from trainer.data.buckets import Bucket, get_buckets, is_ed2_table, is_undersized, nearest_bucket
 from trainer.data.items import ImageItem, Problem
-from trainer.data.latent_cache import LatentCache
-from trainer.data.masks import MaskSource, process_image_and_mask, stack_masks
-from trainer.data.planner import EpochPlan, SampleRef, plan_epoch, sample_rng
-from trainer.data.transforms import load_image, process_image
-from trainer.errors import DataError
+from trainer.data.masks import MaskSource, scan_masks
+from trainer.data.planner import EpochPlan, plan_epoch
+from trainer.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNDERSIZED_PREFIX = "warning: undersized"
 
 
 @dataclass(frozen=True)
-class SampleOptions:
-    """Train.json values that apply to every sample unless the item overrides them."""
+class DataSettings:
+    """The train.json values the data pipeline needs (validated again here, naming the key)."""
 
-    crop_jitter: float = 0.02
+    data_root: str | list
+    resolution: int
+    batch_size: int
+    grad_accum: int = 1
+    seed: int = 555
+    flip_p: float = 0.0
     shuffle_tags: bool = False
     keep_tags: int = 0
     cond_dropout: float = 0.04
-    random_trim: bool = True  # False: exact centre crop (evaluation)
-    masks: MaskSource | None = None  # masked_loss: batches carry "masks"
+    crop_jitter: float = 0.02
+    validation_config: str | None = None
+    num_workers: int = 0
+    scan_cache: Path | None = None
+    num_replicas: int = 1
+    rank: int = 0
+    masked_loss: bool = False
+    mask_from_alpha: bool = False
     caption_dropout_every_n_epochs: int = 0
     keep_tokens_separator: str = ""
 
+    @property
+    def mask_source(self) -> MaskSource | None:
+        """Where masks come from (trainer.data.masks.MaskSource), or None without masked_loss."""
+        if not self.masked_loss:
+            return None
+        return MaskSource("alpha" if self.mask_from_alpha else "file")
 
-class _SampleFailed(Exception):
-    """One image could not be produced; carries the reason for the report."""
+    def validate(self) -> None:
+        get_buckets(self.resolution)  # ConfigError naming `resolution`
+        for key in ("batch_size", "grad_accum", "num_replicas"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be an integer >= 1")
+        for key in ("keep_tags", "num_workers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
+        for key in ("flip_p", "cond_dropout", "crop_jitter"):
+            if not 0.0 <= float(getattr(self, key)) <= 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be between 0 and 1")
+        if not 0 <= self.rank < self.num_replicas:
+            raise ConfigError(f"rank={self.rank} must be in [0, num_replicas={self.num_replicas})")
 
 
-class PlanBatchDataset(Dataset):
-    """Map-style dataset over the batches of one EpochPlan (index = batch index)."""
+class LoadedDataset:
+    """Items, buckets and problems of a run, and the per-epoch batch plans built from them."""
 
     def __init__(
         self,
-        items: list[ImageItem],
-        item_buckets: list[Bucket],
-        epoch_plan: EpochPlan,
-        options: SampleOptions,
-        latent_cache: LatentCache | None = None,
+        settings: DataSettings,
+        train_items: list[ImageItem],
+        val_sets: dict[str, list[ImageItem]],
+        stabilize_items: list[ImageItem],
+        problems: list[Problem],
     ):
-        self.items = items
-        self.item_buckets = item_buckets
-        self.epoch_plan = epoch_plan
-        self.options = options
-        self.latent_cache = latent_cache
-        self._by_bucket: dict[Bucket, list[int]] = {}
-        for index, bucket in enumerate(item_buckets):
-            self._by_bucket.setdefault(bucket, []).append(index)
-        self._bad: dict[int, str] = {}  # per process: skip re-decoding known-bad files
-
-    def __len__(self) -> int:
-        return len(self.epoch_plan.batches)
-
-    def _pixels_or_latent(self, item_index: int, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The sample's pixels (or cached latent) and, with masked_loss, its mask."""
-        if item_index in self._bad:
-            raise _SampleFailed(self._bad[item_index])
-        path = self.items[item_index].path
-        try:
-            if self.latent_cache is not None:
-                return self._cached_latent(path, ref)
-            rng = sample_rng(ref, "image") if self.options.random_trim else None
-            jitter, masks = self.options.crop_jitter, self.options.masks
-            if masks is None:
-                return process_image(
-                    load_image(path), ref.bucket, rng=rng, jitter=jitter, flip=ref.flip
-                ), None
-            img, mask = masks.load(path)
-            return process_image_and_mask(img, mask, ref.bucket, rng=rng, jitter=jitter, flip=ref.flip)
-        except DECODE_ERRORS as err:
-            reason = f"cannot decode at batch time ({type(err).__name__}: {err})"
-            self._bad[item_index] = reason
-            raise _SampleFailed(reason) from err
-
-    def _cached_latent(self, path: str, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor | None]:
-        assert self.latent_cache is not None
-        try:
-            entry = self.latent_cache.get_entry(self.latent_cache.key(path, ref.bucket, ref.flip))
-            return entry["latent"], entry.get("mask")
-        except KeyError:
-            load_image(path)  # a decode error here means fill skipped it: substitute
-            raise DataError(
-                f"{path}: no cached latent for bucket {ref.bucket} flip={ref.flip}; "
-                "call fill_latent_cache(plan, cache, encode_fn) before make_loader"
-            ) from None
-
-    def _sample(self, ref: SampleRef, problems: list[Problem]) -> tuple[tuple, ImageItem]:
-        try:
-            return self._pixels_or_latent(ref.item_index, ref), self.items[ref.item_index]
-        except _SampleFailed as err:
-            problems.append(Problem(self.items[ref.item_index].path, str(err)))
-        candidates = [i for i in self._by_bucket[ref.bucket] if i != ref.item_index]
-        for index in sample_rng(ref, "replace").sample(candidates, len(candidates)):
-            try:
-                return self._pixels_or_latent(index, ref), self.items[index]
-            except _SampleFailed as err:
-                problems.append(Problem(self.items[index].path, str(err)))
-        raise DataError(
-            f"no image of bucket {ref.bucket[0]}x{ref.bucket[1]} can be decoded any more "
-            f"(last failure: {problems[-1]}); fix or remove the files listed above"
-        )
-
-    def __getitem__(self, batch_index: int) -> dict:
-        refs = self.epoch_plan.batches[batch_index]
-        problems: list[Problem] = []
-        tensors, masks, captions, scales, paths = [], [], [], [], []
-        for ref in refs:
-            (tensor, mask), item = self._sample(ref, problems)
-            shuffle = self.options.shuffle_tags or bool(item.shuffle_tags)
-            dropout = item.cond_dropout if item.cond_dropout is not None else self.options.cond_dropout
-            caption = sample_caption(
-                item.caption,
-                sample_rng(ref, "caption"),
-                shuffle=shuffle,
-                keep_tags=self.options.keep_tags,
-                cond_dropout=dropout,
-                separator=self.options.keep_tokens_separator,
+        self.settings = settings
+        self.buckets = get_buckets(settings.resolution)
+        self.train_items = sorted(train_items, key=lambda it: it.path)
+        self.val_sets = val_sets
+        self.stabilize_items = stabilize_items
+        self.problems = list(problems)
+        self.item_buckets: list[Bucket] = [
+            nearest_bucket(it.width, it.height, self.buckets) for it in self.train_items
+        ]
+        self.bucket_counts: dict[Bucket, int] = dict(sorted(Counter(self.item_buckets).items()))
+        self.undersized: list[Problem] = [
+            Problem(
+                it.path,
+                f"{UNDERSIZED_PREFIX} {it.width}x{it.height} for bucket {b[0]}x{b[1]}; it is upscaled",
             )
-            captions.append(
-                ""
-                if epoch_drops_captions(ref.epoch, self.options.caption_dropout_every_n_epochs)
-                else caption
+            for it, b in zip(self.train_items, self.item_buckets, strict=True)
+            if is_undersized(it.width, it.height, b)
+        ]
+        self.problems.extend(self.undersized)
+        self._reported = {p.path for p in self.problems}
+        self._plans: dict[int, EpochPlan] = {}
+        source = settings.mask_source
+        self.mask_report = scan_masks(self.train_items, source) if source is not None else None
+
+    def record_problem(self, problem: Problem) -> None:
+        """Record a batch-time failure; logged and stored once per path."""
+        if problem.path in self._reported:
+            return
+        self._reported.add(problem.path)
+        self.problems.append(problem)
+        logger.warning("skipping image at batch time: %s (a same-bucket image is used instead)", problem)
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """This rank's batches for `epoch`; a pure function of (seed, epoch, rank)."""
+        if epoch not in self._plans:
+            if len(self._plans) > 4:
+                self._plans.clear()
+            s = self.settings
+            self._plans[epoch] = plan_epoch(
+                self.train_items,
+                self.item_buckets,
+                epoch=epoch,
+                seed=s.seed,
+                batch_size=s.batch_size,
+                grad_accum=s.grad_accum,
+                default_flip_p=s.flip_p,
+                num_replicas=s.num_replicas,
+                rank=s.rank,
             )
-            tensors.append(tensor)
-            masks.append(mask)
-            scales.append(item.loss_scale)
-            paths.append(item.path)
-        batch = {
-            "latents" if self.latent_cache is not None else "pixel_values": torch.stack(tensors),
-            "captions": captions,
-            "loss_scale": torch.tensor(scales, dtype=torch.float32),
-            "paths": paths,
-            # Noise and timestep seeds per sample: the same sample gets the same draws whatever
-            # the number of processes, workers or resumes (see TrainingStep).
-            "sample_seeds": [sample_rng(ref, "noise").getrandbits(63) for ref in refs],
-            "batch_index": batch_index,
-            "window_samples": self.epoch_plan.window_samples(batch_index),
-            "global_window_samples": self.epoch_plan.global_window_samples(batch_index),
-            "window_end": self.epoch_plan.is_window_end(batch_index),
-            "problems": problems,
+        return self._plans[epoch]
+
+    def batches_per_epoch(self) -> int:
+        """Nominal batches per epoch (epoch 0's count; fractional multiply can vary it by a few)."""
+        return len(self.epoch_plan(0).batches)
+
+    def windows_per_epoch(self) -> int:
+        """Nominal optimizer steps per epoch (epoch 0's accumulation windows on this rank)."""
+        return len(self.epoch_plan(0).windows)
+
+    def fingerprint(self) -> str:
+        """Hash of the items and every setting that shapes the data order, for resume checks."""
+        s = self.settings
+        payload = {
+            "items": [
+                [it.path, it.width, it.height, it.caption.text, it.multiply, it.flip_p, it.batch_id]
+                + [it.cond_dropout, it.shuffle_tags, it.loss_scale]
+                for it in self.train_items
+            ],
+            "settings": {
+                k: v
+                for k, v in dataclasses.asdict(s).items()
+                if k in ("resolution", "batch_size", "grad_accum", "seed", "flip_p", "num_replicas")
+            },
         }
-        if self.options.masks is not None:
-            batch["masks"] = stack_masks(masks, tensors)
-        return batch
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+    def summary(self) -> str:
+        """Start-up text: counts, buckets, repeats, validation split and every problem."""
+        s = self.settings
+        table = "EveryDream2 table" if is_ed2_table(s.resolution) else "generated table"
+        lines = [
+            f"data: {len(self.train_items)} training images, resolution {s.resolution} ({table}), "
+            f"batch_size {s.batch_size}, grad_accum {s.grad_accum}",
+            f"  {self.batches_per_epoch()} batches per epoch on this rank "
+            f"({s.num_replicas} replica(s)); {sum(len(b) for b in self.epoch_plan(0).batches)} samples",
+        ]
+        for (w, h), n in self.bucket_counts.items():
+            lines.append(f"  bucket {w}x{h}: {n} images")
+        repeats = Counter(it.multiply for it in self.train_items)
+        if set(repeats) != {1.0}:
+            lines.append("  multiply: " + ", ".join(f"{m:g} x{n}" for m, n in sorted(repeats.items())))
+        for name, items in self.val_sets.items():
+            lines.append(f"  validation set {name!r}: {len(items)} images")
+        if self.stabilize_items:
+            lines.append(f"  stabilize-train set: {len(self.stabilize_items)} images")
+        skipped = [p for p in self.problems if not p.reason.startswith(UNDERSIZED_PREFIX)]
+        if skipped:
+            lines.append(
+                f"  {len(skipped)} data problem(s) (what each means for its image is said on its line):"
+            )
+            lines.extend(f"    {p}" for p in skipped)
+        if self.undersized:
+            lines.append(f"  {len(self.undersized)} undersized image(s) (trained, upscaled):")
+            lines.extend(f"    {p.path}" for p in self.undersized)
+        if self.mask_report is not None:
+            lines.extend(self.mask_report.summary_lines())
+        return "\n".join(lines)
 
 
-def _identity(batch: dict) -> dict:
-    return batch
+def _discover_all(settings: DataSettings) -> tuple[list[ImageItem], list[Problem]]:
+    from trainer.data.discovery import discover, require_trainable
+
+    result = discover(settings.data_root, scan_cache=settings.scan_cache)
+    require_trainable(result, settings.data_root)
+    return list(result.items), list(result.problems)
 
 
-class BatchLoader:
-    """Iterable over batches `start_batch..` of an epoch plan; records decode problems."""
+def load_data(settings: DataSettings) -> LoadedDataset:
+    """Discover, split and bucket; DataError when nothing is trainable."""
+    settings.validate()
+    items, problems = _discover_all(settings)
+    val_sets: dict[str, list[ImageItem]] = {}
+    stabilize: list[ImageItem] = []
+    train = items
+    if settings.validation_config:
+        from trainer.data.validation_split import load_validation_config, split_dataset
 
-    def __init__(
-        self, plan, dataset: PlanBatchDataset, *, start_batch: int, num_workers: int, pin_memory: bool
-    ):
-        if not 0 <= start_batch <= len(dataset):
-            raise ValueError(f"start_batch={start_batch} is outside this epoch's {len(dataset)} batches")
-        self.plan = plan
-        self.dataset = dataset
-        self.start_batch = start_batch
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-
-    def __len__(self) -> int:
-        return len(self.dataset) - self.start_batch
-
-    def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            sampler=range(self.start_batch, len(self.dataset)),
-            num_workers=self.num_workers,
-            collate_fn=_identity,
-            pin_memory=self.pin_memory,
+        cfg = load_validation_config(settings.validation_config)
+        if cfg is not None:
+            split, split_problems = split_dataset(items, cfg, scan_cache=settings.scan_cache)
+            train, val_sets, stabilize = split.train, dict(split.val), list(split.stabilize)
+            problems.extend(split_problems)
+    dataset = LoadedDataset(settings, train, val_sets, stabilize, problems)
+    if not dataset.train_items or dataset.batches_per_epoch() == 0:
+        raise DataError(
+            f"data_root {settings.data_root!r}: nothing to train on after the validation split "
+            f"({len(dataset.train_items)} training images, multiply, batch_size={settings.batch_size}, "
+            f"num_replicas={settings.num_replicas}); add images or lower num_replicas"
         )
-        yield from _recording_problems(self.plan, loader)
-
-
-def _recording_problems(plan, loader) -> Iterator[dict]:
-    """The loader's batches, their decode problems recorded in `plan` (workers cannot)."""
-    for batch in loader:
-        for problem in batch.pop("problems"):
-            plan.record_problem(problem)
-        yield batch
-
-
-class RunBatchDataset(PlanBatchDataset):
-    """Index = (epoch, batch index): one dataset, so one set of loader workers, for the run.
-
-    The epoch plan comes from `data.epoch_plan(epoch)`, a pure function of (seed, epoch, rank),
-    computed where the batch is built (a worker computes it in its own process), so persistent
-    workers need nothing sent to them at an epoch change.
-    """
-
-    def __init__(self, data, options: SampleOptions, latent_cache: LatentCache | None = None):
-        super().__init__(data.train_items, data.item_buckets, data.epoch_plan(0), options, latent_cache)
-        self.data = data
-
-    def __getitem__(self, index: tuple[int, int]) -> dict:
-        epoch, batch_index = index
-        self.epoch_plan = self.data.epoch_plan(epoch)
-        return super().__getitem__(batch_index)
-
-
-class _EpochSampler:
-    """(epoch, batch) indices of the epoch set last; read anew by each `iter(DataLoader)`."""
-
-    def __init__(self) -> None:
-        self.epoch, self.start, self.stop = 0, 0, 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, b) for b in range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-class RunLoader:
-    """The training loader of a whole run, built once: `epoch(e, start_batch)` iterates epoch
-    `e` from `start_batch` on (exact mid-epoch resume). With workers, they persist across epochs
-    (no new worker processes, and no wait for their first batch, at every epoch start)."""
-
-    def __init__(self, data, dataset: RunBatchDataset, *, num_workers: int, pin_memory: bool):
-        self.data = data
-        self.sampler = _EpochSampler()
-        self.loader = DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            collate_fn=_identity,
-            pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-        )
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
-        batches = len(self.data.epoch_plan(epoch).batches)
-        if not 0 <= start_batch <= batches:
-            raise ValueError(f"start_batch={start_batch} is outside epoch {epoch}'s {batches} batches")
-        self.sampler.epoch, self.sampler.start, self.sampler.stop = epoch, start_batch, batches
-        return _recording_problems(self.data, self.loader)
-
-
-def _sample_options(settings, latent_cache: LatentCache | None) -> SampleOptions:
-    return SampleOptions(
-        crop_jitter=0.0 if latent_cache is not None else settings.crop_jitter,
-        shuffle_tags=settings.shuffle_tags,
-        keep_tags=settings.keep_tags,
-        cond_dropout=settings.cond_dropout,
-        masks=settings.mask_source,
-        caption_dropout_every_n_epochs=settings.caption_dropout_every_n_epochs,
-        keep_tokens_separator=settings.keep_tokens_separator,
-    )
-
-
-def make_run_loader(data, *, latent_cache: LatentCache | None = None, pin_memory: bool = False) -> RunLoader:
-    """The training loader for every epoch of a run (see RunLoader); batches as make_loader's."""
-    workers = 0 if latent_cache is not None else data.settings.num_workers
-    dataset = RunBatchDataset(data, _sample_options(data.settings, latent_cache), latent_cache)
-    return RunLoader(data, dataset, num_workers=workers, pin_memory=pin_memory)
-
-
-def auto_num_workers(cpus: int) -> int:
-    """Loader workers when train.json leaves num_workers null, for a process with `cpus` intra-op
-    threads: none below 4, else half of them, at most 4. The step's threads already use every
-    CPU; on so few a worker only takes time slices from them, while decoding a batch in the main
-    process costs far less (4 images at 256 px: ~5 ms beside a ~0.8 s step on 2 cores,
-    docs/PERFORMANCE.md)."""
-    return 0 if cpus < 4 else min(4, cpus // 2)
-
-
-def make_loader(
-    plan,
-    epoch_plan: EpochPlan,
-    *,
-    start_batch: int = 0,
-    latent_cache: LatentCache | None = None,
-    pin_memory: bool = False,
-) -> BatchLoader:
-    """Batches of `epoch_plan` from `start_batch` on (exact mid-epoch resume).
-
-    With a latent cache, crop jitter is off and batches carry "latents" instead of
-    "pixel_values"; they are read in the main process (no decoding left to parallelise, and
-    workers would copy an in-memory cache).
-    """
-    options = _sample_options(plan.settings, latent_cache)
-    dataset = PlanBatchDataset(plan.train_items, plan.item_buckets, epoch_plan, options, latent_cache)
-    workers = 0 if latent_cache is not None else plan.settings.num_workers
-    return BatchLoader(plan, dataset, start_batch=start_batch, num_workers=workers, pin_memory=pin_memory)
-
-
-def make_eval_loader(
-    plan,
-    items: list[ImageItem],
-    *,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    latent_cache: LatentCache | None = None,
-) -> BatchLoader:
-    """Deterministic batches over a validation / stabilize set (same buckets as training).
-
-    Every item once, no flip, centre crop, no tag shuffle, no caption dropout; the order
-    depends only on `seed` (default: the training seed), so every evaluation sees
-    exactly the same samples. Ranks split the batches like training batches do.
-    """
-    s = plan.settings
-    fixed = [
-        dataclasses.replace(it, multiply=1.0, flip_p=0.0, cond_dropout=0.0, shuffle_tags=False)
-        for it in items
-    ]
-    buckets = [nearest_bucket(it.width, it.height, plan.buckets) for it in fixed]
-    epoch_plan = plan_epoch(
-        fixed,
-        buckets,
-        epoch=0,
-        seed=s.seed if seed is None else seed,
-        batch_size=batch_size or s.batch_size,
-        num_replicas=s.num_replicas,
-        rank=s.rank,
-    )
-    options = SampleOptions(
-        crop_jitter=0.0,
-        shuffle_tags=False,
-        keep_tags=0,
-        cond_dropout=0.0,
-        random_trim=False,
-        masks=s.mask_source,
-        keep_tokens_separator=s.keep_tokens_separator,
-    )
-    dataset = PlanBatchDataset(fixed, buckets, epoch_plan, options, latent_cache)
-    workers = 0 if latent_cache is not None else s.num_workers
-    return BatchLoader(plan, dataset, start_batch=0, num_workers=workers, pin_memory=False)
+    return dataset

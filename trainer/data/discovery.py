@@ -32,7 +32,7 @@ from trainer.data.image_probe import ProbeError, ProbeResult, ScanCache, probe_i
 from trainer.data.items import DEFAULT_BATCH_ID, ImageItem, Problem
 from trainer.data.manifest import read_manifest
 from trainer.data.masks import is_mask_file
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def resolve_roots(data_root) -> list[Path]:
 def require_an_image_file(data_root) -> None:
     """DataError unless some folder of `data_root` holds at least one image file.
 
-    The check before the model loads (trainer/preflight.py): names only, no file is opened, and
+    The check before the model loads (trainer/run/preflight.py): names only, no file is opened, and
     it stops at the first image, so it costs milliseconds where discovery (which decodes every
     header) comes after the model load. Hidden files and folders and masks do not count, as in
     `discover`; a .json manifest root counts as having images (its entries are read later).

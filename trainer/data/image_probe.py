@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from trainer.fileperm import apply_umask
+from trainer.runtime.fileperm import apply_umask
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from trainer.data.buckets import Bucket, nearest_bucket
 from trainer.data.items import ImageItem, Problem
 from trainer.data.masks import MaskSource, process_image_and_mask
 from trainer.data.transforms import TRANSFORM_VERSION, load_image, process_image
-from trainer.fileperm import apply_umask
+from trainer.runtime.fileperm import apply_umask
 
 logger = logging.getLogger(__name__)
 

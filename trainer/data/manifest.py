@@ -29,7 +29,7 @@ from trainer.data.captions import (
     read_text,
     settings_from_dict,
 )
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 _CAPTION_FILE_SUFFIXES = (".txt", ".caption", ".yaml", ".yml", ".json")
 

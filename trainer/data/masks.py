@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from trainer.data.buckets import Bucket
 from trainer.data.items import ImageItem
 from trainer.data.transforms import _to_rgb, apply_geometry, geometry, to_tensor
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 MASK_SUFFIX = "-masklabel"
 MASK_EXTENSION = ".png"

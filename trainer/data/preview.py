@@ -21,9 +21,9 @@ import statistics
 import sys
 from collections import Counter
 
-from trainer.console import RepeatLimiter
-from trainer.data.pipeline import UNDERSIZED_PREFIX, DataSettings, LoadedDataset, load_data
-from trainer.errors import ConfigError, TrainerError
+from trainer.data.dataset import UNDERSIZED_PREFIX, DataSettings, LoadedDataset, load_data
+from trainer.runtime.console import RepeatLimiter
+from trainer.runtime.errors import ConfigError, TrainerError
 
 
 def build_report(plan: LoadedDataset) -> dict:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trainer.data.discovery import discover, require_trainable
 from trainer.data.items import ImageItem, Problem
-from trainer.errors import ConfigError, DataError
+from trainer.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

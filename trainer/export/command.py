@@ -14,12 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.errors import ConfigError, TrainerError
 from trainer.export.extract import RankSettings
 from trainer.export.lora_file import SAVE_PRECISIONS
 from trainer.export.probe import Probe
 from trainer.export.sources import load_source, resolve_source
 from trainer.export.write import extract_to_file, provenance_of, resolve_device
+from trainer.runtime.errors import ConfigError, TrainerError
 
 log = logging.getLogger("trainer.extract_lora")
 

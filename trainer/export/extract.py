@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from trainer.errors import TrainerError
 from trainer.export.lora import (
     decompose,
     factors,
@@ -30,6 +29,7 @@ from trainer.export.lora import (
     rescaled_for_alpha,
 )
 from trainer.export.naming import CONV, TEXT_ENCODER, UNET, LoraTarget, text_encoder_targets, unet_targets
+from trainer.runtime.errors import TrainerError
 
 logger = logging.getLogger(__name__)
 

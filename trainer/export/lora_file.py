@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer.errors import TrainerError
 from trainer.export.extract import ExtractedLora
 from trainer.export.fidelity import FidelityReport
 from trainer.export.naming import TEXT_ENCODER, canonical_text_module
+from trainer.runtime.errors import TrainerError
 
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

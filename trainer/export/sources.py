@@ -16,10 +16,10 @@ from pathlib import Path
 
 from trainer.checkpointing.resume import PIPELINE_DIR
 from trainer.checkpointing.store import MANIFEST, open_checkpoint
-from trainer.errors import ModelLoadError
 from trainer.models import load_model
 from trainer.models.components import SDComponents
 from trainer.models.loading import BUILTIN_PREFIX
+from trainer.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

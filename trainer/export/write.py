@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import ConfigError
 from trainer.export.extract import IdenticalModelsError, RankSettings, extract_lora
 from trainer.export.fidelity import FidelityReport, build_report
 from trainer.export.lora_file import (
@@ -27,6 +26,7 @@ from trainer.export.lora_file import (
     write_lora_file,
 )
 from trainer.export.probe import Probe, prediction_error
+from trainer.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

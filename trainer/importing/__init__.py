@@ -8,6 +8,6 @@ one engine. `readers` parses the files; `map_training` (LRs, optimizer, clipping
 precision, attention) and `map_output` (saving, sampling, seed, logging) convert the keys that
 have a counterpart; `dataset` handles dataset TOMLs and kohya's `N_name` folders; `kohya_keys`
 says why the others have none; `convert` runs them and accounts for every key; `writer`
-validates and writes. The entry point is `python -m trainer.import_config`; the rules are in
+validates and writes. The entry point is `python -m trainer.importing.command`; the rules are in
 docs/MIGRATING.md.
 """

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trainer.errors import ConfigError
 from trainer.importing.rows import DEFAULT, NOT_SUPPORTED, OFF, Row
 from trainer.optim.schedules import SCHEDULER_NAMES
+from trainer.runtime.errors import ConfigError
 
 # kohya names that mean the same schedule here (both use diffusers / transformers schedules).
 KOHYA_SCHEDULERS = SCHEDULER_NAMES

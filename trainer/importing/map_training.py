@@ -17,11 +17,11 @@ import ast
 import typing
 from typing import Any
 
-from trainer.errors import ConfigError
 from trainer.importing.map_schedule import run_length, schedule
 from trainer.importing.rows import CHECK, DEFAULT, NOT_SUPPORTED, OFF, Row
 from trainer.optim.registry import REGISTRY, get_spec, normalize_name
 from trainer.optim.schema import SectionConfig
+from trainer.runtime.errors import ConfigError
 
 # kohya optimizer_type (lowercased) -> ours, plus options kohya sets for that name.
 KOHYA_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {

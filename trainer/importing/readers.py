@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 
 def _read_text(path: Path) -> str:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import build_config
-from trainer.errors import ConfigError
 from trainer.importing.rows import ImportResult
 from trainer.optim.schema import parse_optimizer_json
+from trainer.runtime.errors import ConfigError
 
 
 def optimizer_document(result: ImportResult, source: str) -> dict[str, Any]:
-    doc: dict[str, Any] = {"doc": f"imported from {Path(source).name} by python -m trainer.import_config"}
+    doc: dict[str, Any] = {"doc": f"imported from {Path(source).name} by python -m trainer.importing.command"}
     doc["base"] = dict(result.base)
     doc["text_encoder_overrides"] = dict(result.text_encoder) if result.text_encoder else None
     return doc

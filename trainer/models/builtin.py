@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from trainer.errors import ModelLoadError
 from trainer.models.components import (
     CONFIGS_DIR,
     TOKENIZER_DIR,
@@ -49,6 +48,7 @@ from trainer.models.saving import save_pipeline
 from trainer.models.tiny_vae import FOLDER as TINY_VAE_FOLDER
 from trainer.models.tiny_vae import WEIGHTS as TINY_VAE_WEIGHTS
 from trainer.models.tiny_vae import tiny_vae_state_dict
+from trainer.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

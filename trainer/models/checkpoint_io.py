@@ -20,9 +20,9 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from trainer.errors import ModelLoadError
 from trainer.models.components import BUNDLED_ARCHITECTURES, ComponentConfigs
 from trainer.models.ldm_keys import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from trainer.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from trainer.errors import ModelLoadError
+from trainer.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import ModelLoadError
 from trainer.models.loading import load_model
 from trainer.models.saving import save_pipeline
 from trainer.models.single_file import save_single_file
+from trainer.runtime.errors import ModelLoadError
 
 
 def convert_file(src: str, dst: str, *, half: bool) -> None:

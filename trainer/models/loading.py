@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from trainer.errors import ModelLoadError
 from trainer.models.checkpoint_io import SINGLE_FILE_SUFFIXES, read_checkpoint
 from trainer.models.components import (
     PREDICTION_TYPES,
@@ -24,6 +23,7 @@ from trainer.models.components import (
 )
 from trainer.models.pipeline_folder import load_pipeline_folder
 from trainer.models.single_file import load_single_file, vae_from_tensors
+from trainer.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

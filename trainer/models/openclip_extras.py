@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from trainer.errors import ModelLoadError
 from trainer.models.ldm_keys import OPEN_CLIP_PREFIX, open_clip_to_ldm
+from trainer.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

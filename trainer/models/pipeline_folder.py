@@ -12,7 +12,6 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from trainer.errors import ModelLoadError
 from trainer.models.components import (
     SDComponents,
     ensure_model_max_length,
@@ -21,6 +20,7 @@ from trainer.models.components import (
     training_scheduler_config,
 )
 from trainer.models.openclip_extras import load_extras
+from trainer.runtime.errors import ModelLoadError
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -13,9 +13,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from trainer.fileperm import apply_umask
 from trainer.models.components import MODEL_MAX_LENGTH, SDComponents, read_json
 from trainer.models.openclip_extras import save_extras
+from trainer.runtime.fileperm import apply_umask
 
 logger = logging.getLogger(__name__)
 

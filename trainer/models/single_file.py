@@ -27,8 +27,6 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.errors import ModelLoadError
-from trainer.fileperm import apply_umask
 from trainer.models.a1111_yaml import write_a1111_yaml
 from trainer.models.checkpoint_io import (
     META_FAMILY,
@@ -60,6 +58,8 @@ from trainer.models.ldm_keys import (
     vae_to_ldm,
 )
 from trainer.models.openclip_extras import extras_from_single_file
+from trainer.runtime.errors import ModelLoadError
+from trainer.runtime.fileperm import apply_umask
 
 logger = logging.getLogger(__name__)
 

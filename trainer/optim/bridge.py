@@ -14,7 +14,7 @@ import difflib
 import importlib
 import inspect
 
-from trainer.errors import ConfigError, OptionalDependencyError
+from trainer.runtime.errors import ConfigError, OptionalDependencyError
 
 PREFIX = "pytorch_optimizer."
 PACKAGE = "pytorch-optimizer"

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from trainer.errors import ConfigError
 from trainer.optim.schema import FreezingConfig
+from trainer.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

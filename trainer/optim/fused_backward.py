@@ -8,7 +8,7 @@ the gradients still being produced, saving most of that (see docs/PERFORMANCE.md
 technique is PyTorch's "optimizer step in backward" recipe: one optimizer (and LR scheduler) per
 parameter.
 
-Constraints. train.json's own (validated once, in trainer/config.py; asserted here):
+Constraints. train.json's own (validated once, in trainer/config/; asserted here):
 
 * `grad_accum == 1`: the step happens during the backward of every micro-batch, so gradients
   cannot accumulate over several (nothing here accumulates: the check is config.py's alone).
@@ -38,12 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.errors import CheckpointError, ConfigError
 from trainer.optim.component import StepResult
 from trainer.optim.optimizer_set import OptimizerSet, build_component_scheduler
 from trainer.optim.protocol import TrainingOptimizer
 from trainer.optim.registry import build_optimizer, get_spec
+from trainer.optim.schedules import mirrors_optimizer_lr
 from trainer.optim.state_io import ResumeRules, load_optimizer_state, load_with_new_settings
+from trainer.runtime.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ MakeScheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRSch
 StepFn = Callable[[torch.optim.Optimizer], None]
 
 STATE_FORMAT = 1
+# What an LR scheduler writes into its optimizer's param group (torch's LRScheduler).
+_SCHEDULED_KEYS = ("lr", "initial_lr")
 
 
 def check_fused_backward(
@@ -82,10 +85,24 @@ def check_fused_backward(
 
 
 class FusedBackward:
-    """Per-parameter optimizers and schedulers stepped from post-accumulate-grad hooks.
+    """Per-parameter optimizers stepped from post-accumulate-grad hooks, under one LR schedule.
 
-    `steps_taken` counts hook calls per parameter; after a backward every trained parameter has
-    stepped once and has `.grad is None`.
+    After a backward every trained parameter has stepped once and has `.grad is None`.
+
+    The LR schedule is a pure function of the step, so one scheduler (`scheduler`, built on the
+    first parameter's optimizer) serves every parameter: it advances once per backward, from a
+    callback the first hook queues for the end of that backward (stepping ~880 schedulers in
+    Python, one per parameter, was issue 32's waste), and its LR (and `initial_lr`) is then
+    written into every per-parameter optimizer's param group: the values each parameter's own
+    scheduler computed, bit for bit. A schedule that reads the optimizer's state
+    (`schedule_reads_state`: Adafactor's own, which reports the LR Adafactor computed) is stepped
+    in the first parameter's hook right after its update instead, and copies nothing (Adafactor
+    in that mode ignores the group's LR). The end-of-backward callback assumes a non-reentrant
+    backward (the trainer's gradient checkpointing is non-reentrant: trainer/build/builder.py);
+    a reentrant one would advance the schedule when its inner backward ends.
+
+    The hooks hold this object (parameter -> hook -> closure -> self -> parameter), a cycle
+    through C++ that Python's collector cannot break: `close()` removes them.
     """
 
     def __init__(
@@ -95,38 +112,71 @@ class FusedBackward:
         lr_scheduler_factory: MakeScheduler,
         step_fn: StepFn | None = None,
         track_grad_norm: bool = False,
+        *,
+        schedule_reads_state: bool = False,
     ) -> None:
         if not named_params:
             raise ConfigError("fused backward: no trainable parameters were given")
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.optimizers = [make_optimizer([p]) for p in self.params]
-        self.schedulers = [lr_scheduler_factory(o) if lr_scheduler_factory else None for o in self.optimizers]
+        self.scheduler = lr_scheduler_factory(self.optimizers[0]) if lr_scheduler_factory else None
+        self._schedule_reads_state = schedule_reads_state and self.scheduler is not None
+        self._copy_schedule()  # the schedule's LR at step 0 (and initial_lr) into every group
         self._step_fn = step_fn or (lambda opt: opt.step())
         self._track_grad_norm = track_grad_norm
         self._grad_sq: torch.Tensor | None = None  # sum of squared gradients since take_grad_norm
+        self._advance_queued_in: int | None = None  # the backward (graph task) that will advance the schedule
         self._handles = []
         for index, p in enumerate(self.params):
             if not p.requires_grad:
                 raise ConfigError(f"fused backward: parameter '{self.names[index]}' does not require grad")
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook(index)))
 
+    @property
+    def schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler | None]:
+        """The schedule of each parameter: the one `scheduler`, shared."""
+        return [self.scheduler] * len(self.params)
+
     def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        optimizer, scheduler = self.optimizers[index], self.schedulers[index]
+        optimizer = self.optimizers[index]
+        steps_schedule = self._schedule_reads_state and index == 0
 
         def step_and_free(param: torch.Tensor) -> None:
             if self._track_grad_norm:  # stays on the device: no sync
                 # fp32 accumulation inside the norm kernel: no fp32 copy of a bf16 gradient
                 sq = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
                 self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+            if self.scheduler is not None and not self._schedule_reads_state:
+                self._advance_at_end_of_backward()
             self._step_fn(optimizer)
-            if scheduler is not None:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
-                    scheduler.step()
+            if steps_schedule:
+                self._step_scheduler()  # reads the update just made; before zero_grad, as it checks .grad
             optimizer.zero_grad(set_to_none=True)
 
         return step_and_free
+
+    def _advance_at_end_of_backward(self) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._advance_queued_in:  # once per backward
+            self._advance_queued_in = task
+            torch.autograd.Variable._execution_engine.queue_callback(self.advance_schedulers)
+
+    def _step_scheduler(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()
+
+    def _copy_schedule(self) -> None:
+        """The scheduled values of the first parameter's group into every other's."""
+        if self.scheduler is None:
+            return
+        source = self.optimizers[0].param_groups[0]
+        values = [(key, source[key]) for key in _SCHEDULED_KEYS if key in source]
+        for optimizer in self.optimizers[1:]:
+            group = optimizer.param_groups[0]
+            for key, value in values:
+                group[key] = value.clone() if torch.is_tensor(value) else value
 
     def take_grad_norm(self) -> torch.Tensor | None:
         """Total gradient norm over the hooks since the last call (0-dim, on the device), or None."""
@@ -134,32 +184,46 @@ class FusedBackward:
         return None if sq is None else sq.sqrt()
 
     def advance_schedulers(self) -> None:
-        """Step every LR schedule once without an update (a skipped step keeps LR = f(step))."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
-            for scheduler in self.schedulers:
-                if scheduler is not None:
-                    scheduler.step()
+        """Advance the LR schedule one step: at the end of each backward, and without an update
+        for a skipped step (LR = f(step))."""
+        if self.scheduler is None:
+            return
+        self._step_scheduler()
+        if not self._schedule_reads_state:
+            self._copy_schedule()
+
+    def close(self) -> None:
+        """Remove the post-accumulate-grad hooks: backward no longer steps these parameters (their
+        gradients accumulate as usual), and nothing but this object's holders keeps it, its
+        optimizers and their states alive. Idempotent; state_dict() still works."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    @property
+    def closed(self) -> bool:
+        return not self._handles
 
     def learning_rates(self) -> dict[str, float]:
         return {n: float(o.param_groups[0]["lr"]) for n, o in zip(self.names, self.optimizers, strict=True)}
 
     def state_dict(self) -> dict[str, Any]:
+        """Every parameter's optimizer state and schedule (the one schedule, under each parameter:
+        the format of the per-parameter schedulers this replaced, whose states were all equal)."""
+        schedule = self.scheduler.state_dict() if self.scheduler is not None else None
         return {
             "format": STATE_FORMAT,
             "params": {
-                name: {
-                    "optimizer": opt.state_dict(),
-                    "lr_scheduler": sched.state_dict() if sched is not None else None,
-                }
-                for name, opt, sched in zip(self.names, self.optimizers, self.schedulers, strict=True)
+                name: {"optimizer": opt.state_dict(), "lr_scheduler": schedule}
+                for name, opt in zip(self.names, self.optimizers, strict=True)
             },
         }
 
     def load_state_dict(self, state: dict[str, Any], rules: ResumeRules | None = None) -> None:
-        """Restore every parameter's optimizer and schedule. With `rules` (a training resume),
-        each keeps this run's LR base, schedule and changeable options
-        (state_io.load_with_new_settings); without, everything is the saved state's."""
+        """Restore every parameter's optimizer and the schedule (the first parameter's saved one:
+        all agree). With `rules` (a training resume), the optimizers keep this run's changeable
+        options and the schedule this run's LR base and shape (state_io.load_with_new_settings);
+        without, everything is the saved state's."""
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"fused backward state: unsupported format {state.get('format')!r}")
         saved = state["params"]
@@ -168,15 +232,18 @@ class FusedBackward:
                 f"fused backward state: {len(saved)} saved parameters vs {len(self.names)} now; the trained "
                 "parameters changed (text_encoder_freezing, clip_skip or disable_*_training)."
             )
-        for name, opt, sched in zip(self.names, self.optimizers, self.schedulers, strict=True):
+        for index, (name, opt) in enumerate(zip(self.names, self.optimizers, strict=True)):
+            # the schedule with the first parameter's optimizer: it writes that one's group
+            sched = self.scheduler if index == 0 else None
+            saved_sched = saved[name]["lr_scheduler"] if sched is not None else None
             if rules is not None:
-                load_with_new_settings(
-                    opt, sched, saved[name]["optimizer"], saved[name]["lr_scheduler"], rules
-                )
+                load_with_new_settings(opt, sched, saved[name]["optimizer"], saved_sched, rules)
                 continue
             load_optimizer_state(opt, saved[name]["optimizer"])
             if sched is not None:
-                sched.load_state_dict(saved[name]["lr_scheduler"])
+                sched.load_state_dict(saved_sched)
+        if not self._schedule_reads_state:
+            self._copy_schedule()
 
 
 def attach_fused_backward(
@@ -189,10 +256,12 @@ def attach_fused_backward(
     optimizer_name: str | None = None,
     step_fn: StepFn | None = None,
     track_grad_norm: bool = False,
+    schedule_reads_state: bool = False,
 ) -> FusedBackward:
     """One optimizer per parameter (`make_optimizer([p])`), stepped in the parameter's
-    post-accumulate-grad hook, with its scheduler (`lr_scheduler_factory(opt)`, or None), then
-    `.grad` set to None. `params` may be parameters or (name, parameter) pairs (names are used in
+    post-accumulate-grad hook, then `.grad` set to None; one LR schedule for all
+    (`lr_scheduler_factory(first optimizer)`, or None), advanced once per backward
+    (`FusedBackward`). `params` may be parameters or (name, parameter) pairs (names are used in
     state_dict). `step_fn(opt)` replaces `opt.step()` (e.g. bf16 stochastic rounding). Raises
     ConfigError when the settings rule it out (see module docstring)."""
     check_fused_backward(
@@ -202,7 +271,14 @@ def attach_fused_backward(
     )
     items = list(params)
     named = [it if isinstance(it, tuple) else (str(i), it) for i, it in enumerate(items)]
-    return FusedBackward(named, make_optimizer, lr_scheduler_factory, step_fn, track_grad_norm)
+    return FusedBackward(
+        named,
+        make_optimizer,
+        lr_scheduler_factory,
+        step_fn,
+        track_grad_norm,
+        schedule_reads_state=schedule_reads_state,
+    )
 
 
 def fused_backward_from_optimizer_set(
@@ -239,6 +315,7 @@ def fused_backward_from_optimizer_set(
             optimizer_name=r.optimizer,
             step_fn=step_fn,
             track_grad_norm=track_grad_norm,
+            schedule_reads_state=mirrors_optimizer_lr(r.lr_scheduler),
         )
     logger.info("fused backward: %s", {n: len(f.params) for n, f in out.items()})
     return out
@@ -273,10 +350,13 @@ class FusedOptimizerSet(TrainingOptimizer):
             track_grad_norm=base.log_grad_norm,
         )
         self._skip_pending = False
+        self.closed = False
 
     def backward(self, loss: torch.Tensor, scaler=None) -> None:
         """Backward (which steps every parameter) only for a finite loss; a GradScaler is refused
         at construction, so `scaler` is None."""
+        if self.closed:
+            raise RuntimeError("fused back pass: backward after close(); nothing would step the parameters")
         finite = bool(torch.isfinite(loss.detach()).all())  # the step's one host sync
         self._skip_pending |= not finite
         if finite:
@@ -292,9 +372,17 @@ class FusedOptimizerSet(TrainingOptimizer):
         norms = {name: n for name, f in self.fused.items() if (n := f.take_grad_norm()) is not None}
         return StepResult(skipped=skipped, grad_norms=norms)
 
+    def close(self) -> None:
+        """Remove every per-parameter hook (`FusedBackward.close`), so that the parameters no
+        longer hold this set's optimizers and states; idempotent. The state stays readable
+        (state_dict); backward() is refused afterwards."""
+        for fused in self.fused.values():
+            fused.close()
+        self.closed = True
+
     def representative(self, name: str):
         fused = self.fused[name]
-        return fused.optimizers[0], fused.schedulers[0]
+        return fused.optimizers[0], fused.scheduler
 
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:
         return [opt for fused in self.fused.values() for opt in fused.optimizers]

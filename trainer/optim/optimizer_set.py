@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from trainer.errors import CheckpointError, ConfigError
 from trainer.optim.component import ComponentOptimizer, StepResult
 from trainer.optim.freezing import (
     apply_text_encoder_freeze,
@@ -34,7 +33,8 @@ from trainer.optim.schedule_free import restore, set_train_mode_flag, snapshot
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
 from trainer.optim.state_io import load_with_new_settings
-from trainer.stochastic_rounding import StochasticRounding
+from trainer.optim.stochastic_rounding import StochasticRounding
+from trainer.runtime.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class OptimizerSet(TrainingOptimizer):
         self.rounding = rounding
         # Schedule-free train-mode weights while `schedule_free.eval_weights` is active.
         self.train_weights: dict[str, list[torch.Tensor]] | None = None
-        # Components whose training stopped mid-run (trainer/te_stop.py): name -> resume-guard layout.
+        # Components whose training stopped mid-run (trainer/run/te_stop.py): name -> resume-guard layout.
         self.stopped_layouts: dict[str, str] = {}
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> StepResult:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from trainer.errors import CheckpointError
 from trainer.optim.component import ComponentOptimizer, StepResult, effective_lr
 from trainer.optim.state_io import GroupSettings, ResumeRules, resume_rules
 from trainer.optim.table import render_summary
+from trainer.runtime.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class TrainingOptimizer(ABC):
     components: dict[str, ComponentOptimizer]
     clip_grad_norm: float | None
     log_grad_norm: bool
-    rounding: Any  # trainer.stochastic_rounding.StochasticRounding | None
+    rounding: Any  # trainer.optim.stochastic_rounding.StochasticRounding | None
     state_key: str
     fused_back_pass: bool
 
@@ -46,6 +46,12 @@ class TrainingOptimizer(ABC):
     @abstractmethod
     def step(self, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """End of an accumulation window: the optimizer step (or its report), LR schedules."""
+
+    def close(self) -> None:
+        """Release what ties this set to its parameters beyond its own lifetime: the fused back
+        pass's per-parameter hooks (FusedOptimizerSet). Nothing to release for `OptimizerSet`;
+        idempotent. Call it when the run is over (the session's close)."""
+        return  # a default, not an abstract method: most sets hold nothing to release
 
     @abstractmethod
     def representative(self, name: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

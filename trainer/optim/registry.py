@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from trainer.errors import ConfigError, OptionalDependencyError
 from trainer.optim.bridge import bridge_spec, is_bridge_name
 from trainer.optim.modern import modern_specs
+from trainer.optim.sync_free import without_host_syncs
+from trainer.runtime.errors import ConfigError, OptionalDependencyError
 
 # Keys every section may carry whatever the optimizer: they configure LR and schedule.
 SCHEDULE_KEYS = (
@@ -434,7 +435,7 @@ def build_optimizer(
     Library ValueErrors (betas out of range, momentum 0 for bitsandbytes SGD, ...) are user
     errors and come back as ConfigError.
     """
-    cls = spec.load_class()
+    cls = without_host_syncs(spec, spec.load_class())  # same updates, no per-parameter host sync
     kwargs = {_RENAMES.get(k, k): v for k, v in options.items()}
     if prefer_fused_kernel(spec, options):
         kwargs["fused"] = True

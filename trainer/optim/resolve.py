@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.errors import ConfigError
 from trainer.optim.registry import SCHEDULE_KEYS, get_spec, is_adafactor_adaptive, normalize_name
 from trainer.optim.schedules import SCHEDULER_NAMES, resolve_decay_steps, resolve_warmup_steps
 from trainer.optim.schema import DEFAULT_OPTIMIZER, OptimizerFile, check_section_keys
+from trainer.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

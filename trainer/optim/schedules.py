@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.config import LrSchedulerName
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 SCHEDULER_NAMES: tuple[str, ...] = typing.get_args(LrSchedulerName)  # one list, train.json's type
 ADAFACTOR_SCHEDULE = "adafactor"

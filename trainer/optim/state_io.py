@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from trainer.errors import CheckpointError
 from trainer.optim.registry import OptimizerSpec
 from trainer.optim.resolve import ResolvedComponent
 from trainer.optim.schedules import mirrors_optimizer_lr
+from trainer.runtime.errors import CheckpointError
 
 # optimizer.json keys that a resume applies, and the param-group keys they are stored under
 # (`epsilon` is torch's `eps`; Adafactor keeps epsilon and eps2 together as `eps`).

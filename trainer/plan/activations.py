@@ -1,6 +1,6 @@
 """The planning pass: one real training micro-step, forward and backward, on shadow tensors.
 
-The run's own `TrainingStep` (built as `trainer.builder` builds it) computes the loss of a
+The run's own `TrainingStep` (built as `trainer.build.builder` builds it) computes the loss of a
 batch of the largest bucket, and the loop's backward follows, on the shadow model of
 `fake_model.py` (shadow tensors: shadow.py). Nothing is allocated, but every tensor an operator makes is counted while it
 lives (`tracker.LiveBytes`), and what autograd saves is counted apart (`tracker.SavedBytes`).
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.builder import step_settings
+from trainer.build.builder import step_settings
 from trainer.config import TrainConfig
-from trainer.diffusion import NoiseSchedule
 from trainer.plan.emulation import MixedTypeNormStatistics
 from trainer.plan.fake_model import FakeRun
 from trainer.plan.shadow import shadow_zeros
 from trainer.plan.tracker import LiveBytes, SavedBytes
-from trainer.step import TrainingStep
+from trainer.step.diffusion import NoiseSchedule
+from trainer.step.training_step import TrainingStep
 
 CUDA_ALLOCATION_GRANULARITY = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.errors import ConfigError
 from trainer.optim import OptimizerFile
 from trainer.optim.registry import REGISTRY, get_spec, normalize_name
 from trainer.optim.schema import DEFAULT_OPTIMIZER
 from trainer.plan.model import Change, Skipped
+from trainer.runtime.errors import ConfigError
 
 # Measured speed costs (docs/PERFORMANCE.md, 2-core CPU, builtin:tiny-sd1; GPU figures pending).
 SPEED_COSTS = {

@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig
 
 from trainer.checkpointing import PIPELINE_DIR, find_last, open_checkpoint
-from trainer.errors import ModelLoadError
 from trainer.models.builtin import BUILTINS
 from trainer.models.checkpoint_io import (
     SINGLE_FILE_SUFFIXES,
@@ -32,10 +31,24 @@ from trainer.models.checkpoint_io import (
 )
 from trainer.models.components import ComponentConfigs, family_of_text_encoder, read_json
 from trainer.models.loading import BUILTIN_PREFIX
+from trainer.runtime.errors import ModelLoadError
 
 # The bundled architecture whose tokenizer settings a family uses (the plan only needs how
 # many tokens a caption becomes, which the family's tokenizer decides).
 TOKENIZER_OF_FAMILY = {"sd1": "sd15", "sd2": "sd21"}
+# safetensors' dtype names (the header's), for the host plan's bytes of a file's tensors
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def architecture_of(resume_ckpt: str, *, logdir: str, project_name: str) -> tuple[ComponentConfigs, str]:
@@ -88,12 +101,16 @@ def _pipeline_configs(folder: Path) -> ComponentConfigs:
 
 
 def read_header(path: Path) -> RawCheckpoint:
-    """A single file's key names and shapes as meta tensors: no tensor data is read."""
+    """A single file's key names, shapes and dtypes as meta tensors: no tensor data is read."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 names = f.keys()  # noqa: SIM118 (a safetensors handle is not iterable)
-                tensors = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in names}
+                tensors = {}
+                for k in names:
+                    part = f.get_slice(k)
+                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+                    tensors[k] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
                 metadata = dict(f.metadata() or {})
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path} is not a readable .safetensors file ({e})") from e

@@ -14,12 +14,12 @@ import logging
 import torch
 
 from trainer.config import TrainConfig
-from trainer.errors import ConfigError
 from trainer.optim import OptimizerFile, load_optimizer_file
 from trainer.plan.advice import with_optimizers
 from trainer.plan.memory import Evaluator, plan_memory
 from trainer.plan.model import GIB, MemoryPlan
 from trainer.plan.report import describe_change, gib, plan_table
+from trainer.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import logging
 import sys
 
 from trainer.config import load_config
-from trainer.errors import TrainerError
 from trainer.optim import load_optimizer_file
 from trainer.plan.check import resolve_budget
 from trainer.plan.memory import plan_memory
 from trainer.plan.report import plan_json, plan_table
+from trainer.runtime.errors import TrainerError
 
 log = logging.getLogger("trainer.plan")
 

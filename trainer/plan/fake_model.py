@@ -1,6 +1,6 @@
 """The run's model and optimizers, built without weights: real modules on shadow tensors.
 
-`build_fake_run` does what `trainer.builder.build_components` does to the model, with the
+`build_fake_run` does what `trainer.build.builder.build_components` does to the model, with the
 trainer's own functions, on modules whose parameters are shadows (shadow.py: CPU tensors with
 no data): the attention kernels and lean forwards, the freezing and optimizers
 (`build_optimizers`, so what trains is decided by the same rules), the storage dtype of each
@@ -20,13 +20,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.attention import configure_attention
-from trainer.builder import enable_gradient_checkpointing
+from trainer.build.attention import configure_attention
+from trainer.build.builder import enable_gradient_checkpointing
+from trainer.build.lean_blocks import use_lean_blocks
+from trainer.build.placement import WEIGHT_DTYPES, plan_dtypes
 from trainer.config import TrainConfig
-from trainer.lean_blocks import use_lean_blocks
 from trainer.models.components import ComponentConfigs, load_tokenizer, training_scheduler_config
 from trainer.optim import OptimizerFile, OptimizerSet, TrainOptimSettings, build_optimizers
-from trainer.placement import WEIGHT_DTYPES, plan_dtypes
 from trainer.plan.emulation import use_cuda_autocast_norms
 from trainer.plan.shadow import shadow_module
 
@@ -48,7 +48,7 @@ class FakeRun:
 
 
 def optim_settings(cfg: TrainConfig) -> TrainOptimSettings:
-    """The train.json side of the optimizer precedence, as `trainer.builder` passes it."""
+    """The train.json side of the optimizer precedence, as `trainer.build.builder` passes it."""
     return TrainOptimSettings.from_config(cfg)
 
 

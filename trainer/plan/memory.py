@@ -86,4 +86,5 @@ def plan_memory(
         skipped=tuple(skipped),
         notes=base.notes,
         advice_fits=fits_after,
+        host=base.host,
     )

@@ -23,6 +23,7 @@ CATEGORIES = (
     "activations",  # tensors the forward/backward holds at the peak: saved activations, their
     # gradients, recomputed blocks, autocast copies of the weights
     "transient",  # the largest short-lived working memory on top (optimizer step, rounding)
+    "sampling",  # how much the sampling moment (step boundary) exceeds the training peak (sampling.py)
     "ema",  # EMA shadow weights on the device (ema_device "device")
     "ddp_buckets",  # DDP's gradient buckets: a second copy of the gradients (several processes)
     "cuda_context",  # CUDA context and library handles (estimate; 0 on CPU)
@@ -35,6 +36,7 @@ CATEGORY_LABELS = {
     "optimizer_states": "optimizer states",
     "activations": "activations",
     "transient": "largest transient",
+    "sampling": "sampling, above the training peak",
     "ema": "EMA on the device",
     "ddp_buckets": "DDP gradient buckets",
     "cuda_context": "CUDA context (estimate)",
@@ -59,6 +61,7 @@ class PlanSizes:
     saved_activations: int
     step_peak: int
     trainable_parameters: int
+    sampling: int = 0  # the sample pipeline's working memory at the step boundary (sampling.py)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class MemoryPlan:
     notes: tuple[str, ...] = ()  # assumptions and estimates the figures rest on
     advice_fits: bool | None = None  # whether the changes in `advice` make it fit
     extra: dict[str, Any] = field(default_factory=dict)
+    host: Any = None  # host.HostPlan: the peak host RSS (the plan's second table)
 
     @property
     def total_bytes(self) -> int:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from trainer.errors import ConfigError
 from trainer.optim.registry import OptimizerSpec, prefer_fused_kernel
+from trainer.runtime.errors import ConfigError
 
 FP32 = torch.float32
 

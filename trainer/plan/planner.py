@@ -23,23 +23,25 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.build.ema import EMA
+from trainer.build.precision import resolve_autocast_dtype
 from trainer.config import TrainConfig
 from trainer.data.buckets import get_buckets
-from trainer.ema import EMA
 from trainer.optim import OptimizerFile
 from trainer.optim.fused_backward import check_fused_backward
 from trainer.plan.activations import CUDA_ALLOCATION_GRANULARITY, PassResult, run_pass
 from trainer.plan.architecture import architecture_of
-from trainer.plan.fake_model import FakeRun, build_fake_run, module_bytes, tensor_bytes
+from trainer.plan.fake_model import FakeRun, arch_key, build_fake_run, module_bytes, tensor_bytes
+from trainer.plan.host import HostPlan, plan_host
 from trainer.plan.model import CATEGORIES, PlanSizes
 from trainer.plan.optimizer_state import parameter_state, shared_state, state_bytes
+from trainer.plan.sampling import ema_swap_bytes, largest_sample_call, sampling_working_bytes
 from trainer.plan.transients import (
     DEFAULT_ROUNDING_CHUNK_BYTES,
     gradient_norm_bytes,
     optimizer_temporaries,
     rounding_bytes,
 )
-from trainer.precision import resolve_autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Evaluation:
     sizes: PlanSizes
     settings: dict
     notes: tuple[str, ...]
+    host: HostPlan | None = None
 
 
 def target_autocast(cfg: TrainConfig, device: str) -> tuple[torch.dtype | None, list[str]]:
@@ -134,10 +137,27 @@ def evaluate(
     moment = _peak_moment(run, cfg, opt_file, result, gradients_total, device)
     categories = dict.fromkeys(CATEGORIES, 0)
     categories.update(weights=weights, frozen_weights=frozen, optimizer_states=states, **moment)
-    categories["ema"] = _ema_bytes(run, cfg)
+    ema_shadow = _ema_shadow_bytes(run)
+    categories["ema"] = ema_shadow if cfg.ema_enabled and cfg.ema_device != "cpu" else 0
     # DDP (accelerate's default gradient_as_bucket_view=False) all-reduces through flat buckets
     # holding a copy of every gradient, alive from the first backward on.
     categories["ddp_buckets"] = gradients_total if processes > 1 else 0
+    sampling, sample_notes = _sampling_bytes(run, cfg, device, autocast, passes, arch)
+    notes += sample_notes
+    resident = sum(
+        categories[k] for k in ("weights", "frozen_weights", "optimizer_states", "ema", "ddp_buckets")
+    )
+    # a transient at the step boundary: the peak is max(training, sampling), see sampling.py
+    categories["sampling"] = max(0, resident + sampling - sum(categories.values()))
+    host = plan_host(
+        cfg,
+        run,
+        device=device,
+        device_total=sum(categories.values()),
+        ema_shadow=ema_shadow,
+        autocast=autocast,
+    )
+    notes += host.notes
     if device == "cuda":
         notes.append(_cuda_estimates(categories))
     if cfg.cache_text_encoder_outputs:
@@ -155,6 +175,7 @@ def evaluate(
         saved_activations=result.saved_activations,
         step_peak=step_peak,
         trainable_parameters=sum(p.numel() for p in trained_params),
+        sampling=sampling,
     )
     settings = {
         "model": source,
@@ -168,7 +189,7 @@ def evaluate(
         "dtypes": {k: str(v).removeprefix("torch.") for k, v in run.dtypes.items()},
         **{k: getattr(cfg, k) for k in _OPTION_KEYS},
     }
-    return Evaluation(categories, sizes, settings, tuple(notes))
+    return Evaluation(categories, sizes, settings, tuple(notes), host)
 
 
 def _cuda_estimates(categories: dict[str, int]) -> str:
@@ -281,10 +302,33 @@ def _step_transient(run: FakeRun, cfg: TrainConfig, device: str) -> int:
     return largest
 
 
-def _ema_bytes(run: FakeRun, cfg: TrainConfig) -> int:
-    """The EMA's shadow weights and buffers when they live on the device (ema_device device)."""
-    if not cfg.ema_enabled or cfg.ema_device == "cpu":
-        return 0
+def _sampling_bytes(
+    run: FakeRun, cfg: TrainConfig, device: str, autocast, passes: dict, arch
+) -> tuple[int, list[str]]:
+    """Working memory of the largest sample call (sampling.py), remembered in `passes` by what
+    it depends on: the architecture, the modules' dtypes, attention, autocast and the call."""
+    call, notes = largest_sample_call(cfg)
+    if call is None:
+        return 0, notes
+    key = json.dumps(
+        [
+            "sampling",
+            arch_key(arch),
+            {k: str(v) for k, v in run.dtypes.items()},
+            cfg.attn_type,
+            str(autocast),
+            device,
+            call.key,
+        ]
+    )
+    if key not in passes:
+        passes[key] = sampling_working_bytes(run, call, device=device, autocast_dtype=autocast)
+    return passes[key] + ema_swap_bytes(run, cfg), notes
+
+
+def _ema_shadow_bytes(run: FakeRun) -> int:
+    """The EMA's shadow weights and buffers (wherever they live: the device plan counts them
+    with ema_device device, the host plan with ema_device cpu)."""
     modules = {"unet": run.unet}
     if "text_encoder" in run.trained:
         modules["text_encoder"] = run.text_encoder

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from trainer.plan.host import HOST_CATEGORIES, HOST_LABELS, PHASES
 from trainer.plan.model import CATEGORIES, CATEGORY_LABELS, GIB, Change, MemoryPlan
 
 
@@ -50,9 +51,26 @@ def plan_table(plan: MemoryPlan) -> str:
             f"  {'budget (' + plan.budget_source + ')':<40} {plan.budget_bytes / GIB:>9.3f}   {verdict} ({spare})"
         )
     lines += _advice_lines(plan)
+    lines += _host_lines(plan)
     if plan.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _host_lines(plan: MemoryPlan) -> list[str]:
+    """The second table: the peak host RSS, by category, with the moment each belongs to."""
+    host = plan.host
+    if host is None:
+        return []
+    lines = ["", f"  {'host memory (RSS)':<40} {'GiB':>9}   moment"]
+    for key in HOST_CATEGORIES:
+        if host.categories[key]:
+            moments = " + ".join(name for name, keys in PHASES.items() if key in keys)
+            lines.append(f"  {HOST_LABELS[key]:<40} {host.categories[key] / GIB:>9.3f}   {moments}")
+    for name, total in host.phases.items():
+        lines.append(f"  {'total at ' + name:<40} {total / GIB:>9.3f}")
+    lines.append(f"  {'host peak (' + host.peak_phase + ')':<40} {host.total_bytes / GIB:>9.3f}")
+    return lines
 
 
 def _advice_lines(plan: MemoryPlan) -> list[str]:
@@ -98,4 +116,13 @@ def plan_json(plan: MemoryPlan) -> dict[str, Any]:
         "advice_fits": plan.advice_fits,
         "not_offered": [{"change": s.name, "reason": s.reason} for s in plan.skipped],
         "notes": list(plan.notes),
+        "host": None
+        if plan.host is None
+        else {
+            "total_bytes": plan.host.total_bytes,
+            "categories": dict(plan.host.categories),
+            "phases": dict(plan.host.phases),
+            "peak_phase": plan.host.peak_phase,
+            "notes": list(plan.host.notes),
+        },
     }

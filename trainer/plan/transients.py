@@ -1,6 +1,6 @@
 """Working memory of an optimizer step that lives only during the step.
 
-* bf16 weights: `trainer.stochastic_rounding.step_with_stochastic_rounding` makes fp32
+* bf16 weights: `trainer.optim.stochastic_rounding.step_with_stochastic_rounding` makes fp32
   stand-ins of a chunk of weights and gradients plus the rounding's random bits. Measured, not
   estimated: the trainer's own function runs on fake tensors of the same shapes (a stateless
   SGD stands in for the optimizer, whose own working memory is the next item), so its chunking
@@ -23,8 +23,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from trainer.optim.registry import OptimizerSpec, prefer_fused_kernel
+from trainer.optim.stochastic_rounding import DEFAULT_CHUNK_BYTES, step_with_stochastic_rounding
 from trainer.plan.tracker import LiveBytes
-from trainer.stochastic_rounding import DEFAULT_CHUNK_BYTES, step_with_stochastic_rounding
 
 # Full-size fp32 temporaries of the largest parameter during its update (each library's step):
 # e.g. transformers' Adafactor holds `grad**2 + eps` and the factored approximation at once;

@@ -1,6 +1,6 @@
 """The built-in tiny models' trained VAE: weights and config shipped in this folder.
 
-`train_tiny_vae.py` here made them (its docstring has the recipe and how to rebuild them);
+`tools/train_tiny_vae.py` made them (its docstring has the recipe and how to rebuild them);
 `training.json` records the recipe, the measured PSNR and the weights' sha256.
 """
 

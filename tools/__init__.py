@@ -1,0 +1,1 @@
+"""Generators of the bundled artefacts (tiny VAE, CLIP vocabulary); not part of the installed package."""

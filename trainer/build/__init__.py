@@ -1,0 +1,1 @@
+"""From a config to built parts: model, attention, lean forwards, step, optimizers, placement, EMA."""

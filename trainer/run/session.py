@@ -1,0 +1,361 @@
+"""A training session: the built components plus the run around them (run folder, metrics,
+observers, resume). `build_session` is what the CLI and the tests call; the loop runs the result.
+
+`build_session` resolves the model source (including `findlast` and resuming from a checkpoint
+of this trainer), builds the components (trainer/build/builder.py), decides exact resume against the
+checkpoint's guard (trainer/checkpointing/), restores the training state, and only then creates
+or reopens the run folder. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from trainer.build.builder import Components, build_components, evaluation_step
+from trainer.build.ema import EMA
+from trainer.build.placement import ExportPrecision
+from trainer.checkpointing import (
+    ResumePlan,
+    check_settings,
+    plan_resume,
+    random_seed,
+    resolve_seed,
+    restore_training_state,
+    resume_guard,
+)
+from trainer.checkpointing.resume_changes import log_resume_changes
+from trainer.checkpointing.state import TrainingState
+from trainer.checkpointing.store import CheckpointInfo
+from trainer.config import TrainConfig, config_to_json
+from trainer.config.rules import active_extra_options
+from trainer.data import LatentCache, LoadedDataset, fill_latent_cache
+from trainer.data.latent_cache import cache_directory
+from trainer.data.validation_split import load_validation_config
+from trainer.eval.observe import Observers
+from trainer.eval.sampling import (
+    SampleGenerator,
+    load_sample_jobs,
+    make_sample_scheduler,
+    pretrain_samples_wanted,
+    sample_variants,
+)
+from trainer.eval.validation import Validator
+from trainer.models import SDComponents
+from trainer.optim import OptimizerFile, TrainingOptimizer
+from trainer.plan.check import startup_check
+from trainer.run.folder import (
+    RunFolder,
+    StartupLog,
+    claim_run_folder,
+    lock_resumed_folder,
+    new_run_folder,
+    run_folder_of_checkpoint,
+    write_json,
+)
+from trainer.run.metrics import Metrics, config_text
+from trainer.run.preflight import check_inputs, finished_message
+from trainer.run.te_stop import stop_text_encoder_on_resume
+from trainer.runtime.determinism import configure_determinism
+from trainer.runtime.errors import RunFinished
+from trainer.runtime.threads import describe_threads
+from trainer.step.training_step import TrainingStep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Everything the loop touches. Owned objects expose state_dict()/load_state_dict()."""
+
+    cfg: TrainConfig
+    opt_file: OptimizerFile
+    accelerator: Accelerator
+    run: RunFolder
+    model: SDComponents
+    data: LoadedDataset
+    step: TrainingStep
+    optim: TrainingOptimizer
+    scaler: torch.amp.GradScaler | None
+    ema: EMA | None
+    metrics: Metrics
+    state: TrainingState
+    total_optimizer_steps: int
+    observers: Observers
+    plan: ResumePlan  # how this run started (new, exact resume, weights only)
+    latent_cache: LatentCache | None = None
+    resumed_from: Path | None = None
+    log_handler: logging.Handler | None = None  # this run's train.log on the root logger
+    wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
+    export_precision: ExportPrecision | None = (
+        None  # loaded values of frozen weights stored in half precision
+    )
+
+    def close(self) -> None:
+        """End the run's outputs: close the metrics (TensorBoard's files, `wandb.finish()`, which
+        marks a wandb run finished and uploads its last data) and detach train.log from the root
+        logger. Call when the run is over (after its summary is logged); otherwise later runs in
+        the same process also write into it. Idempotent."""
+        self.metrics.close()
+        if self.log_handler is not None:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules as the step calls them (DDP-wrapped when distributed)."""
+        return dict(self.wrapped or {})
+
+
+def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
+    configure_determinism(cfg)  # before anything touches CUDA (cuBLAS reads its workspace setting once)
+    # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
+    accelerator = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    check_inputs(cfg)  # every named file, before the model loads
+    # the memory plan against the budget, before the model loads (auto_fit: the fitted recipe)
+    cfg, opt_file = startup_check(cfg, device=accelerator.device.type, processes=accelerator.num_processes)
+    startup_log = StartupLog()  # the run folder (and its train.log) is created once all went well
+    try:
+        plan = plan_resume(cfg.resume_ckpt, cfg.logdir, cfg.project_name)
+        if plan.exact and (finished := finished_message(cfg, plan.checkpoint.manifest, plan.checkpoint.path)):
+            raise RunFinished(finished)
+        cfg = cfg.model_copy(update={"seed": resolve_seed(cfg.seed, plan, draw=_seed_draw(accelerator))})
+        return _start(cfg, accelerator, plan, startup_log, opt_file=opt_file)
+    except BaseException:
+        startup_log.detach_file()  # the error itself is logged by the caller, on the console
+        raise
+    finally:
+        startup_log.discard()
+
+
+def _seed_draw(accelerator: Accelerator) -> Callable[[], int] | None:
+    """For `seed: -1` in a multi-process run: rank 0 draws and every rank trains with that seed.
+    Each rank drawing its own would shuffle and shard the data differently per rank (some images
+    seen twice an epoch, others never) and break 1-process == N-process."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def draw() -> int:
+        seed = [random_seed() if accelerator.is_main_process else None]
+        return int(broadcast_object_list(seed, from_process=0)[0])
+
+    return draw
+
+
+def _start(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    plan: ResumePlan,
+    startup_log: StartupLog,
+    *,
+    opt_file: OptimizerFile | None = None,
+) -> Session:
+    parts = build_components(cfg, accelerator, model_spec=plan.spec, opt_file=opt_file)
+    data = parts.data
+    plan = check_settings(
+        plan,
+        resume_guard(
+            cfg, world_size=accelerator.num_processes, data_fingerprint=data.fingerprint(), optim=parts.optim
+        ),
+    )
+    state = TrainingState()
+    resumed_from = None
+    if plan.exact:
+        stop_text_encoder_on_resume(cfg, parts, accelerator, plan.state["progress"]["global_step"])
+        restore_training_state(
+            plan,
+            optim=parts.optim,
+            scaler=parts.scaler,
+            ema=parts.ema,
+            progress=state,
+            total_optimizer_steps=parts.total_optimizer_steps,
+            rank=accelerator.process_index,
+        )
+        # before this session rewrites train_effective.json: the change table compares with it
+        checkpoint_config = run_folder_of_checkpoint(plan.checkpoint.path).path / "train_effective.json"
+        log_resume_changes(plan, parts.optim, cfg, parts.total_optimizer_steps, checkpoint_config)
+        resumed_from = plan.checkpoint.path
+        plan = replace(plan, state=None)  # the optimizer states are GBs: do not hold a copy
+    run, log_handler = _start_run_folder(
+        cfg, accelerator, plan.checkpoint if plan.exact else None, startup_log
+    )
+    metrics = Metrics(
+        run.path,
+        enabled=accelerator.is_main_process,
+        purge_step=state.global_step + 1 if plan.exact else None,
+        wandb_cfg={"project": cfg.project_name, "name": cfg.run_name, "config": cfg.model_dump()}
+        if cfg.wandb
+        else None,
+    )
+    latent_cache = _fill_latent_cache(cfg, accelerator, parts) if cfg.cache_latents else None
+    observers = _build_observers(
+        cfg,
+        parts,
+        accelerator,
+        run,
+        metrics,
+        state,
+        latent_cache=latent_cache,
+        resumed=resumed_from is not None,
+    )
+    if accelerator.is_main_process:
+        write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
+        write_json(run.path / "optimizer_effective.json", parts.opt_file.as_dict())
+        for tag, values in (
+            ("train", json.loads(config_to_json(cfg))),
+            ("optimizer", parts.opt_file.as_dict()),
+        ):
+            metrics.text(f"config/{tag}", config_text(values), state.global_step)
+    log.info("%s", plan.describe())
+    log.info(
+        "device %s (%d process(es)), precision %s%s%s, %d optimizer steps (%d per epoch x %d epochs)",
+        accelerator.device,
+        accelerator.num_processes,
+        "fp32" if parts.autocast_dtype is None else str(parts.autocast_dtype).removeprefix("torch."),
+        " + GradScaler" if parts.scaler is not None else "",
+        f", {parts.cuda_modes}" if parts.cuda_modes else "",
+        parts.total_optimizer_steps,
+        data.windows_per_epoch(),
+        cfg.max_epochs,
+    )
+    log.info("%s", describe_threads())
+    if extras := active_extra_options(cfg):
+        log.info("kohya/OneTrainer options: %s", "; ".join(extras))
+    return Session(
+        cfg=cfg,
+        opt_file=parts.opt_file,
+        accelerator=accelerator,
+        run=run,
+        model=parts.model,
+        data=data,
+        step=parts.step,
+        optim=parts.optim,
+        scaler=parts.scaler,
+        ema=parts.ema,
+        metrics=metrics,
+        state=state,
+        total_optimizer_steps=parts.total_optimizer_steps,
+        observers=observers,
+        plan=plan,
+        latent_cache=latent_cache,
+        resumed_from=resumed_from,
+        log_handler=log_handler,
+        wrapped=parts.wrapped,
+        export_precision=parts.export_precision,
+    )
+
+
+def _fill_latent_cache(cfg: TrainConfig, accelerator: Accelerator, parts: Components) -> LatentCache:
+    """Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights
+    (and the dtype it encodes in), not the model's path, so a resume reuses every entry."""
+    data = parts.data
+    cache = LatentCache(cache_directory(cfg.logdir), parts.vae_fingerprint, masks=data.settings.mask_source)
+    log.info("latent cache: %s, VAE fingerprint %s", cache.directory, parts.vae_fingerprint)
+    eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
+    with accelerator.main_process_first():  # rank 0 fills the shared cache; the others reuse it
+        for items in (None, eval_items):  # None = the training items
+            if items == []:
+                continue
+            fill_latent_cache(data, cache, parts.step.encode_latents, batch_size=cfg.batch_size, items=items)
+    return cache
+
+
+def _start_run_folder(cfg, accelerator, ckpt: CheckpointInfo | None, startup_log: StartupLog):
+    """The run starts: a resumed run keeps its folder, a new one gets a fresh folder (rank 0
+    creates it), and train.log opens with the start-up lines. Returns (run, log handler).
+
+    Rank 0 locks the folder (trainer/run/folder.py `RunLock`) before anything is written into it and
+    holds the lock until the session closes (the train.log handler owns it); a second process is
+    refused, naming the holder. The lock is taken here, after the model and training state are
+    loaded, rather than before restoring them: which folder the run writes is known only once
+    the resume plan and the settings check have chosen between exact resume (the checkpoint's
+    folder) and a new run. The window this leaves, two `findlast` picking the same checkpoint,
+    is closed once the lock is held: a folder into which another run saved a newer checkpoint
+    meanwhile is refused (`lock_resumed_folder`). The cost is that a refused process has loaded
+    the model before it learns the folder is taken."""
+    if ckpt is not None:
+        run = run_folder_of_checkpoint(ckpt.path)
+        take = partial(lock_resumed_folder, run, ckpt, findlast=cfg.resume_ckpt == "findlast")
+    else:
+        take = partial(new_run_folder, cfg.logdir, cfg.project_name)
+    run = claim_run_folder(accelerator, take)
+    handler = startup_log.attach(run) if accelerator.is_main_process else None
+    return run, handler
+
+
+def _build_observers(
+    cfg: TrainConfig,
+    parts: Components,
+    accelerator: Accelerator,
+    run: RunFolder,
+    metrics: Metrics,
+    state: TrainingState,
+    *,
+    latent_cache: LatentCache | None,
+    resumed: bool,
+) -> Observers:
+    """Sample generator and validator, each only when configured."""
+    model = parts.model
+    sampler, sample_at_start = None, False
+    if cfg.sample_prompts:
+        captions = [it.caption.text for it in parts.data.train_items]
+        jobs, spec = load_sample_jobs(
+            cfg.sample_prompts, resolution=cfg.resolution, default_seed=cfg.seed, fallback_captions=captions
+        )
+        sample_at_start = pretrain_samples_wanted(cfg.sample_at_start, cfg.sample_prompts, spec)
+        make_sample_scheduler(  # refuse a scheduler that cannot sample this model now, not at step N
+            model.scheduler_config, spec.scheduler, zero_terminal_snr=cfg.enable_zero_terminal_snr
+        )
+        sample_dtype = parts.autocast_dtype
+        if sample_dtype is None and cfg.weight_dtype == "bf16":
+            sample_dtype = torch.bfloat16  # bf16 weights next to an fp32 VAE: the pipeline must autocast
+        variants = sample_variants(
+            ema_enabled=parts.ema is not None,
+            sample_ema=cfg.ema_sample_ema_model,
+            sample_live=cfg.ema_sample_nonema_model,
+        )
+        sampler = SampleGenerator(
+            jobs,
+            run.samples,
+            variants=variants,
+            zero_terminal_snr=cfg.enable_zero_terminal_snr,
+            autocast_dtype=sample_dtype,
+            spec=spec,
+            captions=captions,
+        )
+    validator = None
+    val_cfg = load_validation_config(cfg.validation_config)
+    if val_cfg is not None:
+        validator = Validator(
+            parts.data,
+            val_cfg,
+            evaluation_step(parts, accelerator),
+            accelerator,
+            batch_size=cfg.batch_size,
+            latent_cache=latent_cache,
+        )
+    return Observers(
+        model=model,
+        accelerator=accelerator,
+        optim=parts.optim,
+        state=state,
+        metrics=metrics,
+        ema=parts.ema,
+        sampler=sampler,
+        validator=validator,
+        sample_at_start=sample_at_start,
+        sample_steps=cfg.sample_steps,
+        resumed=resumed,
+    )

@@ -1,0 +1,1 @@
+"""The process: CPU threads, host allocator, reproducible kernels, signals, console, error types, file modes."""

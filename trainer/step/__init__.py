@@ -1,0 +1,1 @@
+"""One micro-batch to a per-sample loss: latents, noise, timesteps, text, UNet; the maths as pure functions."""
