@@ -62,7 +62,7 @@ def bench_transform(folder: Path, n: int, batch_size: int) -> dict:
     for label, workers in (("workers_0", 0), (f"workers_{os.cpu_count()}", os.cpu_count() or 1)):
         plan = _plan(folder, items, workers, batch_size)
         started = time.perf_counter()
-        count = sum(len(b["paths"]) for b in make_loader(plan, plan.epoch_plan(0)))
+        count = sum(len(b.paths) for b in make_loader(plan, plan.epoch_plan(0)))
         out[label] = round(count / (time.perf_counter() - started), 1)
     return out
 
@@ -105,7 +105,7 @@ def bench_latent_cache(folder: Path, n: int, batch_size: int, encode) -> dict:
     started = time.perf_counter()
     with torch.no_grad():
         for batch in make_loader(plan, plan.epoch_plan(0)):
-            encode(batch["pixel_values"])
+            encode(batch.pixel_values)
     uncached = time.perf_counter() - started
     cache = LatentCache(None, "bench")
     fill = fill_latent_cache(plan, cache, encode, batch_size=batch_size)

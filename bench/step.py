@@ -70,6 +70,7 @@ from trainer.build.builder import build_components
 from trainer.build.ema import EMA
 from trainer.build.lean_blocks import use_generic_blocks
 from trainer.config import TrainConfig
+from trainer.data.batch import Batch
 from trainer.models import SDComponents
 from trainer.optim import TrainingOptimizer, parse_optimizer_json
 from trainer.runtime.host_memory import configure_host_memory
@@ -179,7 +180,7 @@ class Bench:
     step: TrainingStep
     optim: TrainingOptimizer
     scaler: torch.amp.GradScaler | None
-    batches: list[dict]
+    batches: list[Batch]
     ema: EMA | None = None
     steps_taken: int = 0  # optimizer steps run on this build (time_steps continues from here)
 
@@ -188,7 +189,7 @@ class Bench:
         batch = self.batches[index % len(self.batches)]
         with _sdpa(self.args.sdpa_backend):
             out = self.step(batch)
-            loss = out.loss.sum() / len(batch["captions"])
+            loss = out.loss.sum() / len(batch.captions)
             self.optim.backward(loss, self.scaler)
         self.optim.step(self.scaler)
         if self.ema is not None:
@@ -264,7 +265,7 @@ def build(args: argparse.Namespace, *, eager: bool = False) -> Bench:
     )
 
 
-def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device) -> list[dict]:
+def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device) -> list[Batch]:
     """A few distinct batches, already on the device (pinned-memory transfer is the loader's job)."""
     gen = torch.Generator().manual_seed(args.seed)
     out = []
@@ -272,12 +273,10 @@ def _batches(args: argparse.Namespace, step: TrainingStep, device: torch.device)
         pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=gen) * 2 - 1
         captions = [CAPTIONS[(i * args.batch_size + k) % len(CAPTIONS)] for k in range(args.batch_size)]
         seeds = [args.seed * 1000 + i * args.batch_size + k for k in range(args.batch_size)]
-        batch = {"captions": captions, "loss_scale": torch.ones(args.batch_size), "sample_seeds": seeds}
         if args.cache_latents:
-            batch["latents"] = step.encode_latents(pixels.to(device))
+            out.append(Batch(captions, seeds, latents=step.encode_latents(pixels.to(device))))
         else:
-            batch["pixel_values"] = pixels.to(device)
-        out.append(batch)
+            out.append(Batch(captions, seeds, pixel_values=pixels.to(device)))
     return out
 
 
@@ -297,7 +296,7 @@ def count_step_flops(bench: Bench) -> int:
     counter = FlopCounterMode(display=False)
     with counter, _sdpa(bench.args.sdpa_backend):
         out = bench.step(bench.batches[0])
-        bench.optim.backward(out.loss.sum() / len(bench.batches[0]["captions"]), bench.scaler)
+        bench.optim.backward(out.loss.sum() / len(bench.batches[0].captions), bench.scaler)
     bench.optim.step(bench.scaler)
     return int(counter.get_total_flops())
 
@@ -499,7 +498,7 @@ class PhaseClock:
             forward_start = self.now()
             before = sum(self.totals[p] for p in ("text encode", "VAE encode", "UNet forward"))
             out = bench.step(batch)
-            loss = out.loss.sum() / len(batch["captions"])
+            loss = out.loss.sum() / len(batch.captions)
             inner = sum(self.totals[p] for p in ("text encode", "VAE encode", "UNet forward")) - before
             self.totals["rest of forward"] += self.now() - forward_start - inner
             self._split = None

@@ -19,6 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import load_config  # noqa: E402
+from trainer.data.batch import Batch
 from trainer.run.session import build_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,7 @@ def main() -> None:
     report = {"rank": int(os.environ["RANK"])}
     for module in session.trainable_modules().values():
         module.register_comm_hook(state=None, hook=record_then_allreduce)
-    batch = {
-        "latents": torch.randn(2, 4, 8, 8),
-        "captions": ["a red circle", "a blue square"],
-        "loss_scale": torch.ones(2),
-        "sample_seeds": [0, 1],
-    }
+    batch = Batch(["a red circle", "a blue square"], [0, 1], latents=torch.randn(2, 4, 8, 8))
     session.step(batch).loss.mean().backward()
     for name, module in session.trainable_modules().items():
         grads = [p.grad for p in module.parameters() if p.requires_grad]

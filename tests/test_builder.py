@@ -9,6 +9,7 @@ from helpers import ROOT, adamw_file, base_args, copy_images
 
 from trainer.build.builder import build_components
 from trainer.config import load_config
+from trainer.data.batch import Batch
 from trainer.optim import FusedOptimizerSet, OptimizerSet, TrainingOptimizer
 
 
@@ -58,12 +59,7 @@ def test_synthetic_batches_need_no_dataset(tmp_path, dataset):
     parts = build_components(cfg, Accelerator(cpu=True), total_optimizer_steps=3)
     assert parts.data is None and parts.total_optimizer_steps == 3
     assert isinstance(parts.optim, FusedOptimizerSet) and isinstance(parts.optim, TrainingOptimizer)
-    batch = {
-        "latents": torch.randn(2, 4, 8, 8),
-        "captions": ["a", "b"],
-        "loss_scale": torch.ones(2),
-        "sample_seeds": [0, 1],
-    }
+    batch = Batch(["a", "b"], [0, 1], latents=torch.randn(2, 4, 8, 8))
     before = parts.model.unet.conv_in.weight.detach().clone()
     parts.optim.backward(parts.step(batch).loss.mean())
     assert not parts.optim.step().skipped

@@ -11,6 +11,7 @@ import torch
 
 from tests.test_step import CAPTIONS, make_step, models, pixel_batch  # noqa: F401 (fixture)
 from trainer.checkpointing import state as state_mod
+from trainer.data.batch import Batch
 
 
 class FakeCuda:
@@ -178,7 +179,7 @@ def test_per_sample_noise_is_moved_in_one_copy_with_unchanged_values(models, mon
     real = step._to_device
     monkeypatch.setattr(step, "_to_device", lambda host: copies.append(host.shape) or real(host))
     latents = torch.zeros(3, 4, 8, 8)
-    step({"latents": latents, "captions": ["a", "b", "c"], "loss_scale": 1.0, "sample_seeds": [5, 6, 7]})
+    step(Batch(["a", "b", "c"], [5, 6, 7], latents=latents))
     assert len(copies) == 1  # noise and timesteps packed together
     for i, seed in enumerate([5, 6, 7]):
         g = torch.Generator().manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 
 from trainer.data import DataSettings, auto_num_workers, load_data, make_eval_loader, make_loader
+from trainer.data.batch import Batch
 from trainer.data.dataset import LoadedDataset
 from trainer.data.items import CaptionSpec, ImageItem
-from trainer.data.loaders import RunBatchDataset, RunLoader, _sample_options
+from trainer.data.loaders import RunBatchDataset, RunLoader, SampleOptions
 from trainer.data.transforms import load_image, to_tensor
 from trainer.runtime.errors import DataError
 
@@ -42,12 +44,12 @@ def _make(tmp_path, n=14, sizes=None, item_flip_p=None, **kw):
 
 
 def _same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
+    for field in dataclasses.fields(b):  # b: a plain Batch (a may carry more)
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), field.name
         else:
-            assert a[key] == b[key], key
+            assert x == y, field.name
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -55,7 +57,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, workers):
     plan = _make(tmp_path, num_workers=workers, shuffle_tags=True, flip_p=0.5)
     epoch = plan.epoch_plan(1)
     full = list(make_loader(plan, epoch))
-    assert [b["batch_index"] for b in full] == list(range(len(epoch.batches)))
+    assert [b.batch_index for b in full] == list(range(len(epoch.batches)))
     k = 2
     resumed = list(make_loader(plan, plan.epoch_plan(1), start_batch=k))
     assert len(resumed) == len(full) - k
@@ -69,18 +71,26 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, workers):
             _same(a, b)
 
 
+@dataclasses.dataclass
+class _PidBatch(Batch):
+    pid: int = 0  # the process that built it
+
+
 class _PidDataset(RunBatchDataset):
     """Tags each batch with the process that built it."""
 
     def __getitem__(self, index):
-        return {**super().__getitem__(index), "pid": os.getpid()}
+        batch = super().__getitem__(index)
+        return _PidBatch(
+            **{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, pid=os.getpid()
+        )
 
 
 def test_run_loader_keeps_its_workers_across_epochs_and_gives_make_loaders_batches(tmp_path):
     """One loader for the run: an epoch change starts no new worker processes, and every epoch
     (and a mid-epoch start) yields bitwise the batches of the per-epoch loader."""
     plan = _make(tmp_path, n=8, num_workers=2, shuffle_tags=True, flip_p=0.5)
-    dataset = _PidDataset(plan, _sample_options(plan.settings, None))
+    dataset = _PidDataset(plan, SampleOptions.for_training(plan.settings, None))
     loader = RunLoader(plan, dataset, num_workers=2, pin_memory=False)
     pids = set()
     for epoch, start in ((0, 0), (1, 0), (2, 1)):
@@ -88,7 +98,7 @@ def test_run_loader_keeps_its_workers_across_epochs_and_gives_make_loaders_batch
         expected = list(make_loader(plan, plan.epoch_plan(epoch), start_batch=start))
         assert len(got) == len(expected) > 0
         for a, b in zip(got, expected, strict=True):
-            pids.add(a.pop("pid"))
+            pids.add(a.pid)
             _same(a, b)
     assert len(pids) == 2 and os.getpid() not in pids  # the same two workers throughout
     with pytest.raises(ValueError, match="start_batch=9"):
@@ -104,27 +114,23 @@ def test_batch_contents(tmp_path):
     epoch = plan.epoch_plan(0)
     seen = []
     for batch in make_loader(plan, epoch):
-        x = batch["pixel_values"]
+        x = batch.pixel_values
         assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-        assert x.shape[0] == len(batch["captions"]) == len(batch["paths"]) == batch["loss_scale"].shape[0]
+        assert x.shape[0] == len(batch.captions) == len(batch.paths) == batch.loss_scale.shape[0]
         assert tuple(x.shape[2:]) in {(128, 128), (64, 256)}
-        assert batch["window_samples"] == x.shape[0]  # grad_accum 1: the window is the batch
-        for cap, path, scale in zip(batch["captions"], batch["paths"], batch["loss_scale"], strict=True):
+        assert batch.global_window_samples == x.shape[0]  # grad_accum 1, one process: the window is the batch
+        for cap, path, scale in zip(batch.captions, batch.paths, batch.loss_scale, strict=True):
             k = int(path[-6:-4])
             assert cap.startswith(f"main {k}, tag0, ")
             assert scale.item() == pytest.approx(1.0 + k / 10)
-        seen += batch["paths"]
+        seen += batch.paths
     assert sorted(seen) == sorted(it.path for it in plan.train_items)
     # different epochs shuffle tags differently
     caps0 = {
-        p: c
-        for b in make_loader(plan, plan.epoch_plan(0))
-        for p, c in zip(b["paths"], b["captions"], strict=True)
+        p: c for b in make_loader(plan, plan.epoch_plan(0)) for p, c in zip(b.paths, b.captions, strict=True)
     }
     caps1 = {
-        p: c
-        for b in make_loader(plan, plan.epoch_plan(1))
-        for p, c in zip(b["paths"], b["captions"], strict=True)
+        p: c for b in make_loader(plan, plan.epoch_plan(1)) for p, c in zip(b.paths, b.captions, strict=True)
     }
     assert caps0 != caps1
 
@@ -136,7 +142,7 @@ def test_batch_contents(tmp_path):
 def test_flip_from_settings_and_item_mirrors_pixels(tmp_path, settings_p, item_p, flipped):
     plan = _make(tmp_path, n=4, sizes=[(128, 128)] * 4, item_flip_p=item_p, flip_p=settings_p)
     for batch in make_loader(plan, plan.epoch_plan(0)):
-        for x, path in zip(batch["pixel_values"], batch["paths"], strict=True):
+        for x, path in zip(batch.pixel_values, batch.paths, strict=True):
             original = to_tensor(load_image(path))  # exactly bucket-sized: no crop randomness
             assert torch.equal(x, original.flip(-1) if flipped else original)
 
@@ -148,12 +154,12 @@ def test_decode_failure_is_substituted_and_reported_once(tmp_path, caplog):
         f.write(b"\x89PNG\r\n\x1a\n garbage")
     with caplog.at_level(logging.WARNING):
         for epoch in range(2):
-            paths = [p for b in make_loader(plan, plan.epoch_plan(epoch)) for p in b["paths"]]
+            paths = [p for b in make_loader(plan, plan.epoch_plan(epoch)) for p in b.paths]
             assert len(paths) == 9 and bad not in paths
     assert [p.path for p in plan.problems] == [bad]
     assert sum(bad in r.getMessage() for r in caplog.records) == 1
-    again = [p for b in make_loader(plan, plan.epoch_plan(0)) for p in b["paths"]]
-    first = [p for b in make_loader(plan, plan.epoch_plan(0)) for p in b["paths"]]
+    again = [p for b in make_loader(plan, plan.epoch_plan(0)) for p in b.paths]
+    first = [p for b in make_loader(plan, plan.epoch_plan(0)) for p in b.paths]
     assert again == first  # the replacement is deterministic
 
 
@@ -170,7 +176,7 @@ def test_load_data_end_to_end(tmp_path):
     assert plan.fingerprint() != load_data(_settings(tmp_path, batch_size=3)).fingerprint()
     assert "5 training images" in plan.summary()
     batches = list(make_loader(plan, plan.epoch_plan(0)))
-    assert sum(len(b["paths"]) for b in batches) == 5
+    assert sum(len(b.paths) for b in batches) == 5
 
 
 def test_load_data_nothing_trainable(tmp_path):
@@ -194,11 +200,11 @@ def test_validation_split_and_eval_loader(tmp_path):
     runs = [list(make_eval_loader(plan, val_items)) for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         _same(a, b)
-    paths = [p for b in runs[0] for p in b["paths"]]
+    paths = [p for b in runs[0] for p in b.paths]
     assert sorted(paths) == sorted(it.path for it in val_items)
     for batch in runs[0]:
-        assert all(c.startswith("picture") for c in batch["captions"])  # no dropout in evaluation
-        for x, path in zip(batch["pixel_values"], batch["paths"], strict=True):
+        assert all(c.startswith("picture") for c in batch.captions)  # no dropout in evaluation
+        for x, path in zip(batch.pixel_values, batch.paths, strict=True):
             centre = to_tensor(
                 load_image(path).crop((5, 0, 135, 130)).resize((128, 128), Image.Resampling.LANCZOS)
             )

@@ -1,11 +1,11 @@
-"""Validation of the kohya / OneTrainer keys (trainer/config/rules.py) and their start-up line."""
+"""Validation of the kohya / OneTrainer keys (trainer/config/schema.py) and their start-up line."""
 
 from __future__ import annotations
 
 import pytest
 
 from trainer.config import build_config
-from trainer.config.rules import active_extra_options
+from trainer.config.summary import active_extra_options
 from trainer.runtime.errors import ConfigError
 
 

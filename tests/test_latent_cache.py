@@ -64,16 +64,16 @@ def test_second_epoch_reuses_and_loader_serves_latents(tmp_path):
     assert again["computed"] == 0 and again["reused"] == 6 and enc.calls == 2
     for epoch in range(2):
         batches = list(make_loader(plan, plan.epoch_plan(epoch), latent_cache=cache))
-        assert sum(len(b["paths"]) for b in batches) == 6
+        assert sum(len(b.paths) for b in batches) == 6
         for b in batches:
-            assert "pixel_values" not in b
-            assert b["latents"].shape[1] == 4 and tuple(b["latents"].shape[2:]) in {(16, 16), (8, 32)}
+            assert b.pixel_values is None
+            assert b.latents.shape[1] == 4 and tuple(b.latents.shape[2:]) in {(16, 16), (8, 32)}
     assert enc.calls == 2
     # the cached latent is the encoding of the deterministic (centre crop, no jitter) image
     b = batches[0]
-    idx = [it.path for it in plan.train_items].index(b["paths"][0])
-    key = cache.key(b["paths"][0], plan.item_buckets[idx], False)
-    assert torch.equal(b["latents"][0], cache.get(key))
+    idx = [it.path for it in plan.train_items].index(b.paths[0])
+    key = cache.key(b.paths[0], plan.item_buckets[idx], False)
+    assert torch.equal(b.latents[0], cache.get(key))
 
 
 def test_flipped_variant_only_when_flip_possible(tmp_path):
@@ -83,9 +83,9 @@ def test_flipped_variant_only_when_flip_possible(tmp_path):
     assert stats["computed"] == 7
     batches = list(make_loader(plan, plan.epoch_plan(0), latent_cache=cache))
     flipped_key = cache.key(plan.train_items[0].path, plan.item_buckets[0], True)
-    b0 = next(b for b in batches if plan.train_items[0].path in b["paths"])
-    i = b0["paths"].index(plan.train_items[0].path)
-    assert torch.equal(b0["latents"][i], cache.get(flipped_key))
+    b0 = next(b for b in batches if plan.train_items[0].path in b.paths)
+    i = b0.paths.index(plan.train_items[0].path)
+    assert torch.equal(b0.latents[i], cache.get(flipped_key))
 
 
 def test_disk_cache_survives_new_instance(tmp_path):
@@ -101,7 +101,7 @@ def test_disk_cache_survives_new_instance(tmp_path):
     other_vae = fill_latent_cache(plan, LatentCache(cache_dir, "vae-b"), enc, batch_size=3)
     assert other_vae["computed"] == 6
     batches = list(make_loader(plan, plan.epoch_plan(0), latent_cache=fresh))
-    assert sum(len(b["paths"]) for b in batches) == 6
+    assert sum(len(b.paths) for b in batches) == 6
 
 
 def test_cache_admin_lists_by_vae_and_prunes_only_what_cannot_be_used(tmp_path, capsys):

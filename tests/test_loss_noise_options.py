@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import bundled_tokenizer, tiny_text_encoder
 
 from tests.test_step import CAPTIONS
+from trainer.data.batch import Batch
 from trainer.step import diffusion, losses
 from trainer.step.training_step import StepSettings, TrainingStep
 
@@ -181,13 +182,7 @@ def test_training_step_perturbs_the_input_only_and_weights_by_mask_and_debiasing
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     masks = torch.zeros(2, 1, 64, 64)
     masks[..., :32] = 1.0  # left half
-    batch = {
-        "latents": latents,
-        "captions": CAPTIONS,
-        "loss_scale": torch.ones(2),
-        "masks": masks,
-        "sample_seeds": [4, 5],
-    }
+    batch = Batch(CAPTIONS, [4, 5], latents=latents, masks=masks)
     out = step(batch)
 
     draws = []  # each sample's own stream, in the documented order: noise, timestep, perturbation

@@ -111,8 +111,8 @@ def test_loader_batches_carry_masks_and_the_latent_cache_stores_them(tmp_path):
     assert "1 image(s) without one train at full weight" in plan.summary()
     pixel_batches = list(make_loader(plan, plan.epoch_plan(0)))
     for batch in pixel_batches:
-        assert batch["masks"].shape == (2, 1, 128, 128)
-        for pixels, m, path in zip(batch["pixel_values"], batch["masks"], batch["paths"], strict=True):
+        assert batch.masks.shape == (2, 1, 128, 128)
+        for pixels, m, path in zip(batch.pixel_values, batch.masks, batch.paths, strict=True):
             if path.endswith("nomask.png"):
                 assert torch.equal(m, torch.ones_like(m))
             else:
@@ -125,8 +125,8 @@ def test_loader_batches_carry_masks_and_the_latent_cache_stores_them(tmp_path):
     reopened = LatentCache(tmp_path / "cache", "vae-a", masks=plan.settings.mask_source)
     centre = make_loader(plan, plan.epoch_plan(0), latent_cache=reopened)
     for batch in centre:
-        assert batch["masks"].shape == (2, 1, 16, 16) and batch["latents"].shape == (2, 4, 16, 16)
-        for m, ref in zip(batch["masks"], plan.epoch_plan(0).batches[batch["batch_index"]], strict=True):
+        assert batch.masks.shape == (2, 1, 16, 16) and batch.latents.shape == (2, 4, 16, 16)
+        for m, ref in zip(batch.masks, plan.epoch_plan(0).batches[batch.batch_index], strict=True):
             img, mask = MaskSource("file").load(plan.train_items[ref.item_index].path)
             _, full = process_image_and_mask(img, mask, ref.bucket, rng=None, jitter=0.0, flip=ref.flip)
             assert torch.equal(m, F.interpolate(full[None], size=(16, 16), mode="area")[0])
@@ -167,7 +167,7 @@ def test_caption_dropout_every_n_epochs_counts_epochs_from_one_as_kohya(tmp_path
     assert not any(epoch_drops_captions(e, 0) for e in range(5))
     plan = _caption_plan(tmp_path)
     for epoch in range(3):
-        captions = [c for b in make_loader(plan, plan.epoch_plan(epoch)) for c in b["captions"]]
+        captions = [c for b in make_loader(plan, plan.epoch_plan(epoch)) for c in b.captions]
         assert (set(captions) == {""}) == (epoch == 1), (epoch, captions)
 
 

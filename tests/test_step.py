@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL
 from helpers import bundled_tokenizer, tiny_text_encoder, tiny_unet
 from torch import nn
 
+from trainer.data.batch import Batch
 from trainer.runtime.errors import ConfigError
 from trainer.step import diffusion as D
 from trainer.step.text import encode_captions
@@ -53,14 +54,9 @@ def make_step(models, *, unet=None, prediction_type=None, **settings) -> Trainin
     )
 
 
-def pixel_batch(bsz: int = 2, seeds: tuple[int, ...] = (11, 12)) -> dict:
+def pixel_batch(bsz: int = 2, seeds: tuple[int, ...] = (11, 12)) -> Batch:
     px = torch.rand(bsz, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
-    return {
-        "pixel_values": px,
-        "captions": CAPTIONS[:bsz],
-        "loss_scale": torch.ones(bsz),
-        "sample_seeds": list(seeds[:bsz]),
-    }
+    return Batch(CAPTIONS[:bsz], list(seeds[:bsz]), pixel_values=px)
 
 
 class ZeroUNet(nn.Module):
@@ -88,10 +84,11 @@ def test_deterministic_for_the_same_sample_seeds(models):
 
 def test_a_batch_without_sample_seeds_is_refused(models):
     """The seeds are the only source of the step's randomness: no silent fallback stream."""
-    batch = pixel_batch()
-    del batch["sample_seeds"]
-    with pytest.raises(KeyError, match="sample_seeds"):
-        make_step(models)(batch)
+    px = pixel_batch().pixel_values
+    with pytest.raises(TypeError, match="sample_seeds"):
+        Batch(CAPTIONS, pixel_values=px)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="sample seeds"):
+        Batch(CAPTIONS, [7], pixel_values=px)  # one seed for two samples
 
 
 def test_a_samples_draws_depend_on_its_seed_only_whatever_the_batch(models, monkeypatch):
@@ -106,11 +103,9 @@ def test_a_samples_draws_depend_on_its_seed_only_whatever_the_batch(models, monk
     )
     px = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     captions = ["a photo of a cat", "a red car", "a green tree"]
-    step({"pixel_values": px, "captions": captions, "loss_scale": 1.0, "sample_seeds": [7, 8, 9]})
-    step(
-        {"pixel_values": px[[2, 1]], "captions": captions[2:0:-1], "loss_scale": 1.0, "sample_seeds": [9, 8]}
-    )
-    step({"pixel_values": px[1:2], "captions": captions[1:2], "loss_scale": 1.0, "sample_seeds": [8]})
+    step(Batch(captions, [7, 8, 9], pixel_values=px))
+    step(Batch(captions[2:0:-1], [9, 8], pixel_values=px[[2, 1]]))
+    step(Batch(captions[1:2], [8], pixel_values=px[1:2]))
     (lat3, noise3, t3, emb3), (lat2, noise2, t2, emb2), (lat1, noise1, t1, emb1) = seen
     for i, j in ((2, 0), (1, 1)):  # batch of 3 index i == batch of 2 index j
         assert torch.equal(noise3[i], noise2[j]) and t3[i] == t2[j]
@@ -121,11 +116,11 @@ def test_a_samples_draws_depend_on_its_seed_only_whatever_the_batch(models, monk
     assert not torch.equal(noise3[0], noise3[1])
 
 
-def reference_draws(step: TrainingStep, batch: dict, s: StepSettings):
+def reference_draws(step: TrainingStep, batch: Batch, s: StepSettings):
     """Re-do the documented RNG order by hand, one generator per sample seed: latent sample,
     noise, timestep."""
-    gens = [torch.Generator().manual_seed(seed) for seed in batch["sample_seeds"]]
-    latents = step.encode_latents(batch["pixel_values"], gens)
+    gens = [torch.Generator().manual_seed(seed) for seed in batch.sample_seeds]
+    latents = step.encode_latents(batch.pixel_values, gens)
     noise = torch.cat(
         [
             D.sample_noise(
@@ -171,7 +166,7 @@ def test_target_matches_prediction_type(models, prediction_type):
 
 def test_min_snr_and_loss_scale_are_applied(models):
     batch = pixel_batch()
-    batch["loss_scale"] = torch.tensor([1.0, 3.0])
+    batch.loss_scale = torch.tensor([1.0, 3.0])
     step = make_step(models, unet=ZeroUNet(), prediction_type="v_prediction", min_snr_gamma=5.0)
     out = step(batch)
     latents, noise, t = reference_draws(step, batch, step.settings)
@@ -186,15 +181,13 @@ def test_min_snr_and_loss_scale_are_applied(models):
 def test_vae_scaling_factor_from_config_and_cached_latents(models):
     step = make_step(models, unet=ZeroUNet())
     assert step.scaling_factor == 0.5
-    px = pixel_batch()["pixel_values"]
+    px = pixel_batch().pixel_values
     with torch.no_grad():
         mean = models.vae.encode(px).latent_dist.mean
     torch.testing.assert_close(step.encode_latents(px), mean * 0.5)
     # a batch with cached latents skips the VAE draw: noise comes first from each generator
     latents = torch.randn(2, 4, 8, 8)
-    out = step(
-        {"latents": latents, "captions": CAPTIONS, "loss_scale": torch.ones(2), "sample_seeds": [7, 8]}
-    )
+    out = step(Batch(CAPTIONS, [7, 8], latents=latents))
     gens = [torch.Generator().manual_seed(seed) for seed in (7, 8)]
     noise = torch.cat([D.sample_noise((1, 4, 8, 8), generator=g, device="cpu") for g in gens])
     t = torch.cat([D.sample_timesteps(1, start=0, end=1000, generator=g, device="cpu") for g in gens])
@@ -235,14 +228,7 @@ def test_embeddings_follow_settings(models):
 
     long = " ".join(["tree"] * 100)
     step = make_step(models, unet=Spy(), clip_skip=2, max_token_length=150)
-    step(
-        {
-            "latents": torch.zeros(1, 4, 8, 8),
-            "captions": [long],
-            "loss_scale": torch.ones(1),
-            "sample_seeds": [0],
-        }
-    )
+    step(Batch([long], [0], latents=torch.zeros(1, 4, 8, 8)))
     with torch.no_grad():
         expected = encode_captions(
             models.te, models.tok, [long], clip_skip=2, max_token_length=150, device="cpu"

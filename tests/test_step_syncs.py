@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from trainer.build.builder import build_components
 from trainer.config import TrainConfig
+from trainer.data.batch import Batch
 from trainer.optim import parse_optimizer_json
 
 
@@ -34,12 +35,7 @@ def _parts(optimizer: dict, **config):
 
 
 def _loss(parts):
-    batch = {
-        "latents": torch.randn(2, 4, 8, 8),
-        "captions": ["a red circle", "a blue square"],
-        "loss_scale": torch.ones(2),
-        "sample_seeds": [0, 1],
-    }
+    batch = Batch(["a red circle", "a blue square"], [0, 1], latents=torch.randn(2, 4, 8, 8))
     return parts.step(batch).loss.mean()
 
 
@@ -131,6 +127,7 @@ def _assert_same_run(name: str, options: dict, lr: float | None) -> None:
 @pytest.mark.parametrize("name", ["adamw8bit", "lion8bit", "lamb8bit", "sgd8bit", "adagrad8bit"])
 def test_the_sync_free_bitsandbytes_step_is_the_library_step(bnb_syncs, name):
     _assert_same_run(name, {}, 1e-3)
+    assert len(bnb_syncs) == 3 * len(_params())  # all the library's: one per parameter and step
 
 
 def test_a_paged_optimizer_keeps_the_syncs_paging_needs(bnb_syncs):

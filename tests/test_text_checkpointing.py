@@ -19,6 +19,7 @@ from accelerate import Accelerator
 
 from trainer.build.builder import build_components
 from trainer.config import TrainConfig
+from trainer.data.batch import Batch
 from trainer.optim import parse_optimizer_json
 
 SD21_FREEZING = {"unfreeze_last_n_layers": 2, "freeze_embeddings": True, "freeze_final_layer_norm": False}
@@ -59,12 +60,7 @@ def _one_backward(freezing: dict | None):
         opt_file=parse_optimizer_json(json.dumps(opt), "test"),
         total_optimizer_steps=1,
     )
-    batch = {
-        "latents": torch.randn(2, 4, 8, 8),
-        "captions": ["a red circle", "a blue square"],
-        "loss_scale": torch.ones(2),
-        "sample_seeds": [0, 1],
-    }
+    batch = Batch(["a red circle", "a blue square"], [0, 1], latents=torch.randn(2, 4, 8, 8))
     parts.step(batch).loss.mean().backward()
     return parts.model.text_encoder
 

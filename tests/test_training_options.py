@@ -268,7 +268,7 @@ def _poison(monkeypatch, bad_calls) -> list[list[str]]:
         out = real_call(self, batch)
         calls["n"] += 1
         if bad_calls is all or calls["n"] in bad_calls:
-            poisoned_paths.append(list(batch["paths"]))
+            poisoned_paths.append(list(batch.paths))
             return StepOutput(loss=out.loss * float("nan"), timesteps=out.timesteps)
         return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -26,8 +25,7 @@ from trainer.build.placement import WEIGHT_DTYPES, ExportPrecision, place_models
 from trainer.build.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.checkpointing.state import seed_everything
 from trainer.config import TrainConfig
-from trainer.config.rules import extra_step_settings
-from trainer.data import DataSettings, LoadedDataset, auto_num_workers, load_data
+from trainer.data import DataSettings, LoadedDataset, load_data
 from trainer.data.latent_cache import vae_fingerprint
 from trainer.models import SDComponents, load_model
 from trainer.optim import (
@@ -99,11 +97,15 @@ def build_components(
         zero_terminal_snr=cfg.enable_zero_terminal_snr,
     )
     log.info("model: %s (%s)", model.source, model.family)
-    configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=accelerator.device)  # logs it
+    configure_attention(model.unet, model.text_encoder, cfg.attn_type, device=device)  # logs it
     use_lean_blocks(model.unet, model.vae)  # exact; logs what it covers
     data = None
     if total_optimizer_steps is None:
-        data = load_data(data_settings(cfg, accelerator))
+        data = load_data(
+            DataSettings.from_config(
+                cfg, num_replicas=accelerator.num_processes, rank=accelerator.process_index
+            )
+        )
         total_optimizer_steps = data.windows_per_epoch() * cfg.max_epochs
     # `deterministic` needs cuDNN autotuning off (configure_determinism already turned it off).
     cuda_modes = configure_cuda_backends(device, allow_tf32=cfg.allow_tf32, benchmark=not cfg.deterministic)
@@ -123,37 +125,8 @@ def build_components(
         log.info("%s", data.summary())
     log.info("optimizer settings (%s):\n%s", opt_file.source, optim.summary_table())
 
-    # The VAE's identity for the latent cache, read while its weights are on the CPU.
-    vae_state = model.vae.state_dict() if cfg.cache_latents else None
-    export_precision = place_models(
-        model, device, autocast_dtype, trained=trained, weight_dtype=WEIGHT_DTYPES[cfg.weight_dtype]
-    )
-    vae_id = vae_fingerprint(vae_state, model.vae.dtype) if vae_state is not None else None
-    del vae_state  # the fingerprint is all the cache needs of the pre-placement weights
-    if cfg.channels_last:
-        model.unet.to(memory_format=torch.channels_last)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, trained)
-    if cfg.compile:
-        compile_unet(model.unet, backend=cfg.compile_backend, mode=cfg.compile_mode)
-    wrapped = _prepare_for_ddp(accelerator, model, trained)
-    schedule = NoiseSchedule.from_scheduler_config(
-        model.scheduler_config,
-        zero_terminal_snr=cfg.enable_zero_terminal_snr,
-        prediction_type=cfg.prediction_type,
-    )
-    step = TrainingStep(
-        unet=wrapped.get("unet", model.unet),
-        text_encoder=wrapped.get("text_encoder", model.text_encoder),
-        vae=model.vae,
-        tokenizer=model.tokenizer,
-        schedule=schedule,
-        settings=step_settings(cfg),
-        device=device,
-        autocast_dtype=autocast_dtype,
-        text_cache=_text_cache(cfg, model),
-        channels_last=cfg.channels_last,
-    )
+    export_precision, vae_id, wrapped = _place(cfg, model, accelerator, autocast_dtype, trained)
+    step = _training_step(cfg, model, wrapped, device, autocast_dtype)
     return Components(
         opt_file=opt_file,
         model=model,
@@ -172,6 +145,63 @@ def build_components(
     )
 
 
+def _training_step(
+    cfg: TrainConfig,
+    model: SDComponents,
+    wrapped: dict[str, torch.nn.Module],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> TrainingStep:
+    """The step on the trained modules as accelerate prepared them (DDP when distributed)."""
+    schedule = NoiseSchedule.from_scheduler_config(
+        model.scheduler_config,
+        zero_terminal_snr=cfg.enable_zero_terminal_snr,
+        prediction_type=cfg.prediction_type,
+    )
+    return TrainingStep(
+        unet=wrapped.get("unet", model.unet),
+        text_encoder=wrapped.get("text_encoder", model.text_encoder),
+        vae=model.vae,
+        tokenizer=model.tokenizer,
+        schedule=schedule,
+        settings=StepSettings.from_config(cfg),
+        device=device,
+        autocast_dtype=autocast_dtype,
+        text_cache=_text_cache(cfg, model),
+        channels_last=cfg.channels_last,
+    )
+
+
+def _place(
+    cfg: TrainConfig,
+    model: SDComponents,
+    accelerator: Accelerator,
+    autocast_dtype: torch.dtype | None,
+    trained: tuple[str, ...],
+) -> tuple[ExportPrecision | None, str | None, dict[str, torch.nn.Module]]:
+    """Devices and dtypes, memory format, activation checkpointing, compile and DDP, in that
+    order. Returns the export precision of half-precision frozen weights, the VAE's fingerprint
+    for the latent cache (read while its weights are still the loaded ones) and the trained
+    modules as accelerate prepared them."""
+    vae_state = model.vae.state_dict() if cfg.cache_latents else None
+    export_precision = place_models(
+        model,
+        accelerator.device,
+        autocast_dtype,
+        trained=trained,
+        weight_dtype=WEIGHT_DTYPES[cfg.weight_dtype],
+    )
+    vae_id = vae_fingerprint(vae_state, model.vae.dtype) if vae_state is not None else None
+    del vae_state  # the fingerprint is all the cache needs of the pre-placement weights
+    if cfg.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, trained)
+    if cfg.compile:
+        compile_unet(model.unet, backend=cfg.compile_backend, mode=cfg.compile_mode)
+    return export_precision, vae_id, _prepare_for_ddp(accelerator, model, trained)
+
+
 def evaluation_step(components: Components, accelerator: Accelerator) -> TrainingStep:
     """The training step on the unwrapped modules without embedding perturbation: validation
     runs no DDP collectives, so ranks never wait on each other."""
@@ -186,45 +216,6 @@ def evaluation_step(components: Components, accelerator: Accelerator) -> Trainin
         device=step.device,
         autocast_dtype=components.autocast_dtype,
         text_cache=step.text_cache,  # outputs depend only on the caption: safe to share
-    )
-
-
-def data_settings(cfg: TrainConfig, accelerator: Accelerator) -> DataSettings:
-    workers = cfg.num_workers if cfg.num_workers is not None else auto_num_workers(torch.get_num_threads())
-    return DataSettings(
-        data_root=cfg.data_root,
-        resolution=cfg.resolution,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        seed=cfg.seed,
-        flip_p=cfg.flip_p,
-        shuffle_tags=cfg.shuffle_tags,
-        keep_tags=cfg.keep_tags,
-        cond_dropout=cfg.cond_dropout,  # crop jitter: the default; the loader turns it off for cached latents
-        validation_config=cfg.validation_config,
-        num_workers=workers,
-        scan_cache=Path(cfg.logdir) / ".cache" / "scan.json",
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-        masked_loss=cfg.masked_loss,
-        mask_from_alpha=cfg.mask_from_alpha,
-        caption_dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs,
-        keep_tokens_separator=cfg.keep_tokens_separator,
-    )
-
-
-def step_settings(cfg: TrainConfig) -> StepSettings:
-    return StepSettings(
-        **extra_step_settings(cfg),
-        zero_frequency_noise_ratio=cfg.zero_frequency_noise_ratio,
-        pyramid_noise_discount=cfg.pyramid_discount,
-        timestep_start=cfg.timestep_start,
-        timestep_end=cfg.timestep_end,
-        min_snr_gamma=cfg.min_snr_gamma,
-        loss_type=cfg.loss_type,
-        clip_skip=cfg.clip_skip,
-        max_token_length=cfg.max_token_length,
-        embedding_perturbation=cfg.embedding_perturbation,
     )
 
 

@@ -5,10 +5,10 @@ see docs/DATA.md.
 """
 
 from trainer.data.buckets import SUPPORTED_RESOLUTIONS, get_buckets, nearest_bucket
-from trainer.data.dataset import DataSettings, LoadedDataset, load_data
+from trainer.data.dataset import DataSettings, LoadedDataset, auto_num_workers, load_data
 from trainer.data.items import CaptionSpec, ImageItem, Problem
 from trainer.data.latent_cache import LatentCache, fill_latent_cache
-from trainer.data.loaders import auto_num_workers, make_eval_loader, make_loader, make_run_loader
+from trainer.data.loaders import make_eval_loader, make_loader, make_run_loader
 from trainer.data.planner import EpochPlan, SampleRef
 
 __all__ = [

@@ -17,11 +17,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from trainer.config import TrainConfig
 from trainer.data.buckets import Bucket, get_buckets, is_ed2_table, is_undersized, nearest_bucket
 from trainer.data.items import ImageItem, Problem
 from trainer.data.masks import MaskSource, scan_masks
 from trainer.data.planner import EpochPlan, plan_epoch
-from trainer.runtime.errors import ConfigError, DataError
+from trainer.runtime.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ UNDERSIZED_PREFIX = "warning: undersized"
 
 @dataclass(frozen=True)
 class DataSettings:
-    """The train.json values the data pipeline needs (validated again here, naming the key)."""
+    """The train.json values the data pipeline needs (`from_config`; their ranges are TrainConfig's)."""
 
     data_root: str | list
     resolution: int
@@ -59,19 +62,48 @@ class DataSettings:
             return None
         return MaskSource("alpha" if self.mask_from_alpha else "file")
 
-    def validate(self) -> None:
-        get_buckets(self.resolution)  # ConfigError naming `resolution`
-        for key in ("batch_size", "grad_accum", "num_replicas"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be an integer >= 1")
-        for key in ("keep_tags", "num_workers"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
-        for key in ("flip_p", "cond_dropout", "crop_jitter"):
-            if not 0.0 <= float(getattr(self, key)) <= 1.0:
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be between 0 and 1")
-        if not 0 <= self.rank < self.num_replicas:
-            raise ConfigError(f"rank={self.rank} must be in [0, num_replicas={self.num_replicas})")
+    def __post_init__(self) -> None:
+        # TrainConfig refuses each of these with the key's name (trainer/config/schema.py); a
+        # failure here is a caller that built settings around it.
+        assert self.batch_size >= 1 and self.grad_accum >= 1 and self.keep_tags >= 0, self
+        assert self.num_workers >= 0 and 0 <= self.rank < self.num_replicas, self
+        assert all(0.0 <= v <= 1.0 for v in (self.flip_p, self.cond_dropout, self.crop_jitter)), self
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, num_replicas: int = 1, rank: int = 0) -> DataSettings:
+        """The data keys of a run's config; `num_workers` null = `auto_num_workers`."""
+        workers = (
+            cfg.num_workers if cfg.num_workers is not None else auto_num_workers(torch.get_num_threads())
+        )
+        return cls(
+            data_root=cfg.data_root,
+            resolution=cfg.resolution,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            seed=cfg.seed,
+            flip_p=cfg.flip_p,
+            shuffle_tags=cfg.shuffle_tags,
+            keep_tags=cfg.keep_tags,
+            cond_dropout=cfg.cond_dropout,  # crop jitter: the default; the loader turns it off for cached latents
+            validation_config=cfg.validation_config,
+            num_workers=workers,
+            scan_cache=Path(cfg.logdir) / ".cache" / "scan.json",
+            num_replicas=num_replicas,
+            rank=rank,
+            masked_loss=cfg.masked_loss,
+            mask_from_alpha=cfg.mask_from_alpha,
+            caption_dropout_every_n_epochs=cfg.caption_dropout_every_n_epochs,
+            keep_tokens_separator=cfg.keep_tokens_separator,
+        )
+
+
+def auto_num_workers(cpus: int) -> int:
+    """Loader workers when train.json leaves num_workers null, for a process with `cpus` intra-op
+    threads: none below 4, else half of them, at most 4. The step's threads already use every
+    CPU; on so few a worker only takes time slices from them, while decoding a batch in the main
+    process costs far less (4 images at 256 px: ~5 ms beside a ~0.8 s step on 2 cores,
+    docs/PERFORMANCE.md)."""
+    return 0 if cpus < 4 else min(4, cpus // 2)
 
 
 class LoadedDataset:
@@ -204,7 +236,7 @@ def _discover_all(settings: DataSettings) -> tuple[list[ImageItem], list[Problem
 
 def load_data(settings: DataSettings) -> LoadedDataset:
     """Discover, split and bucket; DataError when nothing is trainable."""
-    settings.validate()
+    get_buckets(settings.resolution)  # ConfigError naming `resolution` for settings built by hand
     items, problems = _discover_all(settings)
     val_sets: dict[str, list[ImageItem]] = {}
     stabilize: list[ImageItem] = []

@@ -22,8 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from trainer.data.batch import Batch
 from trainer.data.buckets import Bucket, nearest_bucket
 from trainer.data.caption_sampling import epoch_drops_captions, sample_caption
+from trainer.data.dataset import DataSettings
 from trainer.data.items import ImageItem, Problem
 from trainer.data.latent_cache import LatentCache
 from trainer.data.masks import MaskSource, process_image_and_mask, stack_masks
@@ -48,6 +50,20 @@ class SampleOptions:
     masks: MaskSource | None = None  # masked_loss: batches carry "masks"
     caption_dropout_every_n_epochs: int = 0
     keep_tokens_separator: str = ""
+
+    @classmethod
+    def for_training(cls, settings: DataSettings, latent_cache: LatentCache | None) -> SampleOptions:
+        """The options of a run's training batches; no crop jitter on cached latents (each
+        cached crop is one fixed latent)."""
+        return cls(
+            crop_jitter=0.0 if latent_cache is not None else settings.crop_jitter,
+            shuffle_tags=settings.shuffle_tags,
+            keep_tags=settings.keep_tags,
+            cond_dropout=settings.cond_dropout,
+            masks=settings.mask_source,
+            caption_dropout_every_n_epochs=settings.caption_dropout_every_n_epochs,
+            keep_tokens_separator=settings.keep_tokens_separator,
+        )
 
 
 class _SampleFailed(Exception):
@@ -127,7 +143,7 @@ class PlanBatchDataset(Dataset):
             f"(last failure: {problems[-1]}); fix or remove the files listed above"
         )
 
-    def __getitem__(self, batch_index: int) -> dict:
+    def __getitem__(self, batch_index: int) -> Batch:
         refs = self.epoch_plan.batches[batch_index]
         problems: list[Problem] = []
         tensors, masks, captions, scales, paths = [], [], [], [], []
@@ -152,26 +168,25 @@ class PlanBatchDataset(Dataset):
             masks.append(mask)
             scales.append(item.loss_scale)
             paths.append(item.path)
-        batch = {
-            "latents" if self.latent_cache is not None else "pixel_values": torch.stack(tensors),
-            "captions": captions,
-            "loss_scale": torch.tensor(scales, dtype=torch.float32),
-            "paths": paths,
+        cached = self.latent_cache is not None
+        return Batch(
+            captions,
             # Noise and timestep seeds per sample: the same sample gets the same draws whatever
             # the number of processes, workers or resumes (see TrainingStep).
-            "sample_seeds": [sample_rng(ref, "noise").getrandbits(63) for ref in refs],
-            "batch_index": batch_index,
-            "window_samples": self.epoch_plan.window_samples(batch_index),
-            "global_window_samples": self.epoch_plan.global_window_samples(batch_index),
-            "window_end": self.epoch_plan.is_window_end(batch_index),
-            "problems": problems,
-        }
-        if self.options.masks is not None:
-            batch["masks"] = stack_masks(masks, tensors)
-        return batch
+            [sample_rng(ref, "noise").getrandbits(63) for ref in refs],
+            latents=torch.stack(tensors) if cached else None,
+            pixel_values=None if cached else torch.stack(tensors),
+            masks=stack_masks(masks, tensors) if self.options.masks is not None else None,
+            loss_scale=torch.tensor(scales, dtype=torch.float32),
+            paths=paths,
+            batch_index=batch_index,
+            global_window_samples=self.epoch_plan.global_window_samples(batch_index),
+            window_end=self.epoch_plan.is_window_end(batch_index),
+            problems=problems,
+        )
 
 
-def _identity(batch: dict) -> dict:
+def _identity(batch: Batch) -> Batch:
     return batch
 
 
@@ -192,7 +207,7 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self.dataset) - self.start_batch
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -204,11 +219,12 @@ class BatchLoader:
         yield from _recording_problems(self.plan, loader)
 
 
-def _recording_problems(plan, loader) -> Iterator[dict]:
+def _recording_problems(plan, loader) -> Iterator[Batch]:
     """The loader's batches, their decode problems recorded in `plan` (workers cannot)."""
     for batch in loader:
-        for problem in batch.pop("problems"):
+        for problem in batch.problems:
             plan.record_problem(problem)
+        batch.problems = []  # recorded once, here
         yield batch
 
 
@@ -224,7 +240,7 @@ class RunBatchDataset(PlanBatchDataset):
         super().__init__(data.train_items, data.item_buckets, data.epoch_plan(0), options, latent_cache)
         self.data = data
 
-    def __getitem__(self, index: tuple[int, int]) -> dict:
+    def __getitem__(self, index: tuple[int, int]) -> Batch:
         epoch, batch_index = index
         self.epoch_plan = self.data.epoch_plan(epoch)
         return super().__getitem__(batch_index)
@@ -261,7 +277,7 @@ class RunLoader:
             persistent_workers=num_workers > 0,
         )
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         batches = len(self.data.epoch_plan(epoch).batches)
         if not 0 <= start_batch <= batches:
             raise ValueError(f"start_batch={start_batch} is outside epoch {epoch}'s {batches} batches")
@@ -269,32 +285,11 @@ class RunLoader:
         return _recording_problems(self.data, self.loader)
 
 
-def _sample_options(settings, latent_cache: LatentCache | None) -> SampleOptions:
-    return SampleOptions(
-        crop_jitter=0.0 if latent_cache is not None else settings.crop_jitter,
-        shuffle_tags=settings.shuffle_tags,
-        keep_tags=settings.keep_tags,
-        cond_dropout=settings.cond_dropout,
-        masks=settings.mask_source,
-        caption_dropout_every_n_epochs=settings.caption_dropout_every_n_epochs,
-        keep_tokens_separator=settings.keep_tokens_separator,
-    )
-
-
 def make_run_loader(data, *, latent_cache: LatentCache | None = None, pin_memory: bool = False) -> RunLoader:
     """The training loader for every epoch of a run (see RunLoader); batches as make_loader's."""
     workers = 0 if latent_cache is not None else data.settings.num_workers
-    dataset = RunBatchDataset(data, _sample_options(data.settings, latent_cache), latent_cache)
+    dataset = RunBatchDataset(data, SampleOptions.for_training(data.settings, latent_cache), latent_cache)
     return RunLoader(data, dataset, num_workers=workers, pin_memory=pin_memory)
-
-
-def auto_num_workers(cpus: int) -> int:
-    """Loader workers when train.json leaves num_workers null, for a process with `cpus` intra-op
-    threads: none below 4, else half of them, at most 4. The step's threads already use every
-    CPU; on so few a worker only takes time slices from them, while decoding a batch in the main
-    process costs far less (4 images at 256 px: ~5 ms beside a ~0.8 s step on 2 cores,
-    docs/PERFORMANCE.md)."""
-    return 0 if cpus < 4 else min(4, cpus // 2)
 
 
 def make_loader(
@@ -311,7 +306,7 @@ def make_loader(
     "pixel_values"; they are read in the main process (no decoding left to parallelise, and
     workers would copy an in-memory cache).
     """
-    options = _sample_options(plan.settings, latent_cache)
+    options = SampleOptions.for_training(plan.settings, latent_cache)
     dataset = PlanBatchDataset(plan.train_items, plan.item_buckets, epoch_plan, options, latent_cache)
     workers = 0 if latent_cache is not None else plan.settings.num_workers
     return BatchLoader(plan, dataset, start_batch=start_batch, num_workers=workers, pin_memory=pin_memory)

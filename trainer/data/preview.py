@@ -20,7 +20,9 @@ import logging
 import statistics
 import sys
 from collections import Counter
+from dataclasses import replace
 
+from trainer.config import build_config, read_json_config
 from trainer.data.dataset import UNDERSIZED_PREFIX, DataSettings, LoadedDataset, load_data
 from trainer.runtime.console import RepeatLimiter
 from trainer.runtime.errors import ConfigError, TrainerError
@@ -183,26 +185,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _settings(args) -> DataSettings:
-    """Flags over the train.json (when given) over the trainer's defaults."""
-    from_file = {}
-    if args.config:
-        from trainer.config import load_config
-
-        cfg = load_config(args.config, [])
-        keys = ("data_root", "resolution", "batch_size", "grad_accum", "seed", "validation_config")
-        from_file = {k: getattr(cfg, k) for k in (*keys, "masked_loss", "mask_from_alpha")}
-    elif not args.data_root:
+    """Flags over the train.json (when given) over the preview's defaults, read and checked as
+    train.json is (TrainConfig: every range and rule once, errors naming the key)."""
+    if not args.config and not args.data_root:
         raise ConfigError("give --config train.json or --data_root DIR")
-    flags = {
-        k: getattr(args, k) for k in ("resolution", "batch_size", "grad_accum", "seed", "validation_config")
-    }
+    keys = ("resolution", "batch_size", "grad_accum", "seed", "validation_config")
+    flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.data_root:
         flags["data_root"] = args.data_root[0] if len(args.data_root) == 1 else list(args.data_root)
-    defaults = {"resolution": 512, "batch_size": 1, "grad_accum": 1, "seed": 555, "validation_config": None}
     flags |= {k: True for k in ("masked_loss", "mask_from_alpha") if getattr(args, k)}
-    merged = {**defaults, **from_file, **{k: v for k, v in flags.items() if v is not None}}
-    merged["masked_loss"] = merged.get("masked_loss", False) or merged.get("mask_from_alpha", False)
-    return DataSettings(**merged)
+    if flags.get("mask_from_alpha"):
+        flags["masked_loss"] = True
+    from_file = read_json_config(args.config) if args.config else {"batch_size": 1}
+    cfg = build_config(from_file, flags, source=args.config or "defaults")
+    return replace(DataSettings.from_config(cfg), scan_cache=None)  # a preview writes nothing
 
 
 if __name__ == "__main__":

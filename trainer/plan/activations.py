@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.build.builder import step_settings
 from trainer.config import TrainConfig
+from trainer.data.batch import Batch
 from trainer.plan.emulation import MixedTypeNormStatistics
 from trainer.plan.fake_model import FakeRun
 from trainer.plan.shadow import shadow_zeros
 from trainer.plan.tracker import LiveBytes, SavedBytes
 from trainer.step.diffusion import NoiseSchedule
-from trainer.step.training_step import TrainingStep
+from trainer.step.training_step import StepSettings, TrainingStep
 
 CUDA_ALLOCATION_GRANULARITY = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
@@ -59,26 +59,24 @@ class PassResult:
 
 def planning_batch(
     cfg: TrainConfig, vae_config, bucket: tuple[int, int], batch_size: int, zeros=torch.zeros
-) -> dict:
+) -> Batch:
     """A batch of the largest bucket with captions of the longest allowed length (the most
     text-encoder chunks), as the loader yields it: latents when cached, else pixels. `zeros`
     makes its tensors (shadows in the planning pass)."""
     width, height = bucket
     caption = " ".join(["photo"] * cfg.max_token_length)
-    batch = {
-        "captions": [caption] * batch_size,
-        "loss_scale": 1.0,
-        "sample_seeds": list(range(batch_size)),
-    }
+    latents = pixels = None
     if cfg.cache_latents:
         channels = vae_config.latent_channels
         factor = 2 ** (len(vae_config.block_out_channels) - 1)
-        batch["latents"] = zeros(batch_size, channels, height // factor, width // factor)
+        latents = zeros(batch_size, channels, height // factor, width // factor)
     else:
-        batch["pixel_values"] = zeros(batch_size, 3, height, width)
-    if cfg.masked_loss:
-        batch["masks"] = zeros(batch_size, 1, height, width)  # the values do not change the bytes
-    return batch
+        pixels = zeros(batch_size, 3, height, width)
+    # the mask's values do not change the bytes
+    masks = zeros(batch_size, 1, height, width) if cfg.masked_loss else None
+    return Batch(
+        [caption] * batch_size, list(range(batch_size)), latents=latents, pixel_values=pixels, masks=masks
+    )
 
 
 def run_pass(
@@ -110,7 +108,7 @@ def run_pass(
             zero_terminal_snr=cfg.enable_zero_terminal_snr,
             prediction_type=cfg.prediction_type,
         ),
-        settings=step_settings(cfg),
+        settings=StepSettings.from_config(cfg),
         device="cpu",  # shadow CPU tensors; emulation.py gives them CUDA's differences
         autocast_dtype=autocast_dtype,
         channels_last=cfg.channels_last,

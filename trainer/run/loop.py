@@ -21,11 +21,12 @@ import torch
 from trainer.checkpointing import SavePolicy
 from trainer.checkpointing.saves import RunSaves
 from trainer.data import make_run_loader
+from trainer.data.batch import Batch
 from trainer.optim import apply_grad_scaler_tweak
 from trainer.plan.check import out_of_memory_report
 from trainer.run.progress import StepTracker
 from trainer.run.session import Session
-from trainer.run.te_stop import maybe_stop_text_encoder
+from trainer.run.te_stop import stop_text_encoder_if_due
 from trainer.runtime.errors import TrainingStopped
 from trainer.runtime.signals import StopFlag
 
@@ -72,14 +73,14 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
             window_of_end = {end - 1: i for i, (_, end) in enumerate(plan.windows)}
             window_paths: list[str] = []
             for batch in loader.epoch(st.epoch, start_batch=st.batch_in_epoch):
-                is_end = batch["window_end"]
+                is_end = batch.window_end
                 _micro_step(s, batch, sync=is_end, tracker=tracker)
-                window_paths += batch["paths"]
+                window_paths += batch.paths
                 if not is_end:
                     continue
                 _optimizer_step(s, tracker, window_paths, saves)
-                maybe_stop_text_encoder(s)
-                s.observers.after_step(window_of_end[batch["batch_index"]], len(plan.windows))
+                stop_text_encoder_if_due(cfg, s.parts, s.accelerator, st.global_step)
+                s.observers.after_step(window_of_end[batch.batch_index], len(plan.windows))
                 window_paths = []
                 at_limit = cfg.stop_at_step is not None and st.global_step >= cfg.stop_at_step
                 if at_limit:  # the same step on every rank: no need to agree
@@ -117,7 +118,7 @@ def train(s: Session, stop: StopFlag | None = None) -> RunSummary:
         s.metrics.flush()
 
 
-def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) -> None:
+def _micro_step(s: Session, batch: Batch, *, sync: bool, tracker: StepTracker) -> None:
     """Forward + backward of one micro-batch; gradients sync across ranks only at window ends."""
     with contextlib.ExitStack() as stack:
         if not sync:
@@ -125,11 +126,11 @@ def _micro_step(s: Session, batch: dict, *, sync: bool, tracker: StepTracker) ->
                 stack.enter_context(s.accelerator.no_sync(module))
         out = s.step(batch)
         # Every sample of the window (across all ranks) weighs the same; DDP averages over ranks.
-        loss = out.loss.sum() * s.accelerator.num_processes / batch["global_window_samples"]
+        loss = out.loss.sum() * s.accelerator.num_processes / batch.global_window_samples
         s.optim.backward(loss, s.scaler)
     tracker.micro_batch(out.loss, out.timesteps)
     s.state.batch_in_epoch += 1
-    s.state.samples_seen += len(batch["captions"]) * s.accelerator.num_processes
+    s.state.samples_seen += len(batch) * s.accelerator.num_processes
 
 
 def _optimizer_step(s: Session, tracker: StepTracker, window_paths: list[str], saves: RunSaves) -> None:

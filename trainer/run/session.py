@@ -36,7 +36,7 @@ from trainer.checkpointing.resume_changes import log_resume_changes
 from trainer.checkpointing.state import TrainingState
 from trainer.checkpointing.store import CheckpointInfo
 from trainer.config import TrainConfig, config_to_json
-from trainer.config.rules import active_extra_options
+from trainer.config.summary import active_extra_options
 from trainer.data import LatentCache, LoadedDataset, fill_latent_cache
 from trainer.data.latent_cache import cache_directory
 from trainer.data.validation_split import load_validation_config
@@ -63,7 +63,7 @@ from trainer.run.folder import (
 )
 from trainer.run.metrics import Metrics, config_text
 from trainer.run.preflight import check_inputs, finished_message
-from trainer.run.te_stop import stop_text_encoder_on_resume
+from trainer.run.te_stop import stop_text_encoder_if_due
 from trainer.runtime.determinism import configure_determinism
 from trainer.runtime.errors import RunFinished
 from trainer.runtime.threads import describe_threads
@@ -74,30 +74,62 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Session:
-    """Everything the loop touches. Owned objects expose state_dict()/load_state_dict()."""
+    """Everything the loop touches: the built parts (`parts`, the builder's `Components`, held
+    once, never copied) and the run around them. The state that a checkpoint restores lives in
+    objects with state_dict()/load_state_dict() (the optimizers, scaler, EMA, `state`); the run
+    folder, metrics and observers are outputs, rebuilt on resume."""
 
     cfg: TrainConfig
-    opt_file: OptimizerFile
     accelerator: Accelerator
+    parts: Components
     run: RunFolder
-    model: SDComponents
-    data: LoadedDataset
-    step: TrainingStep
-    optim: TrainingOptimizer
-    scaler: torch.amp.GradScaler | None
-    ema: EMA | None
     metrics: Metrics
     state: TrainingState
-    total_optimizer_steps: int
     observers: Observers
     plan: ResumePlan  # how this run started (new, exact resume, weights only)
     latent_cache: LatentCache | None = None
     resumed_from: Path | None = None
     log_handler: logging.Handler | None = None  # this run's train.log on the root logger
-    wrapped: dict[str, torch.nn.Module] | None = None  # trainable modules as prepared by accelerate (DDP)
-    export_precision: ExportPrecision | None = (
-        None  # loaded values of frozen weights stored in half precision
-    )
+
+    # --- the built parts, read through the session ---
+
+    @property
+    def model(self) -> SDComponents:
+        return self.parts.model
+
+    @property
+    def data(self) -> LoadedDataset:
+        assert self.parts.data is not None, "a session always loads its dataset"
+        return self.parts.data
+
+    @property
+    def step(self) -> TrainingStep:
+        return self.parts.step
+
+    @property
+    def optim(self) -> TrainingOptimizer:
+        return self.parts.optim
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.parts.scaler
+
+    @property
+    def ema(self) -> EMA | None:
+        return self.parts.ema
+
+    @property
+    def opt_file(self) -> OptimizerFile:
+        return self.parts.opt_file
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        return self.parts.total_optimizer_steps
+
+    @property
+    def export_precision(self) -> ExportPrecision | None:
+        """Loaded values of frozen weights stored in half precision."""
+        return self.parts.export_precision
 
     def close(self) -> None:
         """End the run's outputs: close the metrics (TensorBoard's files, `wandb.finish()`, which
@@ -116,7 +148,7 @@ class Session:
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The trained modules as the step calls them (DDP-wrapped when distributed)."""
-        return dict(self.wrapped or {})
+        return dict(self.parts.wrapped)
 
 
 def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
@@ -171,23 +203,7 @@ def _start(
         ),
     )
     state = TrainingState()
-    resumed_from = None
-    if plan.exact:
-        stop_text_encoder_on_resume(cfg, parts, accelerator, plan.state["progress"]["global_step"])
-        restore_training_state(
-            plan,
-            optim=parts.optim,
-            scaler=parts.scaler,
-            ema=parts.ema,
-            progress=state,
-            total_optimizer_steps=parts.total_optimizer_steps,
-            rank=accelerator.process_index,
-        )
-        # before this session rewrites train_effective.json: the change table compares with it
-        checkpoint_config = run_folder_of_checkpoint(plan.checkpoint.path).path / "train_effective.json"
-        log_resume_changes(plan, parts.optim, cfg, parts.total_optimizer_steps, checkpoint_config)
-        resumed_from = plan.checkpoint.path
-        plan = replace(plan, state=None)  # the optimizer states are GBs: do not hold a copy
+    plan, resumed_from = _restore(cfg, accelerator, plan, parts, state)
     run, log_handler = _start_run_folder(
         cfg, accelerator, plan.checkpoint if plan.exact else None, startup_log
     )
@@ -210,6 +226,57 @@ def _start(
         latent_cache=latent_cache,
         resumed=resumed_from is not None,
     )
+    _log_start(cfg, accelerator, parts, run, metrics, state, plan)
+    return Session(
+        cfg=cfg,
+        accelerator=accelerator,
+        parts=parts,
+        run=run,
+        metrics=metrics,
+        state=state,
+        observers=observers,
+        plan=plan,
+        latent_cache=latent_cache,
+        resumed_from=resumed_from,
+        log_handler=log_handler,
+    )
+
+
+def _restore(
+    cfg: TrainConfig, accelerator: Accelerator, plan: ResumePlan, parts: Components, state: TrainingState
+) -> tuple[ResumePlan, Path | None]:
+    """Exact resume: the training state into the built parts (after a text-encoder stop that
+    happened before the checkpoint) and the change table. Returns the plan without its state
+    and the checkpoint resumed from (None for a new run or weights only)."""
+    if not plan.exact:
+        return plan, None
+    stop_text_encoder_if_due(cfg, parts, accelerator, plan.state["progress"]["global_step"])
+    restore_training_state(
+        plan,
+        optim=parts.optim,
+        scaler=parts.scaler,
+        ema=parts.ema,
+        progress=state,
+        total_optimizer_steps=parts.total_optimizer_steps,
+        rank=accelerator.process_index,
+    )
+    # before this session rewrites train_effective.json: the change table compares with it
+    checkpoint_config = run_folder_of_checkpoint(plan.checkpoint.path).path / "train_effective.json"
+    log_resume_changes(plan, parts.optim, cfg, parts.total_optimizer_steps, checkpoint_config)
+    return replace(plan, state=None), plan.checkpoint.path  # the optimizer states are GBs: no copy kept
+
+
+def _log_start(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    parts: Components,
+    run: RunFolder,
+    metrics: Metrics,
+    state: TrainingState,
+    plan: ResumePlan,
+) -> None:
+    """The effective config files in the run folder and TensorBoard, and the start-up lines."""
+    data = parts.data
     if accelerator.is_main_process:
         write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
         write_json(run.path / "optimizer_effective.json", parts.opt_file.as_dict())
@@ -233,28 +300,6 @@ def _start(
     log.info("%s", describe_threads())
     if extras := active_extra_options(cfg):
         log.info("kohya/OneTrainer options: %s", "; ".join(extras))
-    return Session(
-        cfg=cfg,
-        opt_file=parts.opt_file,
-        accelerator=accelerator,
-        run=run,
-        model=parts.model,
-        data=data,
-        step=parts.step,
-        optim=parts.optim,
-        scaler=parts.scaler,
-        ema=parts.ema,
-        metrics=metrics,
-        state=state,
-        total_optimizer_steps=parts.total_optimizer_steps,
-        observers=observers,
-        plan=plan,
-        latent_cache=latent_cache,
-        resumed_from=resumed_from,
-        log_handler=log_handler,
-        wrapped=parts.wrapped,
-        export_precision=parts.export_precision,
-    )
 
 
 def _fill_latent_cache(cfg: TrainConfig, accelerator: Accelerator, parts: Components) -> LatentCache:

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import logging
 
+from trainer.build.builder import Components
 from trainer.checkpointing.resume import optimizer_layout
+from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "text_encoder"
 
 
-def stop_text_encoder(parts, *, cfg, unwrap, global_step: int) -> None:
-    """Freeze the text encoder and free its optimizer state (idempotent). `parts` is what holds
-    the run's objects (the Session, or the builder's Components before it): `optim`, `model`,
-    `step`, `ema`, `wrapped`; `unwrap` gives the plain module of a (possibly DDP-wrapped) one."""
+def stop_text_encoder(parts: Components, *, cfg: TrainConfig, unwrap, global_step: int) -> None:
+    """Freeze the text encoder and free its optimizer state (idempotent); `unwrap` gives the
+    plain module of a (possibly DDP-wrapped) one."""
     optim = parts.optim
     if COMPONENT not in optim.components:
         return
@@ -52,21 +53,9 @@ def stop_text_encoder(parts, *, cfg, unwrap, global_step: int) -> None:
     )
 
 
-def maybe_stop_text_encoder(session) -> None:
-    """After each optimizer step: stop the text encoder once its last step is done."""
-    step = session.cfg.text_encoder_stop_step(session.total_optimizer_steps)
-    if step is not None and session.state.global_step >= step:
-        stop_text_encoder(
-            session,
-            cfg=session.cfg,
-            unwrap=session.accelerator.unwrap_model,
-            global_step=session.state.global_step,
-        )
-
-
-def stop_text_encoder_on_resume(cfg, parts, accelerator, resumed_step: int) -> None:
-    """Before a resumed run loads its state: apply a stop that happened before the checkpoint
-    (`parts`: the builder's Components)."""
+def stop_text_encoder_if_due(cfg: TrainConfig, parts: Components, accelerator, global_step: int) -> None:
+    """Stop the text encoder once its last step is done: after each optimizer step, and before
+    a resumed run loads its state (a stop that happened before the checkpoint)."""
     step = cfg.text_encoder_stop_step(parts.total_optimizer_steps)
-    if step is not None and resumed_step >= step:
-        stop_text_encoder(parts, cfg=cfg, unwrap=accelerator.unwrap_model, global_step=resumed_step)
+    if step is not None and global_step >= step:
+        stop_text_encoder(parts, cfg=cfg, unwrap=accelerator.unwrap_model, global_step=global_step)

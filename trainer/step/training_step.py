@@ -2,7 +2,7 @@
 
 The loop owns backward, gradient accumulation and the optimizer; this module only turns a batch
 into a per-sample loss with the graph attached. Every sample draws its randomness from its own
-CPU `torch.Generator`, seeded with the sample's seed from the batch ("sample_seeds", set by the
+CPU `torch.Generator`, seeded with the sample's seed from the batch (`Batch.sample_seeds`, set by the
 training loader from the sample's place in the epoch plan), always in this order
 (docs/TRAINING_STEP.md):
 
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from trainer.config import TrainConfig
+from trainer.data.batch import Batch
 from trainer.runtime.errors import ConfigError
 from trainer.step import diffusion, losses
 from trainer.step.text import ALLOWED_MAX_TOKEN_LENGTHS, encode_captions, perturb_embeddings
@@ -57,6 +59,34 @@ class StepSettings:
     masked_loss: bool = False
     unmasked_weight: float = 1.0
     normalize_masked_area_loss: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> StepSettings:
+        """The step's keys of a run's config (each range already checked by TrainConfig)."""
+        pyramid = (
+            {}
+            if cfg.multires_noise_iterations is None
+            else {"pyramid_iterations": cfg.multires_noise_iterations}
+        )
+        return cls(
+            **pyramid,
+            zero_frequency_noise_ratio=cfg.zero_frequency_noise_ratio,
+            pyramid_noise_discount=cfg.pyramid_discount,
+            timestep_start=cfg.timestep_start,
+            timestep_end=cfg.timestep_end,
+            min_snr_gamma=cfg.min_snr_gamma,
+            loss_type=cfg.loss_type,
+            clip_skip=cfg.clip_skip,
+            max_token_length=cfg.max_token_length,
+            embedding_perturbation=cfg.embedding_perturbation,
+            noise_offset_random_strength=cfg.noise_offset_random_strength,
+            ip_noise_gamma=cfg.ip_noise_gamma or 0.0,
+            ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength,
+            debiased_estimation_loss=cfg.debiased_estimation_loss,
+            masked_loss=cfg.masked_loss,
+            unmasked_weight=cfg.unmasked_weight if cfg.masked_loss else 1.0,
+            normalize_masked_area_loss=cfg.normalize_masked_area_loss,
+        )
 
     def __post_init__(self) -> None:
         # train.json's config (trainer/config/) refuses each of these with the key's name; a
@@ -176,15 +206,10 @@ class TrainingStep:
             return emb
         return torch.cat([perturb_embeddings(emb[i : i + 1], gamma, g) for i, g in enumerate(generators)])
 
-    def __call__(self, batch: dict) -> StepOutput:
-        """Per-sample loss of `batch`: "pixel_values" or "latents", "captions", "loss_scale" and
-        "sample_seeds" (one integer per sample: the seed of all of that sample's draws)."""
-        seeds = batch.get("sample_seeds")
-        if seeds is None:
-            raise KeyError(
-                "batch needs 'sample_seeds' (one seed per sample; the training loader sets them, "
-                "see trainer.data.loaders)"
-            )
+    def __call__(self, batch: Batch) -> StepOutput:
+        """Per-sample loss of `batch` (its latents or pixels, captions, loss scale and masks);
+        each sample's draws come from its seed in `batch.sample_seeds`."""
+        seeds = batch.sample_seeds
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         latents = self._latents(batch, gens)
         noise, timesteps = self._noise_and_timesteps(latents.shape[1:], gens)
@@ -194,16 +219,15 @@ class TrainingStep:
             perturbation = self._to_device(
                 torch.cat([self._input_perturbation(shape, g, "cpu") for g in gens])
             )
-        embeddings = self._text_embeddings(list(batch["captions"]), gens)
+        embeddings = self._text_embeddings(list(batch.captions), gens)
         return self._loss(batch, latents, noise, timesteps, embeddings, perturbation)
 
-    def _latents(self, batch: dict, generators: list[torch.Generator]) -> Tensor:
+    def _latents(self, batch: Batch, generators: list[torch.Generator]) -> Tensor:
         """Batch latents: cached, or VAE-encoded with a posterior sample per sample."""
-        if "latents" in batch:
-            return batch["latents"].to(device=self.device, non_blocking=True).float()
-        if "pixel_values" not in batch:
-            raise KeyError("batch needs 'latents' or 'pixel_values'")
-        return self.encode_latents(batch["pixel_values"], generators)
+        if batch.latents is not None:
+            return batch.latents.to(device=self.device, non_blocking=True).float()
+        assert batch.pixel_values is not None  # a Batch holds one of the two
+        return self.encode_latents(batch.pixel_values, generators)
 
     def _to_device(self, host: Tensor) -> Tensor:
         """One host-to-device copy; from pinned memory on CUDA, so it does not block the host."""
@@ -253,7 +277,7 @@ class TrainingStep:
 
     def _loss(
         self,
-        batch: dict,
+        batch: Batch,
         latents: Tensor,
         noise: Tensor,
         timesteps: Tensor,
@@ -261,7 +285,6 @@ class TrainingStep:
         perturbation: Tensor | None = None,
     ) -> StepOutput:
         s = self.settings
-        bsz = latents.shape[0]
 
         # Input perturbation changes the model's input only; the target keeps the plain noise.
         input_noise = noise if perturbation is None else noise + perturbation
@@ -293,16 +316,13 @@ class TrainingStep:
                 diffusion.snr(self.schedule, timesteps), self.schedule.prediction_type
             )
             weights = losses.combine_weights(weights, debiased)
-        loss_scale = torch.as_tensor(batch["loss_scale"], dtype=torch.float32).to(
-            self.device, non_blocking=True
-        )
-        loss_scale = loss_scale.expand(bsz) if loss_scale.ndim == 0 else loss_scale
+        loss_scale = torch.as_tensor(batch.loss_scale).to(self.device, non_blocking=True)
         loss = diffusion.weighted_loss(per_sample, loss_scale=loss_scale, weights=weights)
         return StepOutput(loss=loss, timesteps=timesteps)
 
-    def _mask_weights(self, batch: dict, latents: Tensor) -> Tensor:
+    def _mask_weights(self, batch: Batch, latents: Tensor) -> Tensor:
         """Per-latent-element loss weights from the batch's masks (masked_loss)."""
-        if "masks" not in batch:
-            raise KeyError("masked_loss is on but the batch has no 'masks' (build the loader with masks)")
-        masks = batch["masks"].to(device=self.device, non_blocking=True)
+        if batch.masks is None:
+            raise ValueError("masked_loss is on but the batch has no masks (build the loader with masks)")
+        masks = batch.masks.to(device=self.device, non_blocking=True)
         return losses.latent_weight_map(masks, tuple(latents.shape[2:]), self.settings.unmasked_weight)
