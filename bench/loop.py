@@ -171,6 +171,31 @@ def time_step(train_py: Path, args: argparse.Namespace) -> tuple[float, float | 
         return result["seconds_per_step_median"], result.get("cpu_seconds_per_step_median")
 
 
+class _Timed:
+    """A part of the session (its TrainingStep, its optimizer set) whose named methods add their
+    CPU seconds to `spent[label]`; every other attribute is the part's own."""
+
+    def __init__(self, inner, spent: dict[str, float], labels: dict[str, str]):
+        self._inner, self._spent, self._labels = inner, spent, labels
+
+    def _timed(self, fn, label: str):
+        def wrapper(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._spent[label] += time.process_time() - started
+
+        return wrapper
+
+    def __call__(self, *args, **kwargs):
+        return self._timed(self._inner, self._labels["__call__"])(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._inner, name)
+        return self._timed(value, self._labels[name]) if name in self._labels else value
+
+
 def loop_phases(config: Path) -> dict:
     """Run the loop of `trainer` (the one on sys.path) in this process on `config`, timing its
     micro-steps (forward + backward) and optimizer steps; the loop's own share is the rest:
@@ -182,27 +207,19 @@ def loop_phases(config: Path) -> dict:
     configure_threads()  # before torch loads, as train.py does
     configure_host_memory()
     from trainer.config import load_config
-    from trainer.run import loop
+    from trainer.run.loop import train
     from trainer.run.session import build_session
 
     spent = {"forward + backward": 0.0, "optimizer step": 0.0}
-
-    def timed(fn, name):
-        def wrapper(*a, **k):
-            started = time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] += time.process_time() - started
-
-        return wrapper
-
-    loop._micro_step = timed(loop._micro_step, "forward + backward")
-    loop._optimizer_step = timed(loop._optimizer_step, "optimizer step")
     session = build_session(load_config(str(config), []))
+    # The session's own step and optimizer, timed where the loop calls them (no loop internals)
+    session.parts.step = _Timed(session.step, spent, {"__call__": "forward + backward"})
+    session.parts.optim = _Timed(
+        session.optim, spent, {"backward": "forward + backward", "step": "optimizer step"}
+    )
     started = time.process_time()
     try:
-        summary = loop.train(session)
+        summary = train(session)
     finally:
         session.close()
     total = time.process_time() - started

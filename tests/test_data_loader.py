@@ -90,7 +90,7 @@ def test_run_loader_keeps_its_workers_across_epochs_and_gives_make_loaders_batch
     """One loader for the run: an epoch change starts no new worker processes, and every epoch
     (and a mid-epoch start) yields bitwise the batches of the per-epoch loader."""
     plan = _make(tmp_path, n=8, num_workers=2, shuffle_tags=True, flip_p=0.5)
-    dataset = _PidDataset(plan, SampleOptions.for_training(plan.settings, None))
+    dataset = _PidDataset.for_training(plan, SampleOptions.for_training(plan.settings, None))
     loader = RunLoader(plan, dataset, num_workers=2, pin_memory=False)
     pids = set()
     for epoch, start in ((0, 0), (1, 0), (2, 1)):

@@ -6,6 +6,12 @@ layout unless `no_save_ckpt`, and `training_state.pt` when `save_optimizer` (res
 resume guard, the schedule horizon, optimizer/scheduler/scaler/EMA state, progress counters and
 every rank's RNG state. The directory mechanics (temporary name, manifest last, rename) are
 `store.py`'s; whether a checkpoint is resumed exactly is `resume.py`'s.
+
+The manifest records the run's base model (`base_model`: the source the first run of a chain
+started from, carried through exact resume and weights-only chaining), so that a layer above
+can relate any checkpoint to it. That layer's `CheckpointExtra` (train.json's
+`extract_lora_rank`: trainer/export/checkpoint_lora.py), handed to the session, writes into each
+folder once it is complete (rank 0), from the weights just saved; this package never imports it.
 """
 
 from __future__ import annotations
@@ -27,14 +33,31 @@ from trainer.checkpointing.resume import (
     schedule_horizon,
 )
 from trainer.checkpointing.state import TrainingState, capture_global_rng, restore_global_rng
-from trainer.checkpointing.store import TRAINING_STATE, apply_retention, save_training_state, write_checkpoint
+from trainer.checkpointing.store import (
+    TRAINING_STATE,
+    apply_retention,
+    open_checkpoint,
+    save_training_state,
+    write_checkpoint,
+)
 from trainer.config import config_to_json
 from trainer.models import save_pipeline, save_single_file
+from trainer.models.loading import BUILTIN_PREFIX
 from trainer.optim.schedule_free import eval_weights
 from trainer.runtime.errors import CheckpointError, CheckpointWriteError, NonFiniteWeights, TrainerError
 from trainer.runtime.fileperm import apply_umask
 
 log = logging.getLogger(__name__)
+
+BASE_MODEL = "base_model"  # manifest key: the model source the run's chain started from
+
+
+class CheckpointExtra(Protocol):
+    """Something a layer above writes into every complete checkpoint folder (rank 0), from the
+    weights just saved (`model`: SDComponents, unwrapped, on the training device). It reports
+    its own failures; one that escapes is logged, never a failed save."""
+
+    def __call__(self, checkpoint: Path, model: Any, *, step: int, base_model: str | None) -> Any: ...
 
 
 class TrainingRun(Protocol):
@@ -52,6 +75,35 @@ class TrainingRun(Protocol):
     state: TrainingState
     total_optimizer_steps: int
     export_precision: Any
+    plan: Any  # the ResumePlan the run started from (its base model: `base_model_of`)
+    checkpoint_extra: CheckpointExtra | None
+
+
+def recorded_source(spec: str) -> str:
+    """A model source as the manifest records it: builtin:NAME as it is, a path that exists
+    made absolute (a resume from another working directory still finds it)."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def base_model_of(plan) -> str | None:
+    """The base model of a run that starts with `plan`: the one recorded in the checkpoint it
+    starts from (exact resume, weights-only chaining, or a path inside a checkpoint folder of
+    this trainer, e.g. its `pipeline/`), else the source itself. None when that checkpoint
+    records none (written by an older version)."""
+    checkpoint = plan.checkpoint
+    if checkpoint is None:
+        folder = Path(plan.spec).expanduser().parent
+        if not (folder / "manifest.json").is_file():
+            return recorded_source(plan.spec)
+        try:
+            checkpoint = open_checkpoint(folder)
+        except CheckpointError as exc:
+            log.warning("the base model of %s is unknown: %s", plan.spec, exc)
+            return None
+    return checkpoint.manifest.get(BASE_MODEL)
 
 
 def config_hash(cfg) -> str:
@@ -123,29 +175,57 @@ def _write_on_main(
             save_training_state(tmp / TRAINING_STATE, training_state_dict(session, all_rng))
         apply_umask(tmp)  # safetensors writes 0600 files
 
-    manifest = {
-        "project_name": cfg.project_name,
+    manifest = checkpoint_manifest(session, reason, progress)
+    # Schedule-free: save the eval weights, resume from the train weights. Not for weights_only:
+    # its weights are a fresh optimizer's, where both are the same.
+    with nullcontext() if weights_only else eval_weights(session.optim):
+        path = write_checkpoint(session.run.checkpoints, name, write, manifest)
+        removed = apply_retention(session.run.checkpoints, cfg.keep_last_checkpoints)
+        log.info(
+            "saved checkpoint %s (%s, %.1fs)%s",
+            path,
+            reason,
+            time.monotonic() - started,
+            f", removed {len(removed)} old" if removed else "",
+        )
+        _write_extra(session, path, progress.global_step, manifest[BASE_MODEL])
+
+
+def checkpoint_manifest(session: TrainingRun, reason: str, progress: TrainingState) -> dict:
+    """manifest.json's own keys (the store adds the format, the time and the file list)."""
+    return {
+        "project_name": session.cfg.project_name,
         "global_step": progress.global_step,
         "epoch": progress.epoch,
         "batch_in_epoch": progress.batch_in_epoch,
         "samples_seen": progress.samples_seen,
         "reason": reason,
-        "config_hash": config_hash(cfg),
+        "config_hash": config_hash(session.cfg),
         "model_family": session.model.family,
         "world_size": session.accelerator.num_processes,
+        BASE_MODEL: base_model_of(session.plan),
     }
-    # Schedule-free: save the eval weights, resume from the train weights. Not for weights_only:
-    # its weights are a fresh optimizer's, where both are the same.
-    with nullcontext() if weights_only else eval_weights(session.optim):
-        path = write_checkpoint(session.run.checkpoints, name, write, manifest)
-    removed = apply_retention(session.run.checkpoints, cfg.keep_last_checkpoints)
-    log.info(
-        "saved checkpoint %s (%s, %.1fs)%s",
-        path,
-        reason,
-        time.monotonic() - started,
-        f", removed {len(removed)} old" if removed else "",
-    )
+
+
+def _write_extra(session: TrainingRun, path: Path, step: int, base_model: str | None) -> None:
+    """The session's `CheckpointExtra` into the complete folder `path`, with the weights as
+    saved (eval weights, loaded values of half-precision frozen weights). Written after the
+    manifest and not listed in it: the checkpoint is complete before it starts, and a failure
+    (or a crash) here leaves it intact."""
+    extra = session.checkpoint_extra
+    if extra is None:
+        return
+    components = _unwrapped_components(session)
+    try:
+        with session.export_precision.restored(components) if session.export_precision else nullcontext():
+            extra(path, components, step=step, base_model=base_model)
+    except Exception as exc:  # the extra logs its own failures: this guards the save against a bug in it
+        log.error(
+            "checkpoint %s is saved and complete, but writing beside it failed: %s: %s",
+            path,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _raise_on_every_rank(accelerator, failure: TrainerError | None) -> None:

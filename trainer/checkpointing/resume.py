@@ -14,7 +14,6 @@ shipped EveryDream2 train.json (seed -1) can still resume exactly.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -141,18 +140,8 @@ def resume_guard(cfg, *, world_size: int, data_fingerprint: str, optim) -> dict[
         "data": data_fingerprint,
         "resolution": cfg.resolution,
         "fused_back_pass": cfg.fused_back_pass,
-        "trained": optimizer_layout(optim),
+        "trained": optim.layout(),
     }
-
-
-def optimizer_layout(optim) -> dict[str, str]:
-    """Per trained component: optimizer name and a hash of its trainable parameter names."""
-    layout = {}
-    for name, comp in optim.components.items():
-        digest = hashlib.sha256("\n".join(comp.param_names).encode()).hexdigest()[:12]
-        layout[name] = f"{comp.spec.name} ({len(comp.param_names)} tensors, {digest})"
-    # A component whose training stopped mid-run (trainer/run/te_stop.py) keeps its place in the guard.
-    return layout | getattr(optim, "stopped_layouts", {})
 
 
 def check_settings(plan: ResumePlan, current_guard: dict[str, Any]) -> ResumePlan:

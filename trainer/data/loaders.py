@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -190,59 +190,42 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-class BatchLoader:
-    """Iterable over batches `start_batch..` of an epoch plan; records decode problems."""
-
-    def __init__(
-        self, plan, dataset: PlanBatchDataset, *, start_batch: int, num_workers: int, pin_memory: bool
-    ):
-        if not 0 <= start_batch <= len(dataset):
-            raise ValueError(f"start_batch={start_batch} is outside this epoch's {len(dataset)} batches")
-        self.plan = plan
-        self.dataset = dataset
-        self.start_batch = start_batch
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-
-    def __len__(self) -> int:
-        return len(self.dataset) - self.start_batch
-
-    def __iter__(self) -> Iterator[Batch]:
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            sampler=range(self.start_batch, len(self.dataset)),
-            num_workers=self.num_workers,
-            collate_fn=_identity,
-            pin_memory=self.pin_memory,
-        )
-        yield from _recording_problems(self.plan, loader)
-
-
-def _recording_problems(plan, loader) -> Iterator[Batch]:
-    """The loader's batches, their decode problems recorded in `plan` (workers cannot)."""
+def _recording_problems(recorder, loader) -> Iterator[Batch]:
+    """The loader's batches, their decode problems recorded in `recorder` (workers cannot)."""
     for batch in loader:
         for problem in batch.problems:
-            plan.record_problem(problem)
+            recorder.record_problem(problem)
         batch.problems = []  # recorded once, here
         yield batch
 
 
 class RunBatchDataset(PlanBatchDataset):
-    """Index = (epoch, batch index): one dataset, so one set of loader workers, for the run.
+    """Index = (epoch, batch index): one dataset, so one set of loader workers, for a run.
 
-    The epoch plan comes from `data.epoch_plan(epoch)`, a pure function of (seed, epoch, rank),
-    computed where the batch is built (a worker computes it in its own process), so persistent
-    workers need nothing sent to them at an epoch change.
+    The epoch plan comes from `plans(epoch)`, a pure function of (seed, epoch, rank) for
+    training (`LoadedDataset.epoch_plan`) and one fixed plan for evaluation, computed where
+    the batch is built (a worker computes it in its own process), so persistent workers need
+    nothing sent to them at an epoch change.
     """
 
-    def __init__(self, data, options: SampleOptions, latent_cache: LatentCache | None = None):
-        super().__init__(data.train_items, data.item_buckets, data.epoch_plan(0), options, latent_cache)
-        self.data = data
+    def __init__(
+        self,
+        items: list[ImageItem],
+        buckets: list[Bucket],
+        plans: Callable[[int], EpochPlan],
+        options: SampleOptions,
+        latent_cache: LatentCache | None = None,
+    ):
+        super().__init__(items, buckets, plans(0), options, latent_cache)
+        self.plans = plans
 
-    def __getitem__(self, index: tuple[int, int]) -> Batch:
+    @classmethod
+    def for_training(cls, data, options: SampleOptions, latent_cache: LatentCache | None = None):
+        return cls(data.train_items, data.item_buckets, data.epoch_plan, options, latent_cache)
+
+    def __getitem__(self, index: tuple[int, int]) -> Batch:  # type: ignore[override]
         epoch, batch_index = index
-        self.epoch_plan = self.data.epoch_plan(epoch)
+        self.epoch_plan = self.plans(epoch)
         return super().__getitem__(batch_index)
 
 
@@ -260,12 +243,14 @@ class _EpochSampler:
 
 
 class RunLoader:
-    """The training loader of a whole run, built once: `epoch(e, start_batch)` iterates epoch
-    `e` from `start_batch` on (exact mid-epoch resume). With workers, they persist across epochs
-    (no new worker processes, and no wait for their first batch, at every epoch start)."""
+    """The one loader, for training, validation and the benchmarks: built once,
+    `epoch(e, start_batch)` iterates epoch `e` from `start_batch` on (exact mid-epoch resume).
+    With workers, they persist across epochs (no new worker processes, and no wait for their
+    first batch, at every epoch start). Decode problems are recorded in `recorder`."""
 
-    def __init__(self, data, dataset: RunBatchDataset, *, num_workers: int, pin_memory: bool):
-        self.data = data
+    def __init__(self, recorder, dataset: RunBatchDataset, *, num_workers: int, pin_memory: bool):
+        self.recorder = recorder
+        self.dataset = dataset
         self.sampler = _EpochSampler()
         self.loader = DataLoader(
             dataset,
@@ -278,17 +263,22 @@ class RunLoader:
         )
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        batches = len(self.data.epoch_plan(epoch).batches)
+        batches = len(self.dataset.plans(epoch).batches)
         if not 0 <= start_batch <= batches:
             raise ValueError(f"start_batch={start_batch} is outside epoch {epoch}'s {batches} batches")
         self.sampler.epoch, self.sampler.start, self.sampler.stop = epoch, start_batch, batches
-        return _recording_problems(self.data, self.loader)
+        return _recording_problems(self.recorder, self.loader)
 
 
 def make_run_loader(data, *, latent_cache: LatentCache | None = None, pin_memory: bool = False) -> RunLoader:
-    """The training loader for every epoch of a run (see RunLoader); batches as make_loader's."""
+    """The training loader for every epoch of a run (see RunLoader).
+
+    With a latent cache, crop jitter is off and batches carry latents instead of pixels; they
+    are read in the main process (no decoding left to parallelise, and workers would copy an
+    in-memory cache)."""
     workers = 0 if latent_cache is not None else data.settings.num_workers
-    dataset = RunBatchDataset(data, SampleOptions.for_training(data.settings, latent_cache), latent_cache)
+    options = SampleOptions.for_training(data.settings, latent_cache)
+    dataset = RunBatchDataset.for_training(data, options, latent_cache)
     return RunLoader(data, dataset, num_workers=workers, pin_memory=pin_memory)
 
 
@@ -299,17 +289,20 @@ def make_loader(
     start_batch: int = 0,
     latent_cache: LatentCache | None = None,
     pin_memory: bool = False,
-) -> BatchLoader:
-    """Batches of `epoch_plan` from `start_batch` on (exact mid-epoch resume).
+) -> Iterator[Batch]:
+    """The training batches of one epoch from `start_batch` on, through the run's loader."""
+    loader = make_run_loader(plan, latent_cache=latent_cache, pin_memory=pin_memory)
+    return loader.epoch(epoch_plan.epoch, start_batch=start_batch)
 
-    With a latent cache, crop jitter is off and batches carry "latents" instead of
-    "pixel_values"; they are read in the main process (no decoding left to parallelise, and
-    workers would copy an in-memory cache).
-    """
-    options = SampleOptions.for_training(plan.settings, latent_cache)
-    dataset = PlanBatchDataset(plan.train_items, plan.item_buckets, epoch_plan, options, latent_cache)
-    workers = 0 if latent_cache is not None else plan.settings.num_workers
-    return BatchLoader(plan, dataset, start_batch=start_batch, num_workers=workers, pin_memory=pin_memory)
+
+@dataclass(frozen=True)
+class _FixedPlan:
+    """The same plan for every epoch (evaluation); a class, not a lambda, so workers can take it."""
+
+    plan: EpochPlan
+
+    def __call__(self, epoch: int) -> EpochPlan:
+        return self.plan
 
 
 def make_eval_loader(
@@ -319,7 +312,7 @@ def make_eval_loader(
     batch_size: int | None = None,
     seed: int | None = None,
     latent_cache: LatentCache | None = None,
-) -> BatchLoader:
+) -> Iterator[Batch]:
     """Deterministic batches over a validation / stabilize set (same buckets as training).
 
     Every item once, no flip, centre crop, no tag shuffle, no caption dropout; the order
@@ -350,6 +343,6 @@ def make_eval_loader(
         masks=s.mask_source,
         keep_tokens_separator=s.keep_tokens_separator,
     )
-    dataset = PlanBatchDataset(fixed, buckets, epoch_plan, options, latent_cache)
+    dataset = RunBatchDataset(fixed, buckets, _FixedPlan(epoch_plan), options, latent_cache)
     workers = 0 if latent_cache is not None else s.num_workers
-    return BatchLoader(plan, dataset, start_batch=0, num_workers=workers, pin_memory=False)
+    return RunLoader(plan, dataset, num_workers=workers, pin_memory=False).epoch(0)

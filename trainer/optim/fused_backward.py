@@ -339,6 +339,7 @@ class FusedOptimizerSet(TrainingOptimizer):
 
     def __init__(self, base: OptimizerSet, *, uses_grad_scaler: bool, world_size: int) -> None:
         self.components = base.components
+        self.stopped_layouts = {}  # never filled: see stop_component
         self.clip_grad_norm = None
         self.log_grad_norm = base.log_grad_norm
         self.rounding = base.rounding
@@ -371,6 +372,12 @@ class FusedOptimizerSet(TrainingOptimizer):
                     fused.advance_schedulers()
         norms = {name: n for name, f in self.fused.items() if (n := f.take_grad_norm()) is not None}
         return StepResult(skipped=skipped, grad_norms=norms)
+
+    def stop_component(self, name: str) -> None:
+        raise NotImplementedError(
+            "a fused back pass cannot stop a component: its per-parameter optimizers live inside "
+            "backward (TrainConfig refuses stop_text_encoder_training with fused_back_pass)"
+        )
 
     def close(self) -> None:
         """Remove every per-parameter hook (`FusedBackward.close`), so that the parameters no

@@ -150,8 +150,7 @@ class OptimizerSet(TrainingOptimizer):
         self.rounding = rounding
         # Schedule-free train-mode weights while `schedule_free.eval_weights` is active.
         self.train_weights: dict[str, list[torch.Tensor]] | None = None
-        # Components whose training stopped mid-run (trainer/run/te_stop.py): name -> resume-guard layout.
-        self.stopped_layouts: dict[str, str] = {}
+        self.stopped_layouts: dict[str, str] = {}  # stop_component (trainer/run/te_stop.py)
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One optimizer step for every component, after the loop's micro-batch backwards.

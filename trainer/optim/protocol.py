@@ -10,6 +10,7 @@ stream, LRs, the start-up table) are written here once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from abc import ABC, abstractmethod
 from typing import Any
@@ -38,6 +39,7 @@ class TrainingOptimizer(ABC):
     rounding: Any  # trainer.optim.stochastic_rounding.StochasticRounding | None
     state_key: str
     fused_back_pass: bool
+    stopped_layouts: dict[str, str]  # components whose training stopped mid-run: name -> layout
 
     def backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
         """The backward of one micro-batch's loss (scaled when a GradScaler is on)."""
@@ -46,6 +48,24 @@ class TrainingOptimizer(ABC):
     @abstractmethod
     def step(self, scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """End of an accumulation window: the optimizer step (or its report), LR schedules."""
+
+    def layout(self) -> dict[str, str]:
+        """Per trained component: optimizer name and a hash of its trainable parameter names (the
+        resume guard compares it). A component whose training stopped keeps its place."""
+        layout = {}
+        for name, comp in self.components.items():
+            digest = hashlib.sha256("\n".join(comp.param_names).encode()).hexdigest()[:12]
+            layout[name] = f"{comp.spec.name} ({len(comp.param_names)} tensors, {digest})"
+        return layout | self.stopped_layouts
+
+    def stop_component(self, name: str) -> None:
+        """Stop stepping `name` (stop_text_encoder_training): its optimizer and LR schedule are
+        dropped and their state (two moments per weight for AdamW) freed now, not when the last
+        reference goes; its layout stays in `layout()`. Idempotent."""
+        if name not in self.components:
+            return
+        self.stopped_layouts[name] = self.layout()[name]
+        self.components.pop(name).optimizer.state.clear()
 
     def close(self) -> None:
         """Release what ties this set to its parameters beyond its own lifetime: the fused back

@@ -132,11 +132,13 @@ class Session:
         return self.parts.export_precision
 
     def close(self) -> None:
-        """End the run's outputs: close the metrics (TensorBoard's files, `wandb.finish()`, which
-        marks a wandb run finished and uploads its last data) and detach train.log from the root
-        logger. Call when the run is over (after its summary is logged); otherwise later runs in
-        the same process also write into it. Idempotent."""
+        """End the run: close the metrics (TensorBoard's files, `wandb.finish()`, which marks a
+        wandb run finished and uploads its last data), release the optimizers' hooks on the
+        parameters (a closed session trains no more) and detach train.log from the root logger.
+        Call when the run is over (after its summary is logged); otherwise later runs in the same
+        process also write into it. Idempotent."""
         self.metrics.close()
+        self.optim.close()  # the fused back pass's per-parameter hooks; nothing for a plain set
         if self.log_handler is not None:
             logging.getLogger().removeHandler(self.log_handler)
             self.log_handler.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 
 from trainer.build.builder import Components
-from trainer.checkpointing.resume import optimizer_layout
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,7 @@ def stop_text_encoder(parts: Components, *, cfg: TrainConfig, unwrap, global_ste
     optim = parts.optim
     if COMPONENT not in optim.components:
         return
-    optim.stopped_layouts[COMPONENT] = optimizer_layout(optim)[COMPONENT]
-    comp = optim.components.pop(COMPONENT)
-    comp.optimizer.state.clear()  # the moments: freed now, not when the last reference goes
+    optim.stop_component(COMPONENT)
     encoder = unwrap(parts.model.text_encoder)
     for p in encoder.parameters():
         p.grad = None
