@@ -11,7 +11,7 @@ from trainer.optim.fused_backward import FusedOptimizerSet
 from trainer.optim.grad_scaler import apply_grad_scaler_tweak, grad_scaler_tweak
 from trainer.optim.optimizer_set import OptimizerSet, build_optimizers
 from trainer.optim.protocol import TrainingOptimizer
-from trainer.optim.registry import REGISTRY, OptimizerSpec, OptionalDependencyError, get_spec
+from trainer.optim.registry import REGISTRY, get_spec
 from trainer.optim.resolve import (
     ResolvedComponent,
     TrainOptimSettings,
@@ -27,6 +27,8 @@ from trainer.optim.schema import (
     load_optimizer_file,
     parse_optimizer_json,
 )
+from trainer.optim.spec import OptimizerSpec
+from trainer.runtime.errors import OptionalDependencyError
 
 __all__ = [
     "REGISTRY",

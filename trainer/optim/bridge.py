@@ -28,7 +28,7 @@ def is_bridge_name(name: str) -> bool:
 def bridge_spec(name: str, where: str, spec_factory):
     """The OptimizerSpec for `pytorch_optimizer.<Name>` (imports the package: only when chosen).
 
-    `spec_factory` is registry's `_spec`; raises ConfigError for an unknown name, with the
+    `spec_factory` is `trainer.optim.spec.make_spec`; raises ConfigError for an unknown name, with the
     closest one, and OptionalDependencyError when the package is missing.
     """
     inner = name.strip()[len(PREFIX) :].lower()

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.optim.registry import OptimizerSpec
 from trainer.optim.resolve import ResolvedComponent
 from trainer.optim.schedules import mirrors_optimizer_lr
+from trainer.optim.spec import OptimizerSpec
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Registry entries for the newer optimizers users bring from OneTrainer and kohya: schedule-free
 AdamW / SGD / RAdam, Prodigy + schedule-free, CAME and ADOPT.
 
-Kept apart from registry.py so that file stays the classic table; `registry._build_registry`
-adds these. Package choices (docs/OPTIMIZERS.md says why): `schedulefree` is Meta's reference
+Kept apart from catalogue.py so that file stays the classic table; its `SPECS` list adds
+these. Package choices (docs/OPTIMIZERS.md says why): `schedulefree` is Meta's reference
 implementation; `prodigy-plus-schedule-free` is the Prodigy + schedule-free fork OneTrainer and
 kohya ship; CAME and ADOPT come from `pytorch-optimizer`, which is released monthly and tested,
 whereas the CAME authors' `came-pytorch` has had no release since 2023 and ADOPT's authors publish
@@ -44,7 +44,7 @@ PRODIGY_SF_KEYS = (
 
 
 def modern_specs(spec) -> list:
-    """The OptimizerSpecs of this module, built with registry's `_spec` helper (passed in to
+    """The OptimizerSpecs of this module, built with `trainer.optim.spec.make_spec` (passed in to
     avoid an import cycle)."""
     return [
         spec(

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.optim.registry import SCHEDULE_KEYS, get_spec, is_adafactor_adaptive, normalize_name
+from trainer.optim.registry import get_spec, is_adafactor_adaptive, normalize_name
 from trainer.optim.schedules import SCHEDULER_NAMES, resolve_decay_steps, resolve_warmup_steps
 from trainer.optim.schema import DEFAULT_OPTIMIZER, OptimizerFile, check_section_keys
+from trainer.optim.spec import SCHEDULE_KEYS
 from trainer.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -208,21 +209,7 @@ def _resolve_one(
         options.setdefault("log_every", settings.log_step)
     where = f"{label}: {component}"
 
-    scheduler = _first(section.get("lr_scheduler"), settings.lr_scheduler, "constant")
-    if settings.lr_scheduler is not None and scheduler != settings.lr_scheduler:
-        logger.warning(
-            "%s: train lr_scheduler '%s' (train.json/CLI) is overridden by optimizer.json's '%s': for the "
-            "schedule keys optimizer.json wins, as in EveryDream2. Set lr_scheduler to null in %s to use '%s'.",
-            where,
-            settings.lr_scheduler,
-            scheduler,
-            label,
-            settings.lr_scheduler,
-        )
-    if scheduler not in SCHEDULER_NAMES:
-        raise ConfigError(
-            f"train lr_scheduler: unknown scheduler '{scheduler}'. Known: {', '.join(SCHEDULER_NAMES)}."
-        )
+    scheduler = _scheduler_name(where, label, section, settings)
     if spec.schedule_free and options.get("use_schedulefree", True):
         _check_schedule_free_schedule(where, spec.name, section, settings, scheduler)
     if is_adafactor_adaptive(spec, options):
@@ -273,6 +260,26 @@ def _resolve_one(
         power=_first(section.get("lr_scheduler_power"), 1.0),
         options=options,
     )
+
+
+def _scheduler_name(where: str, label: str, section: dict[str, Any], settings: TrainOptimSettings) -> str:
+    """optimizer.json's lr_scheduler over train.json's (as EveryDream2), said when they differ."""
+    scheduler = _first(section.get("lr_scheduler"), settings.lr_scheduler, "constant")
+    if settings.lr_scheduler is not None and scheduler != settings.lr_scheduler:
+        logger.warning(
+            "%s: train lr_scheduler '%s' (train.json/CLI) is overridden by optimizer.json's '%s': for the "
+            "schedule keys optimizer.json wins, as in EveryDream2. Set lr_scheduler to null in %s to use '%s'.",
+            where,
+            settings.lr_scheduler,
+            scheduler,
+            label,
+            settings.lr_scheduler,
+        )
+    if scheduler not in SCHEDULER_NAMES:
+        raise ConfigError(
+            f"train lr_scheduler: unknown scheduler '{scheduler}'. Known: {', '.join(SCHEDULER_NAMES)}."
+        )
+    return scheduler
 
 
 def _check_schedule_free_schedule(

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from trainer.config.values import json_kind, type_text
 from trainer.optim.bridge import is_bridge_name
-from trainer.optim.registry import ED2_ALWAYS_PRESENT_KEYS, closest_key, get_spec, normalize_name
+from trainer.optim.registry import closest_key, get_spec, normalize_name
 from trainer.optim.schedules import SCHEDULER_NAMES
+from trainer.optim.spec import ED2_ALWAYS_PRESENT_KEYS
 from trainer.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from trainer.optim.registry import OptimizerSpec
 from trainer.optim.resolve import ResolvedComponent
 from trainer.optim.schedules import mirrors_optimizer_lr
+from trainer.optim.spec import OptimizerSpec
 from trainer.runtime.errors import CheckpointError
 
 # optimizer.json keys that a resume applies, and the param-group keys they are stored under

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from trainer.optim.registry import SCHEDULE_KEYS
+from trainer.optim.spec import SCHEDULE_KEYS
 
 if TYPE_CHECKING:
     from trainer.optim.component import ComponentOptimizer
