@@ -137,10 +137,6 @@ class RunFolder:
         return self.path / "samples"
 
     @property
-    def cache(self) -> Path:
-        return self.path / "cache"
-
-    @property
     def name(self) -> str:
         return self.path.name
 
