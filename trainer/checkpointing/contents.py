@@ -34,6 +34,7 @@ from trainer.checkpointing.resume import (
 )
 from trainer.checkpointing.state import TrainingState, capture_global_rng, restore_global_rng
 from trainer.checkpointing.store import (
+    MANIFEST,
     TRAINING_STATE,
     apply_retention,
     open_checkpoint,
@@ -96,7 +97,7 @@ def base_model_of(plan) -> str | None:
     checkpoint = plan.checkpoint
     if checkpoint is None:
         folder = Path(plan.spec).expanduser().parent
-        if not (folder / "manifest.json").is_file():
+        if plan.spec.startswith(BUILTIN_PREFIX) or not (folder / MANIFEST).is_file():
             return recorded_source(plan.spec)
         try:
             checkpoint = open_checkpoint(folder)
@@ -212,7 +213,7 @@ def _write_extra(session: TrainingRun, path: Path, step: int, base_model: str | 
     saved (eval weights, loaded values of half-precision frozen weights). Written after the
     manifest and not listed in it: the checkpoint is complete before it starts, and a failure
     (or a crash) here leaves it intact."""
-    extra = session.checkpoint_extra
+    extra = getattr(session, "checkpoint_extra", None)  # a session built without one has none
     if extra is None:
         return
     components = _unwrapped_components(session)

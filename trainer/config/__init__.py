@@ -13,6 +13,7 @@ EveryDream2 compatibility: its key names are used unchanged; a JSON `null` means
 warning each (`IGNORED_KEYS`).
 """
 
+from trainer.config.ed2_keys import IGNORED_KEYS
 from trainer.config.loading import (
     allowed_text,
     build_config,
@@ -23,7 +24,7 @@ from trainer.config.loading import (
     parse_cli_overrides,
     read_json_config,
 )
-from trainer.config.schema import FIELDS, IGNORED_KEYS, LrSchedulerName, TrainConfig
+from trainer.config.schema import FIELDS, LrSchedulerName, TrainConfig
 
 __all__ = [
     "FIELDS",

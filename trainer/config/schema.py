@@ -12,30 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-KOHYA_MULTIRES_DISCOUNT = 0.3  # sd-scripts' default --multires_noise_discount
+# EveryDream2 keys accepted with no effect: re-exported here (loading.py reads them from this module)
+from trainer.config.ed2_keys import IGNORED_KEY_TYPE as IGNORED_KEY_TYPE
+from trainer.config.ed2_keys import IGNORED_KEYS as IGNORED_KEYS
 
-# EveryDream2 keys that are accepted for compatibility but have no effect here, with the reason.
-IGNORED_KEYS: dict[str, str] = {
-    "amp": "deprecated in EveryDream2 too; use mixed_precision",
-    "notebook": "notebook mode does not exist here",
-    "lowvram": "use gradient_checkpointing and an 8-bit optimizer (docs/PERFORMANCE.md)",
-    "disable_xformers": "SDPA attention is the default; use attn_type",
-    "scale_lr": "not implemented in EveryDream2 either",
-    "useadam8bit": "choose the optimizer in optimizer.json",
-    "ed1_mode": "EveryDream1 mode is not supported",
-    "gpuid": "select the device with CUDA_VISIBLE_DEVICES or accelerate launch",
-    "train_sampler": "only add_noise/get_velocity were used, which do not depend on the sampler",
-    "plugins": "EveryDream2 plugins are not supported",
-    "rated_dataset": "rated datasets are not supported",
-    "rated_dataset_target_dropout_percent": "rated datasets are not supported",
-    "load_settings_every_epoch": "hot-reloading the config breaks exact resume",
-    "write_schedule": "use python -m trainer.data.preview",
-    "save_ckpt_dir": "single files are written inside each checkpoint directory",
-    "no_prepend_last": "checkpoint names carry epoch and step",
-    "ema_resume_model": "EMA weights are resumed from the training state",
-}
-# What the command line reads an ignored key's text as (only whether it is set matters).
-IGNORED_KEY_TYPE = bool | int | float | str | list[str] | None
+KOHYA_MULTIRES_DISCOUNT = 0.3  # sd-scripts' default --multires_noise_discount
 
 # The LR schedule names, for train.json and optimizer.json alike (trainer/optim/schedules.py reads
 # them from here as SCHEDULER_NAMES). Here because this module loads before torch (the command
@@ -274,6 +255,21 @@ class TrainConfig(BaseModel):
     )
     no_save_ckpt: bool = Field(False, description="Skip the single-file .safetensors export.")
     keep_last_checkpoints: int | None = Field(None, ge=1, description="Retention: keep the newest N.")
+    extract_lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="Write a LoRA of this rank (kohya layout, fidelity report beside it) into every checkpoint "
+        "folder: the change from the run's base model (recorded in the manifest, kept through resume and "
+        "chaining) to the checkpoint's weights; null = off. Each save loads the base to the CPU on rank 0 "
+        "(host RAM: one more fp32 model, about 4.3 GB for SD1.5) and frees it after. A failure is logged; "
+        "the checkpoint is kept.",
+    )
+    extract_lora_conv_rank: int = Field(
+        0,
+        ge=0,
+        description="With extract_lora_rank: rank of the ResNet 3x3 convolutions (LoCon), which hold most "
+        "of a fine-tune's change; 0 = left out (docs/LORA.md).",
+    )
     stop_at_step: int | None = Field(
         None,
         ge=1,
@@ -342,6 +338,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "weight_dtype bf16 with mixed_precision fp16 would compute in fp16 on bf16 weights; "
                 "use mixed_precision bf16 (or no)"
+            )
+        if self.extract_lora_conv_rank > 0 and self.extract_lora_rank is None:
+            raise ValueError(
+                f"extract_lora_conv_rank {self.extract_lora_conv_rank} does nothing without extract_lora_rank "
+                "(null: no LoRA is written); set extract_lora_rank too, or drop extract_lora_conv_rank"
             )
         return self
 

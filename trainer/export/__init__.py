@@ -8,7 +8,9 @@
 * `lora_file.py`: save precision, metadata, the atomic write.
 * `sources.py`: --base / --tuned (any model source, or a checkpoint of this trainer).
 * `write.py`: extract, measure, write: shared by the command and `write_checkpoint_lora`.
+* `checkpoint_lora.py`: train.json's `extract_lora_rank`, a LoRA in every checkpoint folder
+  (handed to the session from above: the checkpoint writer never imports this package).
 * `command.py`: the `extract-lora` command (`main(argv) -> int`).
 
-Nothing here is imported at package import: the checkpoint writer can import `write` alone.
+Nothing here is imported at package import.
 """

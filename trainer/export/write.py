@@ -3,8 +3,8 @@
 `extract_to_file` decomposes the layers, rounds the factors to the save precision, measures
 the prediction error with exactly those tensors, writes the file (metadata included) and the
 fidelity report beside it, and prints nothing: callers log `outcome.report.format()`.
-`write_checkpoint_lora` is the form train.json's `extract_lora_rank` uses beside every
-checkpoint.
+`write_checkpoint_lora` is the form train.json's `extract_lora_rank` uses in every checkpoint
+folder (`checkpoint_lora.py`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from trainer.checkpointing import (
     restore_training_state,
     resume_guard,
 )
+from trainer.checkpointing.contents import CheckpointExtra, base_model_of
 from trainer.checkpointing.resume_changes import log_resume_changes
 from trainer.checkpointing.state import TrainingState
 from trainer.checkpointing.store import CheckpointInfo
@@ -49,6 +50,7 @@ from trainer.eval.sampling import (
     sample_variants,
 )
 from trainer.eval.validation import Validator
+from trainer.export.checkpoint_lora import checkpoint_lora
 from trainer.models import SDComponents
 from trainer.optim import OptimizerFile, TrainingOptimizer
 from trainer.plan.check import startup_check
@@ -90,6 +92,8 @@ class Session:
     latent_cache: LatentCache | None = None
     resumed_from: Path | None = None
     log_handler: logging.Handler | None = None  # this run's train.log on the root logger
+    # written into every checkpoint folder after the weights (extract_lora_rank: trainer/export/checkpoint_lora.py)
+    checkpoint_extra: CheckpointExtra | None = None
 
     # --- the built parts, read through the session ---
 
@@ -229,6 +233,8 @@ def _start(
         resumed=resumed_from is not None,
     )
     _log_start(cfg, accelerator, parts, run, metrics, state, plan)
+    checkpoint_extra = checkpoint_lora(cfg)  # extract_lora_rank: a LoRA in every checkpoint folder
+    _log_checkpoint_lora(cfg, plan, checkpoint_extra)
     return Session(
         cfg=cfg,
         accelerator=accelerator,
@@ -241,6 +247,7 @@ def _start(
         latent_cache=latent_cache,
         resumed_from=resumed_from,
         log_handler=log_handler,
+        checkpoint_extra=checkpoint_extra,
     )
 
 
@@ -302,6 +309,15 @@ def _log_start(
     log.info("%s", describe_threads())
     if extras := active_extra_options(cfg):
         log.info("kohya/OneTrainer options: %s", "; ".join(extras))
+
+
+def _log_checkpoint_lora(cfg: TrainConfig, plan: ResumePlan, extra: CheckpointExtra | None) -> None:
+    """extract_lora_rank: the base every checkpoint's LoRA is taken against, or why none will be."""
+    if extra is not None and cfg.extract_lora_rank is not None:
+        base = base_model_of(plan) or "unknown (the checkpoint this run starts from records none)"
+        log.info(
+            "a LoRA of rank %d goes into every checkpoint, against the base %s", cfg.extract_lora_rank, base
+        )
 
 
 def _fill_latent_cache(cfg: TrainConfig, accelerator: Accelerator, parts: Components) -> LatentCache:
