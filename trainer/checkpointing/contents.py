@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from accelerate import Accelerator
 
 from trainer.checkpointing.resume import (
     PIPELINE_DIR,
@@ -41,9 +42,11 @@ from trainer.checkpointing.store import (
     save_training_state,
     write_checkpoint,
 )
-from trainer.config import config_to_json
-from trainer.models import save_pipeline, save_single_file
+from trainer.config import TrainConfig, config_to_json
+from trainer.data import LoadedDataset
+from trainer.models import SDComponents, save_pipeline, save_single_file
 from trainer.models.loading import BUILTIN_PREFIX
+from trainer.optim import TrainingOptimizer
 from trainer.optim.schedule_free import eval_weights
 from trainer.runtime.errors import CheckpointError, CheckpointWriteError, NonFiniteWeights, TrainerError
 from trainer.runtime.fileperm import apply_umask
@@ -63,21 +66,32 @@ class CheckpointExtra(Protocol):
 
 class TrainingRun(Protocol):
     """What saving reads of a run (trainer.run.session.Session has it; named here so that this
-    package never imports the session above it)."""
+    package never imports the session above it). Read-only: saving never replaces a part."""
 
-    cfg: Any
-    accelerator: Any
-    run: Any
-    model: Any
-    data: Any
-    optim: Any
-    scaler: Any
-    ema: Any
+    cfg: TrainConfig
     state: TrainingState
-    total_optimizer_steps: int
-    export_precision: Any
-    plan: Any  # the ResumePlan the run started from (its base model: `base_model_of`)
     checkpoint_extra: CheckpointExtra | None
+
+    @property
+    def accelerator(self) -> Accelerator: ...
+    @property
+    def run(self) -> Any: ...  # trainer.run.folder.RunFolder (a layer above)
+    @property
+    def model(self) -> SDComponents: ...
+    @property
+    def data(self) -> LoadedDataset: ...
+    @property
+    def optim(self) -> TrainingOptimizer: ...
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None: ...
+    @property
+    def ema(self) -> Any: ...  # trainer.build.ema.EMA | None (a layer above)
+    @property
+    def total_optimizer_steps(self) -> int: ...
+    @property
+    def export_precision(self) -> Any: ...  # trainer.build.placement.ExportPrecision | None
+    @property
+    def plan(self) -> ResumePlan: ...  # the plan the run started from (its base model: `base_model_of`)
 
 
 def recorded_source(spec: str) -> str:
@@ -249,7 +263,7 @@ def _raise_on_every_rank(accelerator, failure: TrainerError | None) -> None:
 def trained_tensors(session: TrainingRun, *, ema: bool = True) -> dict[str, torch.Tensor]:
     """The tensors training changes, by name: every trained parameter and, with `ema`, the EMA
     shadow weights. Frozen weights are as loaded and need no check."""
-    tensors = {
+    tensors: dict[str, torch.Tensor] = {
         f"{comp}/{name}": param
         for comp, c in session.optim.components.items()
         for name, param in zip(c.param_names, c.params, strict=True)
@@ -333,7 +347,7 @@ def restore_training_state(
 ) -> None:
     """Exact resume: restore optimizer, scheduler, scaler, EMA, counters and this rank's RNG
     from `plan`'s training state (its settings were already compared: `check_settings`)."""
-    state, ckpt = plan.state, plan.checkpoint
+    state, ckpt = plan.saved_state, plan.source
     optim.load_state_dict(state["optimizers"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

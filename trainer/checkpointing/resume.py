@@ -51,6 +51,20 @@ class ResumePlan:
     def exact(self) -> bool:
         return self.mode == EXACT
 
+    @property
+    def source(self) -> CheckpointInfo:
+        """The checkpoint this run continues (exact resume or weights only); a new run has none."""
+        if self.checkpoint is None:
+            raise ValueError(f"a {self.mode} run continues no checkpoint of this trainer")
+        return self.checkpoint
+
+    @property
+    def saved_state(self) -> dict:
+        """The loaded training state of an exact resume (dropped once restored)."""
+        if self.state is None:
+            raise ValueError("only an exact resume holds a training state, until it is restored")
+        return self.state
+
     def recorded_seed(self) -> int | None:
         return None if self.state is None else self.state.get("guard", {}).get("seed")
 
@@ -60,7 +74,7 @@ class ResumePlan:
             "resume_ckpt %s: continuing from the weights of %s only (EveryDream2 chaining): %s. The "
             "optimizer state, LR schedule, step counter and data order start anew in a new run folder.",
             "findlast" if self.findlast else self.spec,
-            self.checkpoint.path,
+            self.source.path,
             reason,
         )
         return replace(self, state=None, mode=WEIGHTS, reason=reason)
@@ -68,10 +82,10 @@ class ResumePlan:
     def describe(self) -> str:
         """One line for the start-up summary."""
         if self.mode == EXACT:
-            return f"start: exact resume of {self.checkpoint.path} at step {self.checkpoint.step}"
+            return f"start: exact resume of {self.source.path} at step {self.source.step}"
         if self.mode == WEIGHTS:
             return (
-                f"start: weights of {self.checkpoint.path} (step {self.checkpoint.step}) only, "
+                f"start: weights of {self.source.path} (step {self.source.step}) only, "
                 f"{self.reason}; optimizer, LR schedule and step counter start anew"
             )
         return f"start: new run from {self.spec}"
@@ -148,7 +162,7 @@ def check_settings(plan: ResumePlan, current_guard: dict[str, Any]) -> ResumePla
     """Compare the saved guard with this run's. Keys an older checkpoint lacks are not compared."""
     if not plan.exact:
         return plan
-    saved = plan.state.get("guard", {})
+    saved = plan.saved_state.get("guard", {})
     changed = {k: (saved[k], v) for k, v in current_guard.items() if k in saved and saved[k] != v}
     if not changed:
         return plan
@@ -156,9 +170,9 @@ def check_settings(plan: ResumePlan, current_guard: dict[str, Any]) -> ResumePla
     if plan.findlast:
         return plan.weights_only(f"settings changed ({details})")
     raise CheckpointError(
-        f"cannot resume '{plan.checkpoint.path}' exactly because settings changed ({details}). Restore them, "
+        f"cannot resume '{plan.source.path}' exactly because settings changed ({details}). Restore them, "
         f"continue from its weights with --resume_ckpt findlast, or start a new run from its weights with "
-        f"--resume_ckpt {plan.checkpoint.path / PIPELINE_DIR}"
+        f"--resume_ckpt {plan.source.path / PIPELINE_DIR}"
     )
 
 

@@ -95,8 +95,8 @@ def log_resume_changes(
     """After the exact restore (`plan.state` still held): log the change table, or only the
     notes when nothing recorded differs. `config_path`: the run folder's train_effective.json,
     read before this session overwrites it."""
-    previous, why_unknown = read_previous_config(config_path, plan.checkpoint.manifest)
-    changes = collect_changes(plan.state, optim, cfg, total_optimizer_steps, previous, why_unknown)
+    previous, why_unknown = read_previous_config(config_path, plan.source.manifest)
+    changes = collect_changes(plan.saved_state, optim, cfg, total_optimizer_steps, previous, why_unknown)
     if changes.rows:
         log.warning("%s", changes.render())  # the notes are its last lines
     else:
@@ -178,7 +178,7 @@ def run_changes(previous_config: dict | None, cfg, old_total: int | None, total:
     if old_total is not None:
         pairs.append(("total optimizer steps", old_total, total))
     for key in CADENCE_KEYS if previous_config is not None else ():
-        if key in previous_config:
+        if previous_config is not None and key in previous_config:
             pairs.append((key, previous_config[key], getattr(cfg, key)))
     return [Change(RUN_SCOPE, label, fmt(a), fmt(b)) for label, a, b in pairs if a != b]
 

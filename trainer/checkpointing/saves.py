@@ -122,7 +122,7 @@ class RunSaves:
         """Put the host copy back into the model (rank 0; the run is over, its weights are NaN)
         and save it as a weights-only checkpoint (collective)."""
         last = self.last_good
-        if last.host_copy is not None:
+        if last.host_copy is not None and last.params is not None:  # kept together
             with torch.no_grad():
                 for param, saved in zip(last.params, last.host_copy, strict=True):
                     param.copy_(saved)

@@ -119,13 +119,14 @@ def storage_errno(exc: BaseException) -> int | None:
     context is the OSError from the write; safetensors raises a SafetensorError that names the
     OS error in its message."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc.errno
-        if isinstance(exc, SafetensorError) and (found := _OS_ERROR_IN_MESSAGE.search(str(exc))):
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        if isinstance(current, SafetensorError) and (found := _OS_ERROR_IN_MESSAGE.search(str(current))):
             return int(found.group(1))
-        exc = exc.__cause__ or exc.__context__
+        current = current.__cause__ or current.__context__
     return None
 
 
@@ -273,7 +274,8 @@ def find_last(logdir: Path, project_name: str) -> CheckpointInfo:
     a warning, as EveryDream2 searches the whole logdir (chains often rename the project).
     """
     logdir = Path(logdir)
-    own, others = [], []
+    own: list[CheckpointInfo] = []
+    others: list[CheckpointInfo] = []
     for run_dir in logdir.glob("*-*"):
         project = _project_of(run_dir.name) if run_dir.is_dir() else None
         if project is not None:

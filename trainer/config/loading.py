@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from trainer.config.schema import FIELDS, IGNORED_KEY_TYPE, IGNORED_KEYS, TrainConfig
 from trainer.config.values import accepts, cli_value, json_kind, type_text, unquote_hint
@@ -128,7 +129,7 @@ def _format_validation_error(
 ) -> str:
     """One line per key: where it was given, the value and its JSON type, pydantic's reason, what
     the key allows, and a fix where one is clear (drop the quotes; the closest valid name)."""
-    by_key: dict[str, list[dict]] = {}
+    by_key: dict[str, list[ErrorDetails]] = {}
     lines = []
     for err in exc.errors():
         key = err["loc"][0] if err["loc"] else None

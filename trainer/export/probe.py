@@ -61,6 +61,7 @@ class _LoraHook:
 
     def __init__(self, module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor, scale: float):
         weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # a Linear's or Conv2d's
         self.up = up.to(device=weight.device, dtype=weight.dtype)
         self.down = down.to(device=weight.device, dtype=weight.dtype)
         self.scale = scale

@@ -219,6 +219,7 @@ def claim_run_folder(accelerator: Any, take: Callable[[], RunFolder]) -> RunFold
         run = run or (RunFolder(Path(path)) if path is not None else None)
     if error is not None:
         raise error
+    assert run is not None  # rank 0 took it or raised; the others got its path
     return run
 
 

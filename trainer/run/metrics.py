@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where the writer is made (rank 0 only)
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +29,18 @@ class Metrics:
 
     def __init__(self, log_dir: Path, *, enabled: bool = True, purge_step: int | None = None, wandb_cfg=None):
         self.enabled = enabled
-        self._writer = None
-        self._wandb = None
+        self._writer: SummaryWriter | None = None  # None on other ranks and once closed
+        self._wandb: Any = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard loads only on rank 0
 
         self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=20)
         if wandb_cfg is not None:
             self._wandb = _start_wandb(wandb_cfg)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if not self.enabled:
+        if self._writer is None:
             return
         for tag, value in values.items():
             self._writer.add_scalar(tag, float(value), global_step=step)
@@ -46,7 +49,7 @@ class Metrics:
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """Log a PIL image (HWC uint8)."""
-        if not self.enabled:
+        if self._writer is None:
             return
         array = np.asarray(image.convert("RGB"))
         self._writer.add_image(tag, array, global_step=step, dataformats="HWC")
@@ -56,11 +59,11 @@ class Metrics:
             self._wandb.log({tag: wandb.Image(image)}, step=step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.enabled:
+        if self._writer is not None:
             self._writer.add_text(tag, text, global_step=step)
 
     def flush(self) -> None:
-        if self.enabled:
+        if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ class StepTracker:
         self.last_loss: float | None = None
 
     def _reset_window(self) -> None:
-        self._loss_sum = None
+        self._loss_sum: torch.Tensor | None = None  # on the loss's device: no host sync per micro-batch
         self._count = 0
         self._band_sum: torch.Tensor | None = None  # on the loss's device, like _loss_sum
         self._band_count: torch.Tensor | None = None
@@ -56,7 +56,7 @@ class StepTracker:
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._count += detached.numel()
         self._images += detached.numel()
-        if self._band_sum is None:
+        if self._band_sum is None or self._band_count is None:
             self._band_sum = torch.zeros(len(BAND_EDGES) - 1, device=detached.device)
             self._band_count = torch.zeros_like(self._band_sum)
         edges = self._edges.get(detached.device)
@@ -77,8 +77,8 @@ class StepTracker:
             self.flush(global_step, lrs_fn(), epoch)
 
     def flush(self, global_step: int, lrs: dict[str, float], epoch: int) -> None:
-        if self._count == 0:
-            return
+        if self._loss_sum is None or self._band_sum is None or self._band_count is None:
+            return  # no micro-batch since the last flush
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         loss_sum, count = self._loss_sum, torch.tensor(float(self._count), device=self._loss_sum.device)
         if self.reduce_sum is not None:

@@ -103,8 +103,7 @@ class Session:
 
     @property
     def data(self) -> LoadedDataset:
-        assert self.parts.data is not None, "a session always loads its dataset"
-        return self.parts.data
+        return _dataset(self.parts)
 
     @property
     def step(self) -> TrainingStep:
@@ -157,6 +156,15 @@ class Session:
         return dict(self.parts.wrapped)
 
 
+def _dataset(parts: Components) -> LoadedDataset:
+    """The run's dataset: `build_components` loads it unless a benchmark gives the step count."""
+    if parts.data is None:
+        raise ValueError(
+            "a training session needs the dataset (build_components without total_optimizer_steps)"
+        )
+    return parts.data
+
+
 def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> Session:
     configure_determinism(cfg)  # before anything touches CUDA (cuBLAS reads its workspace setting once)
     # Precision is ours (mixed_precision key), not accelerate's: it must not autocast a second time.
@@ -167,7 +175,7 @@ def build_session(cfg: TrainConfig, *, accelerator: Accelerator | None = None) -
     startup_log = StartupLog()  # the run folder (and its train.log) is created once all went well
     try:
         plan = plan_resume(cfg.resume_ckpt, cfg.logdir, cfg.project_name)
-        if plan.exact and (finished := finished_message(cfg, plan.checkpoint.manifest, plan.checkpoint.path)):
+        if plan.exact and (finished := finished_message(cfg, plan.source.manifest, plan.source.path)):
             raise RunFinished(finished)
         cfg = cfg.model_copy(update={"seed": resolve_seed(cfg.seed, plan, draw=_seed_draw(accelerator))})
         return _start(cfg, accelerator, plan, startup_log, opt_file=opt_file)
@@ -201,7 +209,7 @@ def _start(
     opt_file: OptimizerFile | None = None,
 ) -> Session:
     parts = build_components(cfg, accelerator, model_spec=plan.spec, opt_file=opt_file)
-    data = parts.data
+    data = _dataset(parts)
     plan = check_settings(
         plan,
         resume_guard(
@@ -259,7 +267,7 @@ def _restore(
     and the checkpoint resumed from (None for a new run or weights only)."""
     if not plan.exact:
         return plan, None
-    stop_text_encoder_if_due(cfg, parts, accelerator, plan.state["progress"]["global_step"])
+    stop_text_encoder_if_due(cfg, parts, accelerator, plan.saved_state["progress"]["global_step"])
     restore_training_state(
         plan,
         optim=parts.optim,
@@ -270,9 +278,9 @@ def _restore(
         rank=accelerator.process_index,
     )
     # before this session rewrites train_effective.json: the change table compares with it
-    checkpoint_config = run_folder_of_checkpoint(plan.checkpoint.path).path / "train_effective.json"
+    checkpoint_config = run_folder_of_checkpoint(plan.source.path).path / "train_effective.json"
     log_resume_changes(plan, parts.optim, cfg, parts.total_optimizer_steps, checkpoint_config)
-    return replace(plan, state=None), plan.checkpoint.path  # the optimizer states are GBs: no copy kept
+    return replace(plan, state=None), plan.source.path  # the optimizer states are GBs: no copy kept
 
 
 def _log_start(
@@ -285,7 +293,7 @@ def _log_start(
     plan: ResumePlan,
 ) -> None:
     """The effective config files in the run folder and TensorBoard, and the start-up lines."""
-    data = parts.data
+    data = _dataset(parts)
     if accelerator.is_main_process:
         write_json(run.path / "train_effective.json", json.loads(config_to_json(cfg)))
         write_json(run.path / "optimizer_effective.json", parts.opt_file.as_dict())
@@ -323,7 +331,8 @@ def _log_checkpoint_lora(cfg: TrainConfig, plan: ResumePlan, extra: CheckpointEx
 def _fill_latent_cache(cfg: TrainConfig, accelerator: Accelerator, parts: Components) -> LatentCache:
     """Shared by all runs under logdir: keys cover the image file, crop, flip and VAE weights
     (and the dtype it encodes in), not the model's path, so a resume reuses every entry."""
-    data = parts.data
+    data = _dataset(parts)
+    assert parts.vae_fingerprint is not None  # the builder reads it whenever cache_latents is on
     cache = LatentCache(cache_directory(cfg.logdir), parts.vae_fingerprint, masks=data.settings.mask_source)
     log.info("latent cache: %s, VAE fingerprint %s", cache.directory, parts.vae_fingerprint)
     eval_items = [it for items in data.val_sets.values() for it in items] + list(data.stabilize_items)
@@ -373,7 +382,7 @@ def _build_observers(
     model = parts.model
     sampler, sample_at_start = None, False
     if cfg.sample_prompts:
-        captions = [it.caption.text for it in parts.data.train_items]
+        captions = [it.caption.text for it in _dataset(parts).train_items]
         jobs, spec = load_sample_jobs(
             cfg.sample_prompts, resolution=cfg.resolution, default_seed=cfg.seed, fallback_captions=captions
         )
@@ -402,7 +411,7 @@ def _build_observers(
     val_cfg = load_validation_config(cfg.validation_config)
     if val_cfg is not None:
         validator = Validator(
-            parts.data,
+            _dataset(parts),
             val_cfg,
             evaluation_step(parts, accelerator),
             accelerator,
