@@ -103,3 +103,13 @@ def test_attn_type_xformers_needs_cuda(monkeypatch):
     monkeypatch.setattr(attention_mod, "is_xformers_available", lambda: True)
     assert "needs a CUDA device" in attention_mod.xformers_problem("cpu")
     assert attention_mod.xformers_problem("cuda") is None
+
+
+def test_wandb_without_the_package_is_refused_before_the_model_loads(tmp_path, no_model_load, monkeypatch):
+    """wandb: true without wandb installed used to fail after the model had loaded and the run
+    folder was made; it is an input problem like the others."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, find_spec finds none
+    message = session_error(tmp_path, wandb=True)
+    assert "wandb: true" in message and "pip install wandb" in message

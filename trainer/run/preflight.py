@@ -10,6 +10,7 @@ job, after the load); optimizer.json is parsed and validated (names, keys, sched
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from trainer.checkpointing.store import MANIFEST, TRAINING_STATE
@@ -29,6 +30,7 @@ def check_inputs(cfg) -> None:
         _resume_ckpt,
         _vae,
         _attention,
+        _wandb,
     )
     for check in checks:
         try:
@@ -51,6 +53,13 @@ def _optimizer_config(cfg) -> None:
     from trainer.optim.schema import load_optimizer_file  # the loader the build uses, so no drift
 
     load_optimizer_file(cfg.optimizer_config)
+
+
+def _wandb(cfg) -> None:
+    """wandb: true needs the package; found missing only when the metrics start, the run folder
+    and the loaded model would come first."""
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb: true but the 'wandb' package is not installed; pip install wandb")
 
 
 def _attention(cfg) -> None:
