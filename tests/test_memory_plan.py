@@ -31,7 +31,7 @@ from trainer.optim.freezing import text_encoder_num_layers
 from trainer.optim.registry import REGISTRY, build_optimizer, get_spec
 from trainer.optim.resolve import TrainOptimSettings, resolve_components
 from trainer.optim.schema import OptimizerFile, SectionConfig
-from trainer.plan import CATEGORIES, DoesNotFit, check_budget, fit_to_budget, plan_memory
+from trainer.plan import CATEGORIES, DoesNotFit, check_budget, fit_to_budget, plan_json, plan_memory
 from trainer.plan.activations import planning_batch
 from trainer.plan.architecture import architecture_of
 from trainer.plan.fake_model import module_bytes, optim_settings, tensor_bytes
@@ -422,3 +422,51 @@ def test_sampling_is_a_transient_at_the_step_boundary_max_not_sum(tmp_path):
         resident = c["weights"] + c["frozen_weights"] + c["optimizer_states"] + c["ema"] + c["ddp_buckets"]
         assert plan.total_bytes == max(without.total_bytes, resident + plan.sizes.sampling)
         assert plan.total_bytes == sum(c.values())
+
+
+def test_remembered_meta_kernels_change_no_number_of_the_plan_or_its_advice(tmp_path, monkeypatch):
+    """The planning passes remember each meta kernel's answer by operator and input signature
+    (shadow.py); the advice re-plans every candidate with them. Every figure, the passes' own
+    included, is the same as with each meta kernel computed every time."""
+    from trainer.plan import Evaluator, shadow
+
+    path = tmp_path / "optimizer.json"
+    path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-4}}))
+    cfg = load_config(
+        None,
+        ["--resume_ckpt", "builtin:tiny-sd1", "--resolution", "64", "--batch_size", "2"]
+        + ["--cache_latents", "false", "--optimizer_config", str(path), "--logdir", str(tmp_path / "logs")],
+    )
+    opt_file = load_optimizer_file(cfg.optimizer_config)
+
+    def planned():
+        evaluator = Evaluator("cuda")
+        plan = plan_memory(cfg, opt_file, device="cuda", budget_bytes=1, evaluator=evaluator)
+        return plan_json(plan), dict(evaluator._passes)
+
+    monkeypatch.setattr(shadow, "_LAYOUTS", {})
+    with monkeypatch.context() as m:
+        m.setattr(shadow, "_operator_cacheable", lambda func: False)
+        uncached = planned()
+    assert not shadow._LAYOUTS
+    cached = planned()
+    assert len(shadow._LAYOUTS) > 100
+    plan, passes = cached
+    assert len(plan["advice"]) + len(plan["not_offered"]) >= 4 and len(passes) >= 3  # re-plans
+    assert cached == uncached
+
+
+def test_data_parallel_gradients_are_the_buckets_not_a_second_copy(tmp_path):
+    """The builder gives DDP `gradient_as_bucket_view=True`: each gradient is a view into the
+    bucket DDP all-reduces, so with several processes every gradient is allocated (in its
+    bucket) from the first backward on, and there is no copy beside them. A process then holds
+    the gradients its step's peak does not already count, not a second copy of all of them (the
+    plan used to add one)."""
+    cfg = small_recipe(tmp_path)
+    opt_file = load_optimizer_file(cfg.optimizer_config)
+    one = plan_memory(cfg, opt_file, device="cpu")
+    two = plan_memory(cfg, opt_file, device="cpu", processes=2)
+    not_at_peak = one.sizes.gradients - one.categories["gradients"]
+    assert 0 < not_at_peak < one.sizes.gradients
+    assert two.categories["ddp_buckets"] == not_at_peak
+    assert two.total_bytes - one.total_bytes == not_at_peak

@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 
 import torch
+from diffusers.models import UNet2DConditionModel
 from diffusers.utils import is_xformers_available
 from torch import nn
+from transformers import PreTrainedModel
 
 from trainer.build.lean_blocks import attention_processors
 from trainer.runtime.errors import ConfigError
@@ -54,7 +56,7 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _text_encoder_sdpa(text_encoder: nn.Module) -> str:
+def _text_encoder_sdpa(text_encoder: PreTrainedModel) -> str:
     """Switch a transformers text encoder to SDPA; report what it actually uses."""
     config = getattr(text_encoder, "config", None)
     current = getattr(config, "_attn_implementation", None)
@@ -89,7 +91,7 @@ def xformers_problem(device_type: str) -> str | None:
     return None
 
 
-def _enable_xformers(unet: nn.Module, device: torch.device) -> None:
+def _enable_xformers(unet: UNet2DConditionModel, device: torch.device) -> None:
     if problem := xformers_problem(device.type):
         raise ConfigError(problem)
     try:
@@ -102,7 +104,11 @@ def _enable_xformers(unet: nn.Module, device: torch.device) -> None:
 
 
 def configure_attention(
-    unet: nn.Module, text_encoder: nn.Module, attn_type: str, *, device: torch.device | str | None = None
+    unet: UNet2DConditionModel,
+    text_encoder: PreTrainedModel,
+    attn_type: str,
+    *,
+    device: torch.device | str | None = None,
 ) -> str:
     """Set the attention kernels for `attn_type`; return a one-line description for the log.
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from diffusers.models import UNet2DConditionModel
+from transformers import PreTrainedModel
 
 from trainer.build.attention import configure_attention
 from trainer.build.ema import EMA, ema_decay_for_run
@@ -114,7 +117,7 @@ def build_components(
     optim = _build_optim(cfg, opt_file, model, total_optimizer_steps, rounding)
     trained = tuple(optim.components)
     ema_decay = _ema_decay(cfg, total_optimizer_steps)  # refuses an EMA that would never update
-    optim = wrap_optimizer_set(
+    training_optim = wrap_optimizer_set(
         optim,
         fused_back_pass=cfg.fused_back_pass,
         uses_grad_scaler=scaler is not None,
@@ -123,7 +126,7 @@ def build_components(
     )
     if data is not None:
         log.info("%s", data.summary())
-    log.info("optimizer settings (%s):\n%s", opt_file.source, optim.summary_table())
+    log.info("optimizer settings (%s):\n%s", opt_file.source, training_optim.summary_table())
 
     export_precision, vae_id, wrapped = _place(cfg, model, accelerator, autocast_dtype, trained)
     step = _training_step(cfg, model, wrapped, device, autocast_dtype)
@@ -132,7 +135,7 @@ def build_components(
         model=model,
         data=data,
         step=step,
-        optim=optim,
+        optim=training_optim,
         scaler=scaler,
         ema=_build_ema(cfg, model, ema_decay, trained),
         total_optimizer_steps=total_optimizer_steps,
@@ -194,7 +197,8 @@ def _place(
     vae_id = vae_fingerprint(vae_state, model.vae.dtype) if vae_state is not None else None
     del vae_state  # the fingerprint is all the cache needs of the pre-placement weights
     if cfg.channels_last:
-        model.unet.to(memory_format=torch.channels_last)
+        # diffusers wraps `ModelMixin.to` with functools.wraps, which mypy reads as unbound.
+        model.unet.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, trained)
     if cfg.compile:
@@ -220,7 +224,11 @@ def evaluation_step(components: Components, accelerator: Accelerator) -> Trainin
 
 
 def _build_optim(
-    cfg: TrainConfig, opt_file: OptimizerFile, model: SDComponents, total: int, rounding
+    cfg: TrainConfig,
+    opt_file: OptimizerFile,
+    model: SDComponents,
+    total: int,
+    rounding: StochasticRounding | None,
 ) -> OptimizerSet:
     settings = TrainOptimSettings.from_config(cfg)
     model.vae.requires_grad_(False)
@@ -262,11 +270,12 @@ def wrap_optimizer_set(
     """The fused back pass around a built OptimizerSet (ConfigError when it is impossible:
     fused_backward.py). With `channels_last`, every optimizer keeps its parameters' layout and
     storage across steps (trainer/build/param_layout.py)."""
+    wrapped: TrainingOptimizer = optim
     if fused_back_pass:
-        optim = FusedOptimizerSet(optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size)
+        wrapped = FusedOptimizerSet(optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size)
     if channels_last:
-        keep_parameter_layouts(optim.torch_optimizers())
-    return optim
+        keep_parameter_layouts(wrapped.torch_optimizers())
+    return wrapped
 
 
 def _text_cache(cfg: TrainConfig, model: SDComponents) -> TextEmbeddingCache | None:
@@ -279,7 +288,17 @@ def _text_cache(cfg: TrainConfig, model: SDComponents) -> TextEmbeddingCache | N
     )
 
 
-def enable_gradient_checkpointing(model: SDComponents, trained: tuple[str, ...]) -> None:
+class CheckpointableModel(Protocol):
+    """What `enable_gradient_checkpointing` reads: SDComponents, or the planner's fake run."""
+
+    @property
+    def unet(self) -> UNet2DConditionModel: ...
+
+    @property
+    def text_encoder(self) -> PreTrainedModel: ...
+
+
+def enable_gradient_checkpointing(model: CheckpointableModel, trained: tuple[str, ...]) -> None:
     """Activation checkpointing for the UNet, and for the text encoder when it trains.
 
     Both non-reentrant, said explicitly: diffusers passes `use_reentrant=False` itself, while
@@ -333,7 +352,7 @@ def _build_ema(
     """EMA of the UNet (always, as EveryDream2) and of the text encoder when it trains."""
     if decay is None:
         return None
-    modules = {"unet": model.unet}
+    modules: dict[str, torch.nn.Module] = {"unet": model.unet}
     if "text_encoder" in trained:
         modules["text_encoder"] = model.text_encoder
     device = "cpu" if cfg.ema_device == "cpu" else model.unet.device

@@ -59,6 +59,8 @@ def ema_decay_for_run(
         )
     if decay_rate is not None:
         return float(decay_rate)
+    if strength_target is None:
+        raise ConfigError("EMA is enabled but neither ema_decay_rate nor ema_strength_target is set")
     return decay_from_strength_target(strength_target, updates)
 
 

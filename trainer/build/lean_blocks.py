@@ -31,7 +31,8 @@ import logging
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttentionProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
@@ -113,13 +114,14 @@ class LeanAttnProcessor(AttnProcessor2_0):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def attention_processors(unet: nn.Module) -> dict[str, AttnProcessor2_0]:
+def attention_processors(unet: UNet2DConditionModel) -> dict[str, AttentionProcessor]:
     """SDPA processors for every attention layer of `unet`: lean where eligible, generic else."""
-    procs: dict[str, AttnProcessor2_0] = {}
+    procs: dict[str, AttentionProcessor] = {}
     allowed = _lean_allowed()
     for name in unet.attn_processors:
         attn = unet.get_submodule(name.removesuffix(".processor"))
-        procs[name] = LeanAttnProcessor() if allowed and attention_eligible(attn) else AttnProcessor2_0()
+        lean = allowed and isinstance(attn, Attention) and attention_eligible(attn)
+        procs[name] = LeanAttnProcessor() if lean else AttnProcessor2_0()
     return procs
 
 
@@ -146,12 +148,16 @@ class LeanResnetBlock2D(ResnetBlock2D):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:  # the deprecated `scale` argument: let diffusers handle (and warn)
-            return super().forward(input_tensor, temb, *args, **kwargs)
+            # diffusers annotates `temb` as a Tensor, but its VAE blocks are called with None.
+            return super().forward(input_tensor, temb, *args, **kwargs)  # type: ignore[arg-type]
         in_place = not torch.is_grad_enabled()  # no autograd needs the pre-activation values
         hidden = self.norm1(input_tensor)
         hidden = F.silu(hidden, inplace=True) if in_place else self.nonlinearity(hidden)
         hidden = self.conv1(hidden)
         if self.time_emb_proj is not None:
+            # A block with a time projection is always called with a time embedding (the UNet's);
+            # diffusers' own forward fails the same way without one.
+            assert temb is not None, "ResnetBlock2D with time_emb_proj called without temb"
             if not self.skip_time_act:
                 temb = self.nonlinearity(temb)
             temb = self.time_emb_proj(temb)[:, :, None, None]
@@ -180,7 +186,7 @@ def use_lean_resnets(module: nn.Module) -> int:
     return count
 
 
-def use_lean_blocks(unet: nn.Module, vae: nn.Module) -> None:
+def use_lean_blocks(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
     """Lean ResNet forwards in the UNet and the VAE; logs what they cover.
 
     The attention processors are set by `trainer.build.attention.configure_attention` (attn_type
@@ -198,11 +204,17 @@ def use_lean_blocks(unet: nn.Module, vae: nn.Module) -> None:
     )
 
 
-def use_generic_blocks(unet: nn.Module, vae: nn.Module) -> None:
+def use_generic_blocks(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
     """Undo `use_lean_blocks` and the lean attention processors: diffusers' own forwards
     everywhere (bench/step.py `--generic_blocks`, to measure what the lean forwards save)."""
     for module in (unet, vae):
         for block in module.modules():
             if type(block) is LeanResnetBlock2D:
-                block.__class__ = ResnetBlock2D
+                _use_generic_resnet(block)
     unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _use_generic_resnet(block: nn.Module) -> None:
+    """Give a lean block diffusers' class back (a helper, as `block` here is any module: mypy
+    refuses the assignment on a variable narrowed to the lean class)."""
+    block.__class__ = ResnetBlock2D

@@ -39,7 +39,9 @@ def plan_dtypes(
 ) -> dict[str, torch.dtype]:
     """The storage dtype of each module (see the module docstring for the rule); `trained` names
     the modules the optimizers update."""
-    frozen = autocast_dtype if _halves_frozen(device, autocast_dtype) else torch.float32
+    frozen = torch.float32
+    if autocast_dtype is not None and _halves_frozen(device, autocast_dtype):
+        frozen = autocast_dtype
     return {name: weight_dtype if name in trained else frozen for name in MODULES}
 
 

@@ -8,6 +8,7 @@ scaling. `configure_cuda_backends` sets the CUDA math modes (TF32, cuDNN autotun
 from __future__ import annotations
 
 import logging
+from typing import TypedDict
 
 import torch
 
@@ -15,8 +16,18 @@ from trainer.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
+class _ScalerInit(TypedDict):
+    """The GradScaler constructor arguments set here (typed, so `**` keeps each one's type)."""
+
+    init_scale: float
+    growth_factor: float
+    backoff_factor: float
+    growth_interval: int
+
+
 # EveryDream2's GradScaler settings (optimizer/optimizers.py:85-91).
-_SCALER_INIT = dict(init_scale=2**17.5, growth_factor=2.0, backoff_factor=0.5, growth_interval=25)
+_SCALER_INIT = _ScalerInit(init_scale=2**17.5, growth_factor=2.0, backoff_factor=0.5, growth_interval=25)
 
 
 def resolve_autocast_dtype(

@@ -12,6 +12,7 @@ loader, not a KeyError in the step, and a new field is added in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -58,17 +59,25 @@ class Batch:
     @property
     def inputs(self) -> Tensor:
         """The image inputs: latents when cached, else pixels."""
-        return self.latents if self.latents is not None else self.pixel_values  # type: ignore[return-value]
+        if self.latents is not None:
+            return self.latents
+        # __post_init__ refuses a Batch without exactly one of the two
+        assert self.pixel_values is not None, "a Batch without latents has pixel_values"
+        return self.pixel_values
 
-    def _tensors(self) -> dict[str, Tensor]:
-        names = ("latents", "pixel_values", "masks", "loss_scale")
-        return {name: value for name in names if isinstance(value := getattr(self, name), Tensor)}
+    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        """A copy with `fn` applied to each of its tensors (the unset ones stay None)."""
+        return replace(
+            self,
+            latents=None if self.latents is None else fn(self.latents),
+            pixel_values=None if self.pixel_values is None else fn(self.pixel_values),
+            masks=None if self.masks is None else fn(self.masks),
+            loss_scale=fn(self.loss_scale) if isinstance(self.loss_scale, Tensor) else self.loss_scale,
+        )
 
     def pin_memory(self) -> Batch:
         """A copy with its tensors in page-locked memory (DataLoader(pin_memory=True) calls it)."""
-        return replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
+        return self._map_tensors(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str, *, non_blocking: bool = True) -> Batch:
-        return replace(
-            self, **{name: t.to(device, non_blocking=non_blocking) for name, t in self._tensors().items()}
-        )
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))

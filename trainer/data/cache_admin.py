@@ -67,6 +67,7 @@ def scan(directory: Path) -> list[Group]:
     """Every entry of the cache in `directory`, grouped by VAE fingerprint (biggest first)."""
     groups: dict[str, Group] = {}
     for file in sorted(Path(directory).glob("*.safetensors")):
+        why: str | None  # why the entry is stale, None when it can still be hit
         try:
             with safe_open(str(file), framework="pt") as f:
                 fields = f.metadata()

@@ -311,10 +311,10 @@ def discover(
     results = _probe_all(list(unique.values()), cache, workers)
     cache.prune(folder_roots, set(unique))
     cache.save()
-    items = [
+    converted = [
         _to_item(c, results[c.path], min_side, report) for c in sorted(unique.values(), key=lambda c: c.path)
     ]
-    items = [i for i in items if i is not None]
+    items = [i for i in converted if i is not None]
     logger.info(
         "data_root %s: %d images (%d sizes from the scan cache), %d problems, %.2fs",
         data_root,

@@ -127,20 +127,18 @@ class ScanCache:
         self._dirty = False
         self.hits = 0
         if self.path is not None and self.path.exists():
-            self._load()
+            self._load(self.path)
 
-    def _load(self) -> None:
+    def _load(self, path: Path) -> None:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("version") != CACHE_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
             entries = data["entries"]
             if not isinstance(entries, dict):
                 raise ValueError("'entries' is not a mapping")
         except (OSError, ValueError, KeyError, AttributeError) as e:
-            logger.warning(
-                "scan cache %s is unusable (%s); rescanning all images and rewriting it.", self.path, e
-            )
+            logger.warning("scan cache %s is unusable (%s); rescanning all images and rewriting it.", path, e)
             return
         self._entries = entries
 

@@ -257,7 +257,8 @@ class RunLoader:
             batch_size=None,
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=_identity,
+            # torch types collate_fn for lists, but with batch_size=None it gets each item itself
+            collate_fn=_identity,  # type: ignore[arg-type]
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
         )

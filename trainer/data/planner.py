@@ -153,7 +153,8 @@ def plan_epoch(
     counts = repeat_counts(items, rng)
     picks: list[tuple[int, bool]] = []
     for i, n in enumerate(counts):
-        p = items[i].flip_p if items[i].flip_p is not None else default_flip_p
+        flip_p = items[i].flip_p
+        p = flip_p if flip_p is not None else default_flip_p
         picks.extend((i, rng.random() < p) for _ in range(n))
     rng.shuffle(picks)
 

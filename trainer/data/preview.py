@@ -143,7 +143,7 @@ def _problem_lines(problems: list[dict], keep: int = 3) -> list[str]:
     by_kind: dict[str, list[dict]] = {}
     for p in problems:
         by_kind.setdefault(p["reason"].split(":")[0], []).append(p)
-    lines = []
+    lines: list[str] = []
     for kind, group in by_kind.items():
         lines.extend(f"  [{p['severity']}] {p['path']}: {p['reason']}" for p in group[:keep])
         if len(group) > keep:

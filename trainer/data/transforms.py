@@ -50,10 +50,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | Path) -> Image.Image:
     """Decode fully (so truncation errors surface here), apply EXIF orientation, make RGB."""
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+    with Image.open(path) as file:
+        file.load()
+        return _to_rgb(ImageOps.exif_transpose(file))
 
 
 Box = tuple[int, int, int, int]

@@ -66,9 +66,9 @@ class SamplePrompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int | None = Field(None, ge=-1)
+    seed: int | None = Field(default=None, ge=-1)
     size: tuple[int, int] | None = None
-    aspect_ratio: float | None = Field(None, gt=0)
+    aspect_ratio: float | None = Field(default=None, gt=0)
     random_caption: bool = False
     cfgs: list[float] | None = None  # EveryDream2 ignores a per-sample list; here it is used (warning)
 
@@ -86,15 +86,15 @@ class SampleFile(BaseModel):
     """EveryDream2's sample_prompts.json schema (doc/LOGGING.md), with its defaults except `cfgs`."""
 
     model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(default=1, ge=1)
     seed: int = 555
     cfgs: list[float] = Field(default_factory=lambda: [7.0])
     scheduler: str = "ddim"
-    num_inference_steps: int = Field(30, ge=1)
+    num_inference_steps: int = Field(default=30, ge=1)
     show_progress_bars: bool = False
     generate_pretrain_samples: bool = False
-    generate_samples_every_n_steps: int | None = Field(None, ge=1)
-    resolution: int | None = Field(None, ge=64)
+    generate_samples_every_n_steps: int | None = Field(default=None, ge=1)
+    resolution: int | None = Field(default=None, ge=64)
     samples: list[SamplePrompt] = Field(default_factory=list)
 
     @field_validator("scheduler")

@@ -40,24 +40,26 @@ def a1111_yaml(components: SDComponents, template: Path) -> str:
     params = doc["model"]["params"]
     if components.prediction_type != "v_prediction":
         params.pop("parameterization", None)
+    # diffusers types `.config` as a plain dict (attribute access works only at runtime): index it.
     u, v = components.unet.config, components.vae.config
     unet_params = params["unet_config"]["params"]
-    base = u.block_out_channels[0]
+    base = u["block_out_channels"][0]
     unet_params["model_channels"] = base
-    unet_params["channel_mult"] = [c // base for c in u.block_out_channels]
+    unet_params["channel_mult"] = [c // base for c in u["block_out_channels"]]
     # diffusers' `attention_head_dim` is a head count (SD1: 8; SD2: per level, 5/10/20/20);
     # SD1's config names the count, SD2's the channels per head.
-    heads = u.attention_head_dim if isinstance(u.attention_head_dim, list | tuple) else [u.attention_head_dim]
+    head_dim = u["attention_head_dim"]
+    heads = head_dim if isinstance(head_dim, list | tuple) else [head_dim]
     if "num_heads" in unet_params:
         unet_params["num_heads"] = heads[0]
     else:
         unet_params["num_head_channels"] = base // heads[0]
-    unet_params["context_dim"] = u.cross_attention_dim
-    unet_params["num_res_blocks"] = u.layers_per_block
-    params["scale_factor"] = v.scaling_factor
+    unet_params["context_dim"] = u["cross_attention_dim"]
+    unet_params["num_res_blocks"] = u["layers_per_block"]
+    params["scale_factor"] = v["scaling_factor"]
     dd = params["first_stage_config"]["params"]["ddconfig"]
-    dd["ch"] = v.block_out_channels[0]
-    dd["ch_mult"] = [c // v.block_out_channels[0] for c in v.block_out_channels]
+    dd["ch"] = v["block_out_channels"][0]
+    dd["ch_mult"] = [c // v["block_out_channels"][0] for c in v["block_out_channels"]]
     return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -11,9 +11,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+
+# `diffusers.models`, not `diffusers`: mypy resolves the top-level names to dummy placeholder classes.
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from trainer.runtime.errors import ModelLoadError
@@ -56,7 +59,10 @@ class SDComponents:
         return self.scheduler_config["prediction_type"]
 
 
-def cast(module: torch.nn.Module, dtype: torch.dtype):
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def cast(module: ModuleT, dtype: torch.dtype) -> ModuleT:
     """Convert only when needed (diffusers warns on every `.to(dtype)` call)."""
     current = next(module.parameters()).dtype
     return module if current == dtype else module.to(dtype)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers.models import AutoencoderKL
 
 from trainer.models.checkpoint_io import SINGLE_FILE_SUFFIXES, read_checkpoint
 from trainer.models.components import (
@@ -48,10 +48,10 @@ def load_vae(spec: str, *, like: AutoencoderKL, dtype: torch.dtype) -> Autoencod
         vae = cast(vae_from_tensors(ckpt.tensors, dict(like.config), path), dtype)
     else:
         raise ModelLoadError(f"VAE path {path} does not exist; give a VAE folder or .safetensors/.ckpt file")
-    if list(vae.config.block_out_channels) != list(like.config.block_out_channels):
+    if list(vae.config["block_out_channels"]) != list(like.config["block_out_channels"]):
         raise ModelLoadError(
-            f"VAE {path} has block_out_channels {vae.config.block_out_channels}, the model's VAE has "
-            f"{like.config.block_out_channels}; use a VAE made for this model family"
+            f"VAE {path} has block_out_channels {vae.config['block_out_channels']}, the model's VAE has "
+            f"{like.config['block_out_channels']}; use a VAE made for this model family"
         )
     return vae
 

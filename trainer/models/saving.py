@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+# The defining modules: mypy reads `from diffusers import X` as diffusers' dummy placeholder classes.
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
@@ -47,14 +49,16 @@ def save_pipeline(components: SDComponents, out_dir: Path) -> None:
     permissions the user's umask gives (safetensors writes 0600 files)."""
     out_dir = Path(out_dir)
     components.tokenizer.model_max_length = MODEL_MAX_LENGTH
+    # diffusers annotates `scheduler` with the KarrasDiffusionSchedulers enum (it takes an instance)
+    # and the two safety parts as required, though its docs and `requires_safety_checker` allow None.
     pipe = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
         unet=components.unet,
-        scheduler=inference_scheduler(components),
-        safety_checker=None,
-        feature_extractor=None,
+        scheduler=inference_scheduler(components),  # type: ignore[arg-type]
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out_dir), safe_serialization=True)

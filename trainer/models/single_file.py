@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -129,6 +129,7 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 def vae_from_tensors(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> AutoencoderKL:
     """A VAE from ldm keys (with or without `first_stage_model.`) or diffusers keys."""
+    file_key: Callable[[str], str]
     if any(k.startswith("encoder.down_blocks.") for k in tensors):
         converted, file_key = dict(tensors), str
     else:

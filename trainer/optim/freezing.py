@@ -98,32 +98,53 @@ def _unfreeze_last_n_layers(cfg: FreezingConfig, num_layers: int) -> int | None:
     return n
 
 
-def _text_transformer(text_encoder: nn.Module) -> nn.Module:
+@dataclass(frozen=True)
+class _TextParts:
+    """The parts of a CLIP text model that freezing addresses."""
+
+    embeddings: nn.Module
+    layers: nn.ModuleList  # the encoder's transformer layers, first to last
+    final_layer_norm: nn.Module
+
+
+def _text_parts(text_encoder: nn.Module) -> _TextParts:
     """CLIPTextModel wraps `text_model` in transformers 4.x; 5.x exposes the parts directly."""
     core = getattr(text_encoder, "text_model", text_encoder)
-    for part in ("embeddings", "encoder", "final_layer_norm"):
-        if not hasattr(core, part):
-            raise ConfigError(
-                f"text_encoder_freezing: the text encoder ({type(text_encoder).__name__}) has no '{part}'; "
-                "freezing needs a CLIP text model"
-            )
-    return core
+    embeddings = _required_part(core, "embeddings", text_encoder)
+    encoder = _required_part(core, "encoder", text_encoder)
+    final_layer_norm = _required_part(core, "final_layer_norm", text_encoder)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise _not_clip(text_encoder, "encoder.layers")
+    return _TextParts(embeddings=embeddings, layers=layers, final_layer_norm=final_layer_norm)
+
+
+def _required_part(core: nn.Module, part: str, text_encoder: nn.Module) -> nn.Module:
+    module = getattr(core, part, None)
+    if not isinstance(module, nn.Module):
+        raise _not_clip(text_encoder, part)
+    return module
+
+
+def _not_clip(text_encoder: nn.Module, part: str) -> ConfigError:
+    return ConfigError(
+        f"text_encoder_freezing: the text encoder ({type(text_encoder).__name__}) has no '{part}'; "
+        "freezing needs a CLIP text model"
+    )
 
 
 def text_encoder_num_layers(text_encoder: nn.Module) -> int:
-    return len(_text_transformer(text_encoder).encoder.layers)
+    return len(_text_parts(text_encoder).layers)
 
 
 def apply_text_encoder_freeze(text_encoder: nn.Module, plan: FreezePlan) -> None:
     """Set requires_grad on every text-encoder parameter according to `plan`."""
-    core = _text_transformer(text_encoder)
+    parts = _text_parts(text_encoder)
     text_encoder.requires_grad_(True)
-    frozen_modules: list[nn.Module] = [
-        core.encoder.layers[i] for i in (*plan.frozen_layers, *plan.unused_layers)
-    ]
+    frozen_modules: list[nn.Module] = [parts.layers[i] for i in (*plan.frozen_layers, *plan.unused_layers)]
     if plan.freeze_embeddings:
-        frozen_modules.append(core.embeddings)
+        frozen_modules.append(parts.embeddings)
     if plan.freeze_final_layer_norm:
-        frozen_modules.append(core.final_layer_norm)
+        frozen_modules.append(parts.final_layer_norm)
     for module in frozen_modules:
         module.requires_grad_(False)

@@ -145,6 +145,8 @@ class FusedBackward:
         def step_and_free(param: torch.Tensor) -> None:
             if self._track_grad_norm:  # stays on the device: no sync
                 # fp32 accumulation inside the norm kernel: no fp32 copy of a bf16 gradient
+                # a post-accumulate-grad hook runs right after autograd wrote `param.grad`
+                assert param.grad is not None, "post-accumulate-grad hook without a gradient"
                 sq = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
                 self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
             if self.scheduler is not None and not self._schedule_reads_state:
@@ -163,6 +165,8 @@ class FusedBackward:
             torch.autograd.Variable._execution_engine.queue_callback(self.advance_schedulers)
 
     def _step_scheduler(self) -> None:
+        # Called only with a schedule: advance_schedulers checks, `_schedule_reads_state` implies one.
+        assert self.scheduler is not None, "no LR schedule to step"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             self.scheduler.step()
@@ -241,7 +245,7 @@ class FusedBackward:
                 continue
             load_optimizer_state(opt, saved[name]["optimizer"])
             if sched is not None:
-                sched.load_state_dict(saved_sched)
+                sched.load_state_dict(saved[name]["lr_scheduler"])
         if not self._schedule_reads_state:
             self._copy_schedule()
 

@@ -29,7 +29,7 @@ from trainer.optim.resolve import (
     TrainOptimSettings,
     resolve_components,
 )
-from trainer.optim.schedule_free import restore, set_train_mode_flag, snapshot
+from trainer.optim.schedule_free import TrainEvalSwitch, restore, set_train_mode_flag, snapshot
 from trainer.optim.schedules import build_lr_scheduler
 from trainer.optim.schema import OptimizerFile
 from trainer.optim.state_io import load_with_new_settings
@@ -108,6 +108,8 @@ def _build_component(
     params = [p for _, p in named]
     optimizer = build_optimizer(spec, params, resolved.lr, resolved.options)
     if spec.schedule_free:
+        if not isinstance(optimizer, TrainEvalSwitch):
+            raise ConfigError(f"optimizer '{spec.name}' is listed as schedule-free but has no train()/eval()")
         optimizer.train()  # schedulefree's optimizers start in eval mode and refuse to step in it
     try:
         scheduler = build_component_scheduler(resolved, optimizer)
@@ -166,10 +168,10 @@ class OptimizerSet(TrainingOptimizer):
         LR stays a function of the optimizer-step index (as with GradScaler skips in ED2).
         """
         comps = list(self.components.values())
-        use_scaler = scaler is not None and scaler.is_enabled()
-        if use_scaler:
+        active_scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if active_scaler is not None:
             for comp in comps:
-                scaler.unscale_(comp.optimizer)
+                active_scaler.unscale_(comp.optimizer)
         norms = {c.name: get_total_norm([p.grad for p in c.params if p.grad is not None]) for c in comps}
         device = comps[0].params[0].device
         finite = bool(
@@ -187,8 +189,8 @@ class OptimizerSet(TrainingOptimizer):
             logger.warning(
                 "non-finite gradient norm %s: optimizer step skipped", {k: float(v) for k, v in norms.items()}
             )
-        if use_scaler:
-            scaler.update()
+        if active_scaler is not None:
+            active_scaler.update()
         for comp in comps:
             if comp.schedule_advances(updated=finite):
                 with warnings.catch_warnings():

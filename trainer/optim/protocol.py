@@ -19,6 +19,7 @@ import torch
 
 from trainer.optim.component import ComponentOptimizer, StepResult, effective_lr
 from trainer.optim.state_io import GroupSettings, ResumeRules, resume_rules
+from trainer.optim.stochastic_rounding import StochasticRounding
 from trainer.optim.table import render_summary
 from trainer.runtime.errors import CheckpointError
 
@@ -36,7 +37,7 @@ class TrainingOptimizer(ABC):
     components: dict[str, ComponentOptimizer]
     clip_grad_norm: float | None
     log_grad_norm: bool
-    rounding: Any  # trainer.optim.stochastic_rounding.StochasticRounding | None
+    rounding: StochasticRounding | None
     state_key: str
     fused_back_pass: bool
     stopped_layouts: dict[str, str]  # components whose training stopped mid-run: name -> layout

@@ -9,7 +9,7 @@ install does not stop a plain `adamw` run.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -68,6 +68,9 @@ def build_optimizer(
     errors and come back as ConfigError.
     """
     cls = without_host_syncs(spec, spec.load_class())  # same updates, no per-parameter host sync
+    # Every library class takes (params, lr=..., **its own keywords), which the base class's
+    # (params, defaults) signature does not describe.
+    make: Callable[..., torch.optim.Optimizer] = cls
     kwargs = {JSON_TO_KEYWORD.get(k, k): v for k, v in options.items()}
     if prefer_fused_kernel(spec, options):
         kwargs["fused"] = True
@@ -77,7 +80,7 @@ def build_optimizer(
         kwargs["eps"] = (kwargs.pop("eps", 1e-30), kwargs.pop("eps2", 1e-3))
         lr = None if is_adafactor_adaptive(spec, options) else lr
     try:
-        return cls(list(params), lr=lr, **kwargs)
+        return make(list(params), lr=lr, **kwargs)
     except (ValueError, NotImplementedError, TypeError) as exc:
         raise ConfigError(
             f"optimizer '{spec.name}' rejected its settings {options} (lr={lr}): {exc}"

@@ -17,8 +17,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class TrainEvalSwitch(Protocol):
+    """The mode switch every schedule-free optimizer has (weights y in train mode, x in eval)."""
+
+    def train(self) -> object: ...
+
+    def eval(self) -> object: ...
 
 
 def set_train_mode_flag(optimizer_state: dict) -> dict:

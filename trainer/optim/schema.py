@@ -186,7 +186,7 @@ DEFAULT_BASE = {"optimizer": DEFAULT_OPTIMIZER, "betas": (0.9, 0.999), "epsilon"
 
 
 def default_optimizer_file() -> OptimizerFile:
-    opt_file = OptimizerFile(base=SectionConfig(**DEFAULT_BASE))
+    opt_file = OptimizerFile(base=SectionConfig.model_validate(DEFAULT_BASE))
     opt_file._source = "<default optimizer settings>"
     return opt_file
 
@@ -259,7 +259,7 @@ def _refuse_non_finite(value: Any, where: str) -> None:
             raise ConfigError(f"{where}: Input should be a finite number; got {value!r} ({json_kind(value)})")
 
 
-_MODELS_BY_PATH = {
+_MODELS_BY_PATH: dict[tuple[str, ...], type[BaseModel]] = {
     (): OptimizerFile,
     ("base",): SectionConfig,
     ("text_encoder_overrides",): SectionConfig,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from trainer.optim.resolve import ResolvedComponent
 from trainer.optim.schedules import mirrors_optimizer_lr
 from trainer.optim.spec import OptimizerSpec
 from trainer.runtime.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from bitsandbytes.optim.optimizer import Optimizer8bit
 
 # optimizer.json keys that a resume applies, and the param-group keys they are stored under
 # (`epsilon` is torch's `eps`; Adafactor keeps epsilon and eps2 together as `eps`).
@@ -52,9 +55,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     states to ordinary device memory, so a resumed `paged_*` run could run out of memory where
     the fresh run fit. Its states are copied into buffers from its own pager instead.
     """
-    paged = bool(getattr(optimizer, "is_paged", False))
-    if paged:
-        optimizer.load_state_dict(saved, move_to_device=False)
+    paged = _paged_bitsandbytes(optimizer)
+    if paged is not None:
+        paged.load_state_dict(saved, move_to_device=False)
     else:
         optimizer.load_state_dict(saved)
     by_index = dict(
@@ -70,11 +73,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
             loaded = state.get(key)
             if torch.is_tensor(value) and torch.is_tensor(loaded) and loaded.dtype != value.dtype:
                 state[key] = value.to(device=loaded.device)
-    if paged:
-        _repage(optimizer)
+    if paged is not None:
+        _repage(paged)
 
 
-def _repage(optimizer) -> None:
+def _paged_bitsandbytes(optimizer: torch.optim.Optimizer) -> Optimizer8bit | None:
+    """`optimizer` when it is a paged bitsandbytes optimizer, else None."""
+    if not getattr(optimizer, "is_paged", False):
+        return None
+    from bitsandbytes.optim.optimizer import Optimizer8bit  # loaded already: the optimizer is one
+
+    # `is_paged` is bitsandbytes' own attribute, set by Optimizer8bit and its subclasses.
+    assert isinstance(optimizer, Optimizer8bit), f"{type(optimizer).__name__} is paged but not bitsandbytes'"
+    return optimizer
+
+
+def _repage(optimizer: Optimizer8bit) -> None:
     """Move a paged optimizer's loaded states into its pager's buffers (by identity: a loaded
     tensor keeps the pickled `is_paged` tag, so the tag proves nothing)."""
     for group in optimizer.param_groups:
@@ -151,12 +165,16 @@ def load_with_new_settings(
     the result equals a plain load bit for bit: the LR is recomputed as torch's LambdaLR does."""
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     _check_fixed_options(rules, fresh, saved_optimizer["param_groups"])
-    new_base = list(scheduler.base_lrs) if scheduler is not None else None
+    new_base = list(scheduler.base_lrs) if scheduler is not None else []
     load_optimizer_state(optimizer, saved_optimizer)
     for group, new in zip(optimizer.param_groups, fresh, strict=True):
         group.update({k: new[k] for k in CHANGEABLE_GROUP_KEYS if k in new and k in group})
     if scheduler is None:
         return
+    if saved_scheduler is None:
+        raise CheckpointError(
+            f"optimizer state: {rules.component}: the checkpoint has no LR scheduler state to resume"
+        )
     scheduler.load_state_dict(saved_scheduler)
     if rules.rebase_lr:
         _rebase_schedule(optimizer, scheduler, new_base)
@@ -180,7 +198,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _rebase_schedule(optimizer: torch.optim.Optimizer, scheduler, base_lrs: list[float]) -> None:
+def _rebase_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    base_lrs: list[float | torch.Tensor],
+) -> None:
     """The loaded scheduler keeps its step counter; its base becomes this run's and the LR is
     this run's schedule (lambda) at that step: `base * lambda(step)`, LambdaLR's own formula."""
     lambdas = getattr(scheduler, "lr_lambdas", None)

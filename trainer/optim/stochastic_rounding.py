@@ -126,7 +126,9 @@ def step_with_stochastic_rounding(
 
 def _chunks(low: list[list[Tensor]], chunk_bytes: int) -> list[list[list[Tensor]]]:
     """Split per-group parameter lists into chunks of at most `chunk_bytes` of fp32 weights."""
-    chunks, current, size = [], [[] for _ in low], 0
+    chunks: list[list[list[Tensor]]] = []
+    current: list[list[Tensor]] = [[] for _ in low]
+    size = 0
     for gi, params in enumerate(low):
         for p in params:
             if size and size + 4 * p.numel() > chunk_bytes:
@@ -139,7 +141,18 @@ def _chunks(low: list[list[Tensor]], chunk_bytes: int) -> list[list[list[Tensor]
     return chunks
 
 
-def _step_chunk(optimizer, chunk: list[list[Tensor]], other: list[list[Tensor]], generator) -> None:
+def _grad(p: Tensor) -> Tensor:
+    # The step selects only parameters that have a gradient (step_with_stochastic_rounding).
+    assert p.grad is not None, "a parameter without a gradient was selected for the step"
+    return p.grad
+
+
+def _step_chunk(
+    optimizer: torch.optim.Optimizer,
+    chunk: list[list[Tensor]],
+    other: list[list[Tensor]],
+    generator: torch.Generator | None,
+) -> None:
     params = [p for group in chunk for p in group]
     total = sum(p.numel() for p in params)
     device = params[0].device
@@ -153,7 +166,7 @@ def _step_chunk(optimizer, chunk: list[list[Tensor]], other: list[list[Tensor]],
         grad_views.append(flat_g[offset : offset + n].view(p.shape))
         offset += n
     torch._foreach_copy_(slots, [p.data for p in params])
-    torch._foreach_copy_(grad_views, [p.grad for p in params])
+    torch._foreach_copy_(grad_views, [_grad(p) for p in params])
     stand_in = {}
     for p, view, grad in zip(params, views, grad_views, strict=True):
         view.grad = grad

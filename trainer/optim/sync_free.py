@@ -35,32 +35,49 @@ differently): the library's `_get_lr` is kept there.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from trainer.optim.spec import OptimizerSpec
+
+if TYPE_CHECKING:
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+    from transformers.optimization import Adafactor
 
 # The methods the sync-free bitsandbytes step calls (besides the `initialized` and `is_paged`
 # attributes); a bitsandbytes version without one of them keeps its own step, syncs included.
 _BNB_METHODS = ("check_overrides", "to_gpu", "init_state", "update_step")
 
 
-def without_host_syncs(spec: Any, cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+# The subclasses made so far, one per library class (a class is made once, like the library's).
+# Plain dicts, not functools.cache: mypy does not accept torch's optimizer classes as hashable.
+_ADAFACTOR_CLASSES: dict[type[torch.optim.Optimizer], type[torch.optim.Optimizer]] = {}
+_BNB_CLASSES: dict[type[torch.optim.Optimizer], type[torch.optim.Optimizer]] = {}
+
+
+def without_host_syncs(spec: OptimizerSpec, cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """`cls`, or its subclass without the per-parameter host syncs (module docstring)."""
     if spec.name == "adafactor":
-        return _adafactor(cls)
+        from transformers.optimization import Adafactor
+
+        # The catalogue's "adafactor" entry is transformers' Adafactor (catalogue.py).
+        assert issubclass(cls, Adafactor), f"optimizer 'adafactor' loaded {cls}, not transformers' Adafactor"
+        if cls not in _ADAFACTOR_CLASSES:
+            _ADAFACTOR_CLASSES[cls] = _adafactor(cls)
+        return _ADAFACTOR_CLASSES[cls]
     if spec.package == "bitsandbytes":
         return _bitsandbytes(cls)
     return cls
 
 
-@functools.cache
-def _adafactor(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+def _adafactor(cls: type[Adafactor]) -> type[torch.optim.Optimizer]:
     library_get_lr = cls._get_lr
 
-    def _get_lr(param_group: dict, param_state: dict):
+    def _get_lr(param_group: dict, param_state: dict) -> float | torch.Tensor:
         rms = param_state.get("RMS")
         if not (
             param_group["scale_parameter"]
@@ -100,11 +117,12 @@ def _bitsandbytes(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimize
             return cls  # a step of its own: not the loop this subclass replaces
     if not all(callable(getattr(Optimizer8bit, name, None)) for name in _BNB_METHODS):
         return cls
-    return _bnb_subclass(cls, library_step)
+    if cls not in _BNB_CLASSES:  # `library_step` is the same function for every class
+        _BNB_CLASSES[cls] = _bnb_subclass(cls, library_step)
+    return _BNB_CLASSES[cls]
 
 
-@functools.cache
-def _bnb_subclass(cls: type[torch.optim.Optimizer], library_step) -> type[torch.optim.Optimizer]:
+def _bnb_subclass(cls: type[Optimizer8bit], library_step: Callable[..., Any]) -> type[torch.optim.Optimizer]:
     @torch.no_grad()
     def step(self, closure=None):
         """bitsandbytes' `Optimizer8bit.step` without its `sync_gpu` after every parameter,

@@ -20,10 +20,9 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data.batch import Batch
-from trainer.plan.emulation import MixedTypeNormStatistics
 from trainer.plan.fake_model import FakeRun
 from trainer.plan.shadow import shadow_zeros
-from trainer.plan.tracker import LiveBytes, SavedBytes
+from trainer.plan.tracker import LiveBytes, SavedBytes, ShadowLiveBytes
 from trainer.step.diffusion import NoiseSchedule
 from trainer.step.training_step import StepSettings, TrainingStep
 
@@ -91,7 +90,7 @@ def run_pass(
     """Forward and backward of one micro-batch on `run` (see the module docstring)."""
     trained = [p for comp in run.optim.components.values() for p in comp.params]
     every_param = [p for m in (run.unet, run.text_encoder, run.vae) for p in m.parameters()]
-    live = LiveBytes(granularity=CUDA_ALLOCATION_GRANULARITY if device == "cuda" else 1)
+    live = ShadowLiveBytes(granularity=CUDA_ALLOCATION_GRANULARITY if device == "cuda" else 1)
     saved = SavedBytes(exclude=every_param)
     events: dict[int, int] = {}
     handles = [
@@ -114,7 +113,7 @@ def run_pass(
         channels_last=cfg.channels_last,
     )
     try:
-        with MixedTypeNormStatistics(), live:
+        with live:
             batch = planning_batch(cfg, run.vae.config, bucket, batch_size, zeros=shadow_zeros)
             with saved.recording():
                 out = step(batch)

@@ -75,17 +75,23 @@ class MixedTypeNormStatistics(TorchDispatchMode):
     std that autograd saves for the backward are fp32 for a bf16/fp16 input with fp32 weights
     (a "mixed type" call: autocast on fp32 modules), else the input's dtype (`param_scalar_type`
     in both kernels). The meta kernels differ (layer_norm's are always fp32, group_norm's the
-    input's dtype); this mode gives the planning pass the real ones."""
+    input's dtype); this mode gives the planning pass the real ones (`mixed_type_norm_statistics`,
+    which `tracker.ShadowLiveBytes` applies itself)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        index = _NORM_WEIGHT_ARG.get(func)
-        if index is None:
-            return out
-        x, weight = args[0], args[index]
-        mixed = x.dtype in _LOW and weight is not None and weight.dtype == torch.float32
-        dtype = torch.float32 if mixed else x.dtype
-        output, mean, rstd = out
-        if mean.dtype == dtype:
-            return out
-        return output, torch.empty_like(mean, dtype=dtype), torch.empty_like(rstd, dtype=dtype)
+        return mixed_type_norm_statistics(func, args, func(*args, **(kwargs or {})))
+
+
+def mixed_type_norm_statistics(func, args, out):
+    """`out`, the answer of `func(*args)`, with a norm's statistics in the real kernels' dtype
+    (`MixedTypeNormStatistics`); any other operator's answer as it is."""
+    index = _NORM_WEIGHT_ARG.get(func)
+    if index is None:
+        return out
+    x, weight = args[0], args[index]
+    mixed = x.dtype in _LOW and weight is not None and weight.dtype == torch.float32
+    dtype = torch.float32 if mixed else x.dtype
+    output, mean, rstd = out
+    if mean.dtype == dtype:
+        return out
+    return output, torch.empty_like(mean, dtype=dtype), torch.empty_like(rstd, dtype=dtype)

@@ -78,7 +78,7 @@ def build_fake_run(
         opt_file, optim_settings(cfg), unet=unet, text_encoder=text_encoder, total_optimizer_steps=1
     )
     assert tuple(optim.components) == trained, (optim.components, trained)
-    family_tokenizer = load_tokenizer(arch.tokenizer)
+    family_tokenizer = _tokenizer(arch.tokenizer)
     run = FakeRun(
         unet=unet,
         vae=vae,
@@ -92,6 +92,18 @@ def build_fake_run(
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(run, trained)
     return run
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(config: dict):
+    """The family's tokenizer, loaded once per process (the step only reads it; re-plans for
+    the advice would otherwise load it again for each change)."""
+    key = json.dumps(config, sort_keys=True)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(config)
+    return _TOKENIZERS[key]
 
 
 def trained_components(cfg: TrainConfig) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ CATEGORIES = (
     "transient",  # the largest short-lived working memory on top (optimizer step, rounding)
     "sampling",  # how much the sampling moment (step boundary) exceeds the training peak (sampling.py)
     "ema",  # EMA shadow weights on the device (ema_device "device")
-    "ddp_buckets",  # DDP's gradient buckets: a second copy of the gradients (several processes)
+    "ddp_buckets",  # DDP's gradient buckets (several processes): the gradients the peak does not hold
     "cuda_context",  # CUDA context and library handles (estimate; 0 on CPU)
     "allocator_margin",  # caching-allocator rounding and fragmentation (estimate; 0 on CPU)
 )

@@ -139,9 +139,10 @@ def evaluate(
     categories.update(weights=weights, frozen_weights=frozen, optimizer_states=states, **moment)
     ema_shadow = _ema_shadow_bytes(run)
     categories["ema"] = ema_shadow if cfg.ema_enabled and cfg.ema_device != "cpu" else 0
-    # DDP (accelerate's default gradient_as_bucket_view=False) all-reduces through flat buckets
-    # holding a copy of every gradient, alive from the first backward on.
-    categories["ddp_buckets"] = gradients_total if processes > 1 else 0
+    # DDP with gradient_as_bucket_view=True (the builder sets it): every gradient is a view into
+    # a flat bucket, all of them allocated from the first backward on, and no copy beside them.
+    # What the step's peak does not already count of them stays resident in the buckets.
+    categories["ddp_buckets"] = gradients_total - categories["gradients"] if processes > 1 else 0
     sampling, sample_notes = _sampling_bytes(run, cfg, device, autocast, passes, arch)
     notes += sample_notes
     resident = sum(

@@ -36,10 +36,9 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.plan.activations import CUDA_ALLOCATION_GRANULARITY
-from trainer.plan.emulation import MixedTypeNormStatistics
 from trainer.plan.fake_model import FakeRun
 from trainer.plan.shadow import shadow_zeros
-from trainer.plan.tracker import LiveBytes
+from trainer.plan.tracker import ShadowLiveBytes
 from trainer.runtime.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def sampling_working_bytes(
     run: FakeRun, call: SampleCall, *, device: str, autocast_dtype: torch.dtype | None
 ) -> int:
     """Peak live bytes of one pipeline call on `run`'s shadow modules (module docstring)."""
-    live = LiveBytes(granularity=CUDA_ALLOCATION_GRANULARITY if device == "cuda" else 1)
+    live = ShadowLiveBytes(granularity=CUDA_ALLOCATION_GRANULARITY if device == "cuda" else 1)
     unet_batch = call.batch * (2 if call.guidance else 1)
     factor = 2 ** (len(run.vae.config.block_out_channels) - 1)
     channels = run.unet.config.in_channels
@@ -103,7 +102,7 @@ def sampling_working_bytes(
     run.text_encoder.eval()
     amp = torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
     try:
-        with torch.no_grad(), MixedTypeNormStatistics(), live, amp:
+        with torch.no_grad(), live, amp:
             ids = shadow_zeros(unet_batch, TEXT_TOKENS, dtype=torch.long)
             embeddings = run.text_encoder(ids)[0]
             del ids

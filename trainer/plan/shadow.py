@@ -11,15 +11,24 @@ picks the attention kernel from the inputs' shapes and dtypes (the meta answer i
 kernel, which would keep the whole attention matrix). It is asked of empty CPU tensors of the
 same shapes. Real CPU tensors an operator meets (a caption's token ids, noise drawn from a
 host generator) are turned into meta ones on the way in.
+
+Many meta kernels are Python (torch's reference implementations: a millisecond for an `add`),
+and a UNet calls the same operator on the same shapes over and over (its repeated blocks, the
+backward, a checkpointed block's recompute, each re-plan of the advice). So `meta_call`
+remembers, per operator and input signature (shapes, strides, dtypes, the other arguments),
+the layout of what it returned, and makes fresh outputs of that layout directly: only for
+operators that neither mutate nor alias their inputs, and only when an output is a plain,
+fresh, dense tensor that `torch.empty_strided` reproduces exactly (its storage size included).
+The answer is the meta kernel's own, as computed the first time.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 _SDP_CHOICE = torch.ops.aten._fused_sdp_choice.default
+_META = torch.device("meta")
 
 
 class Shadow(torch.Tensor):
@@ -46,37 +55,184 @@ class Shadow(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        if func is _SDP_CHOICE:
-            return func(*tree_map(_empty_cpu, args), **tree_map(_empty_cpu, kwargs or {}))
-        out = func(*tree_map(_to_meta, args), **_meta_kwargs(kwargs or {}))
-        return tree_map(_to_shadow, out)
+        return to_shadow(shadow_call(func, args, kwargs or {}))
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
 
-def _to_meta(x):
-    if isinstance(x, Shadow):
-        return x.elem
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu":
-        return x.to("meta")
+class Call:
+    """An operator's arguments with the meta tensors behind them, from one walk over them:
+    `meta_args` / `meta_kwargs` (what the meta kernel gets), `storages` (the ids of the
+    arguments' own storages, for `tracker.LiveBytes`), `shadow` (whether any is a Shadow) and
+    `key` (a hashable signature of everything a meta kernel's answer depends on, or None)."""
+
+    __slots__ = ("key", "meta_args", "meta_kwargs", "shadow", "storages")
+
+    def __init__(self, func, args: tuple, kwargs: dict) -> None:
+        self.storages: list[int] = []
+        self.shadow = False
+        self.key = ()
+        self.meta_args, args_key = self._walk(args)
+        self.meta_kwargs, kwargs_key = {}, []
+        for name, value in kwargs.items():
+            self.meta_kwargs[name], value_key = self._walk(value)
+            kwargs_key.append((name, value_key))
+        if "device" in self.meta_kwargs and torch.device(self.meta_kwargs["device"]).type == "cpu":
+            self.meta_kwargs["device"] = _META
+        if self.key is not None:
+            self.key = (func, torch.get_default_dtype(), args_key, tuple(kwargs_key))
+
+    def _walk(self, x):
+        """(x with its tensors' meta ones, x's signature); a flat walk over lists and tuples
+        (what operator arguments nest in) for `torch.utils._pytree`'s generic one."""
+        t = type(x)
+        if t is Shadow or (t is not torch.Tensor and isinstance(x, Shadow)):
+            meta = x.elem
+            self.shadow = True
+            self.storages.append(id(meta.untyped_storage()))
+            return meta, (meta.dtype, meta.shape, meta.stride(), meta.storage_offset())
+        if t is list or t is tuple:
+            metas, keys = [], []
+            for v in x:
+                meta, key = self._walk(v)
+                metas.append(meta)
+                keys.append(key)
+            return t(metas), (t, tuple(keys))
+        if isinstance(x, torch.Tensor):
+            self.storages.append(id(x.untyped_storage()))
+            meta = x.to("meta") if x.device.type == "cpu" else x
+            if type(meta) is not torch.Tensor or meta.device.type != "meta":
+                self.key = None
+                return meta, None
+            return meta, (meta.dtype, meta.shape, meta.stride(), meta.storage_offset())
+        if t in _PLAIN:
+            return x, (t, x)
+        self.key = None  # a generator, a symbolic size, anything else: computed every time
+        return x, None
+
+
+_PLAIN = frozenset(
+    {bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
+)
+
+
+def shadow_call(func, args: tuple, kwargs: dict, call: Call | None = None):
+    """`func` on the meta tensors behind `args` (see the module docstring); its outputs are meta
+    tensors, not yet wrapped (`to_shadow`), except `_fused_sdp_choice`'s answer. `call`: the
+    arguments' walk, when the caller made it."""
+    if func is _SDP_CHOICE:
+        return func(*_map(_empty_cpu, args), **{k: _map(_empty_cpu, v) for k, v in kwargs.items()})
+    call = call or Call(func, args, kwargs)
+    return meta_call(func, call)
+
+
+def _map(fn, x):
+    if type(x) in (list, tuple):
+        return type(x)(_map(fn, v) for v in x)
+    return fn(x)
+
+
+def to_shadow(x):
+    if isinstance(x, torch.Tensor):
+        return Shadow(x) if x.device.type == "meta" else x
+    if type(x) in (list, tuple):
+        return type(x)(to_shadow(v) for v in x)
     return x
-
-
-def _meta_kwargs(kwargs: dict) -> dict:
-    out = tree_map(_to_meta, kwargs)
-    if "device" in out and torch.device(out["device"]).type == "cpu":
-        out["device"] = torch.device("meta")
-    return out
-
-
-def _to_shadow(x):
-    return Shadow(x) if isinstance(x, torch.Tensor) and x.device.type == "meta" else x
 
 
 def _empty_cpu(x):
     if isinstance(x, Shadow):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
     return x
+
+
+# --- meta kernels, remembered (module docstring) ---------------------------------------------
+
+_UNCACHEABLE = object()
+_LAYOUTS: dict = {}  # Call.key -> the layout of the answer, or _UNCACHEABLE
+_OPERATOR_CACHEABLE: dict = {}  # operator -> False when it mutates or aliases its inputs
+
+
+def _layout(out, inputs: set[int]):
+    """How to remake `out` (a meta kernel's answer), or None when `empty_strided` cannot."""
+    if isinstance(out, torch.Tensor):
+        if type(out) is not torch.Tensor or out.device.type != "meta" or out.requires_grad:
+            return None
+        storage = out.untyped_storage()
+        if id(storage) in inputs or out.storage_offset() != 0 or out.is_conj() or out.is_neg():
+            return None
+        inputs.add(id(storage))  # two outputs sharing a storage: the second is not fresh
+        layout = (tuple(out.shape), out.stride(), out.dtype)
+        if _remake(layout).untyped_storage().nbytes() != storage.nbytes():
+            return None
+        return layout
+    if type(out) in (list, tuple):
+        parts = []
+        for v in out:
+            part = _layout(v, inputs)
+            if part is None:
+                return None
+            parts.append(part)
+        return (type(out), tuple(parts))
+    if out is None or type(out) in (bool, int, float):
+        return ("value", out)
+    return None
+
+
+def _remake(layout):
+    if len(layout) == 3:
+        shape, stride, dtype = layout
+        return torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+    kind, value = layout
+    if kind == "value":
+        return value
+    return kind(_remake(v) for v in value)
+
+
+def _operator_cacheable(func) -> bool:
+    cacheable = _OPERATOR_CACHEABLE.get(func)
+    if cacheable is None:
+        schema = getattr(func, "_schema", None)
+        cacheable = (
+            isinstance(func, torch._ops.OpOverload)
+            and schema is not None
+            and not schema.is_mutable
+            and not func.is_view
+            and not any(a.alias_info is not None for a in schema.arguments)
+            and not any(r.alias_info is not None for r in schema.returns)
+        )
+        _OPERATOR_CACHEABLE[func] = cacheable
+    return cacheable
+
+
+def meta_call(func, call: Call):
+    """`func` on `call`'s meta tensors, its answer remembered (module docstring)."""
+    args, kwargs = call.meta_args, call.meta_kwargs
+    if call.key is None or not _operator_cacheable(func):
+        return func(*args, **kwargs)
+    layout = _LAYOUTS.get(call.key)
+    if layout is _UNCACHEABLE:
+        return func(*args, **kwargs)
+    if layout is not None:
+        return _remake(layout)
+    out = func(*args, **kwargs)
+    inputs = set()
+    _storages(args, inputs)
+    _storages(kwargs, inputs)
+    layout = _layout(out, inputs)
+    _LAYOUTS[call.key] = _UNCACHEABLE if layout is None else layout
+    return out
+
+
+def _storages(x, acc: set[int]) -> None:
+    if isinstance(x, torch.Tensor):
+        acc.add(id(x.untyped_storage()))
+    elif type(x) in (list, tuple):
+        for v in x:
+            _storages(v, acc)
+    elif type(x) is dict:
+        for v in x.values():
+            _storages(v, acc)
 
 
 def shadow_zeros(*shape: int, dtype: torch.dtype = torch.float32) -> Shadow:

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from trainer.plan.shadow import storage_of
+from trainer.plan.emulation import mixed_type_norm_statistics
+from trainer.plan.shadow import Call, shadow_call, storage_of, to_shadow
 
 _FRESH = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
 
@@ -49,26 +49,38 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self._granularity = granularity  # allocation rounding (CUDA's caching allocator: 512)
         self._sizes = WeakIdKeyDictionary()  # storage -> [bytes, is_gradient]
+        self._watched: dict[int, tuple[weakref.ref, list]] = {}  # the storages' death watches
         self.live = 0
         self.live_gradients = 0
         self.peak = LivePeak(0, 0)
         self.peak_other = 0  # the largest live total of everything but parameter gradients
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out, storages = self._call(func, args, kwargs)
         # An output that shares an input's storage (a view, an in-place result, a no-op cast of
         # a weight) allocates nothing; only storages first seen as an output are counted. A
         # tensor built from Python data (`torch.tensor(list)`) is lifted: new, whatever the
         # mode (a fake or shadow tensor is a copy of it, a real one reuses it).
-        inputs = set()
-        if func not in _FRESH:
-            inputs = {
-                id(storage_of(leaf)) for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)
-            }
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and id(storage_of(leaf)) not in inputs:
-                self._track(leaf)
+        inputs = set() if func in _FRESH else set(storages)
+        self._track_outputs(out, inputs)
         return out
+
+    def _call(self, func, args: tuple, kwargs: dict) -> tuple[object, list[int]]:
+        """The operator's answer, and the ids of its arguments' storages."""
+        out = func(*args, **kwargs)
+        storages: list[int] = []
+        _storage_ids(args, storages)
+        _storage_ids(kwargs, storages)
+        return out, storages
+
+    def _track_outputs(self, out, inputs: set[int]) -> None:
+        if isinstance(out, torch.Tensor):
+            if id(storage_of(out)) not in inputs:
+                self._track(out)
+        elif type(out) in (list, tuple):
+            for leaf in out:
+                self._track_outputs(leaf, inputs)
 
     def _track(self, tensor: torch.Tensor) -> None:
         storage = storage_of(tensor)
@@ -77,11 +89,14 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         entry = [-(-size // self._granularity) * self._granularity, False]
         self._sizes[storage] = entry
-        weakref.finalize(storage, self._release, entry)
+        # a weak reference's callback (what `weakref.finalize` does, without its bookkeeping)
+        watch = weakref.ref(storage, self._released)
+        self._watched[id(watch)] = (watch, entry)
         self.live += entry[0]
         self._update_peak()
 
-    def _release(self, entry: list) -> None:
+    def _released(self, watch: weakref.ref) -> None:
+        _, entry = self._watched.pop(id(watch))
         self.live -= entry[0]
         if entry[1]:
             self.live_gradients -= entry[0]
@@ -101,6 +116,46 @@ class LiveBytes(TorchDispatchMode):
             entry[1] = True
             self.live_gradients += entry[0]
             self._update_peak()
+
+
+class ShadowLiveBytes(LiveBytes):
+    """`LiveBytes` over `emulation.MixedTypeNormStatistics` over `Shadow`'s own dispatch, as one
+    mode: the planning passes' operators, with the same answers and the same counts, for one
+    Python dispatch per operator instead of three (the passes spend their time in dispatch)."""
+
+    def _call(self, func, args: tuple, kwargs: dict) -> tuple[object, list[int]]:
+        call = Call(func, args, kwargs)
+        out = to_shadow(shadow_call(func, args, kwargs, call)) if call.shadow else func(*args, **kwargs)
+        storages = call.storages
+        if _mutates(func):  # an in-place operator may have given an argument another storage
+            storages = []
+            _storage_ids(args, storages)
+            _storage_ids(kwargs, storages)
+        return mixed_type_norm_statistics(func, args, out), storages
+
+
+_MUTATES: dict = {}
+
+
+def _mutates(func) -> bool:
+    mutates = _MUTATES.get(func)
+    if mutates is None:
+        schema = getattr(func, "_schema", None)
+        mutates = _MUTATES[func] = schema is None or schema.is_mutable
+    return mutates
+
+
+def _storage_ids(x, acc: list[int]) -> None:
+    """The ids of the storages of the tensors in an operator's arguments (lists, tuples, the
+    keyword dict: what `torch.utils._pytree.tree_leaves` would walk there)."""
+    if isinstance(x, torch.Tensor):
+        acc.append(id(storage_of(x)))
+    elif type(x) in (list, tuple):
+        for v in x:
+            _storage_ids(v, acc)
+    elif type(x) is dict:
+        for v in x.values():
+            _storage_ids(v, acc)
 
 
 class SavedBytes:

@@ -12,8 +12,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeAlias
 
 log = logging.getLogger(__name__)
+
+# What `signal.signal` returns and accepts: a handler function, SIG_DFL / SIG_IGN, or None (a
+# handler not installed from Python). A handler's return value is ignored.
+SignalHandler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -28,7 +35,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested: str | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     def install(self) -> StopFlag:
         if threading.current_thread() is not threading.main_thread():
@@ -37,7 +44,7 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested:
             self.restore()

@@ -115,7 +115,7 @@ def configure_threads(environ: Mapping[str, str] | None = None) -> ThreadPlan | 
     if "torch" in sys.modules:
         log.debug("torch already imported: thread settings left as they are")
         return None
-    if plan.intra_op is None:
+    if plan.intra_op is None or plan.interop is None:  # torch's defaults (a plan sets both or neither)
         return plan
     if plan.wait_policy is not None:
         os.environ.setdefault("OMP_WAIT_POLICY", plan.wait_policy)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # not `diffusers`: mypy sees a dummy there
 from torch import Tensor
 
 from trainer.runtime.errors import ConfigError

@@ -73,7 +73,21 @@ def chunked_input_ids(tokenizer, captions: list[str], *, max_token_length: int =
 def _final_layer_norm(text_encoder: nn.Module) -> nn.Module:
     """CLIP's final LayerNorm: `text_model.final_layer_norm` in transformers 4.x, top-level in 5.x."""
     inner = _unwrap(text_encoder)
-    return getattr(inner, "text_model", inner).final_layer_norm
+    norm = getattr(getattr(inner, "text_model", inner), "final_layer_norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ConfigError(
+            f"clip_skip >= 2 needs a CLIP text encoder; {type(inner).__name__} has no final_layer_norm"
+        )
+    return norm
+
+
+def _num_layers(text_encoder: nn.Module) -> int:
+    """The encoder's layer count (`config.num_hidden_layers` of a transformers model)."""
+    inner = _unwrap(text_encoder)
+    layers = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        raise ConfigError(f"the text encoder ({type(inner).__name__}) has no config.num_hidden_layers")
+    return layers
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -96,7 +110,7 @@ def encode_captions(
     `final_layer_norm(hidden_states[-k])` (ED2 / A1111 rule: 2 = the penultimate layer). For
     SD2.x the diffusers config already has 23 of 24 layers, so 2 goes one further back.
     """
-    num_layers = _unwrap(text_encoder).config.num_hidden_layers
+    num_layers = _num_layers(text_encoder)
     if not 0 <= clip_skip <= num_layers:
         raise ConfigError(
             f"clip_skip={clip_skip}: must be between 0 and {num_layers} (the text encoder's layers)."

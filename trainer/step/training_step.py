@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from diffusers.models import AutoencoderKL
 from torch import Tensor, nn
 
 from trainer.config import TrainConfig
@@ -118,7 +119,7 @@ class TrainingStep:
         *,
         unet: nn.Module,
         text_encoder: nn.Module,
-        vae: nn.Module | None,
+        vae: AutoencoderKL | None,
         tokenizer,
         schedule: diffusion.NoiseSchedule,
         settings: StepSettings,
@@ -150,7 +151,8 @@ class TrainingStep:
         self.text_cache = text_cache
         self.channels_last = channels_last
         # Read from the VAE config, not hard-coded (ED2 uses 0.18215 whatever the VAE).
-        self.scaling_factor = float(vae.config.scaling_factor) if vae is not None else None
+        # (`.config` is typed as a dict: attribute access on it works only at runtime.)
+        self.scaling_factor = float(vae.config["scaling_factor"]) if vae is not None else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -262,11 +264,12 @@ class TrainingStep:
         n = noise_host.numel()
         return packed[:n].view(noise_host.shape), packed[n:].long()
 
-    def _input_perturbation(self, shape, generator: torch.Generator, device) -> Tensor | None:
-        """ip_noise_gamma's extra input noise (None when off): draw 4 of the documented order."""
+    def _input_perturbation(
+        self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str
+    ) -> Tensor:
+        """ip_noise_gamma's extra input noise (the caller draws it only with ip_noise_gamma > 0):
+        draw 4 of the documented order."""
         s = self.settings
-        if s.ip_noise_gamma <= 0:
-            return None
         return diffusion.input_perturbation(
             tuple(shape),
             gamma=s.ip_noise_gamma,
@@ -325,4 +328,5 @@ class TrainingStep:
         if batch.masks is None:
             raise ValueError("masked_loss is on but the batch has no masks (build the loader with masks)")
         masks = batch.masks.to(device=self.device, non_blocking=True)
-        return losses.latent_weight_map(masks, tuple(latents.shape[2:]), self.settings.unmasked_weight)
+        size = (latents.shape[2], latents.shape[3])  # latents are (B, C, H, W)
+        return losses.latent_weight_map(masks, size, self.settings.unmasked_weight)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers.models import AutoencoderKL
 from safetensors.torch import load_file
 
 FOLDER = Path(__file__).resolve().parent
