@@ -91,7 +91,7 @@ def _tf32(on: bool):
 def _ema(device: str):
     @contextlib.contextmanager
     def switch(bench):
-        from trainer.build.ema import EMA
+        from trainer.parts.ema import EMA
 
         target = "cpu" if device == "cpu" else bench.step.device
         bench.ema = EMA({"unet": bench.model.unet}, decay=0.999, update_interval=1, device=target)

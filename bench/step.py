@@ -5,7 +5,7 @@
         --precision bf16 --optimizer adamw --cache_latents --cache_text --peak_tflops 989
     python bench/step.py ... --json out.json
 
-The step is built as the trainer builds it, by `trainer.build.builder.build_components` from the
+The step is built as the trainer builds it, by `trainer.parts.builder.build_components` from the
 train.json these options stand for (`bench_config`; optimizer.json holding only `--optimizer`,
 `--lr` and `--optimizer_options`): model, optimizers, `TrainingStep`, models placed and wrapped
 as in training; loss = per-sample loss summed / batch size, `optim.backward`, `optim.step()`. Batches are
@@ -20,9 +20,9 @@ data pipeline (see bench/data_throughput.py for that).
 * `--fused_backward`: per-parameter optimizer step inside the backward (trainer/optim/fused_backward.py).
 * `--bf16_weights`: UNet (and trained TE) weights stored in bf16, updated with stochastic rounding.
 * `--vae_layout contiguous`: the VAE in NCHW instead of the channels_last layout training gives
-  it (trainer/build/placement.py), to measure that choice.
+  it (trainer/parts/placement.py), to measure that choice.
 * `--generic_blocks`: diffusers' own attention and ResNet forwards instead of the exact lean
-  ones training installs (trainer/build/lean_blocks.py), to measure what those save.
+  ones training installs (trainer/parts/lean_blocks.py), to measure what those save.
 * `--breakdown`: after the timed steps, time `--steps` more split into phases (text encode,
   VAE encode, UNet forward, UNet backward, text-encoder backward, optimizer, the loop's
   per-step bookkeeping, the rest of the step) with hooks on the models, the step itself
@@ -66,13 +66,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from accelerate import Accelerator
 
-from trainer.build.builder import build_components
-from trainer.build.ema import EMA
-from trainer.build.lean_blocks import use_generic_blocks
 from trainer.config import TrainConfig
 from trainer.data.batch import Batch
 from trainer.models import SDComponents
 from trainer.optim import TrainingOptimizer, parse_optimizer_json
+from trainer.parts.builder import build_components
+from trainer.parts.ema import EMA
+from trainer.parts.lean_blocks import use_generic_blocks
 from trainer.runtime.host_memory import configure_host_memory
 from trainer.step.training_step import TrainingStep
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generic_blocks",
         action="store_true",
-        help="diffusers' own attention/ResNet forwards (training uses trainer/build/lean_blocks.py's)",
+        help="diffusers' own attention/ResNet forwards (training uses trainer/parts/lean_blocks.py's)",
     )
     p.add_argument(
         "--fused_backward",

@@ -9,10 +9,10 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 from diffusers.utils import is_xformers_available
 
-from trainer.build import attention
-from trainer.build.attention import configure_attention
-from trainer.build.lean_blocks import LeanAttnProcessor
 from trainer.models import load_model
+from trainer.parts import attention
+from trainer.parts.attention import configure_attention
+from trainer.parts.lean_blocks import LeanAttnProcessor
 from trainer.runtime.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def test_sdp_sets_sdpa_processors_everywhere_and_logs_backends(model, caplog):
     unet, te = model.unet, model.text_encoder
     unet.set_attn_processor(AttnProcessor())  # start from something else
     te.set_attn_implementation("eager")
-    with caplog.at_level(logging.INFO, logger="trainer.build.attention"):
+    with caplog.at_level(logging.INFO, logger="trainer.parts.attention"):
         desc = configure_attention(unet, te, "sdp")
     assert _processor_types(unet) == {LeanAttnProcessor}
     assert len(unet.attn_processors) > 0

@@ -1,4 +1,4 @@
-"""trainer/build/builder.py: the components of a run, built without a run folder (issue 16)."""
+"""trainer/parts/builder.py: the components of a run, built without a run folder (issue 16)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 from accelerate import Accelerator
 from helpers import ROOT, adamw_file, base_args, copy_images
 
-from trainer.build.builder import build_components
 from trainer.config import load_config
 from trainer.data.batch import Batch
 from trainer.optim import FusedOptimizerSet, OptimizerSet, TrainingOptimizer
+from trainer.parts.builder import build_components
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_synthetic_batches_need_no_dataset(tmp_path, dataset):
 
 
 def test_the_vae_runs_channels_last_and_hands_the_unet_contiguous_latents(tmp_path, dataset):
-    """The VAE's layout is a speed choice (trainer/build/placement.py); the latents it returns must
+    """The VAE's layout is a speed choice (trainer/parts/placement.py); the latents it returns must
     not carry it into the UNet, which keeps its own layout (`channels_last: false` here)."""
     parts = build_components(_config(tmp_path, dataset), Accelerator(cpu=True))
     conv = parts.model.vae.encoder.conv_in.weight

@@ -105,8 +105,8 @@ def test_mixed_precision_trains(tmp_path, precision):
 
 
 def test_grad_scaler_skips_a_planted_inf_and_halves_the_scale():
-    from trainer.build.precision import make_grad_scaler
     from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
+    from trainer.parts.precision import make_grad_scaler
 
     unet, te = _tiny_net(), torch.nn.Linear(4, 4).cuda()
     opt_file = parse_optimizer_json(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-3}}), "test")

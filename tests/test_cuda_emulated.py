@@ -76,7 +76,7 @@ def _fake_gpu(monkeypatch, major: int) -> None:
     ("major", "expected"), [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)]
 )
 def test_auto_precision_uses_fp16_on_gpus_without_bf16_hardware(monkeypatch, major, expected):
-    from trainer.build.precision import make_grad_scaler, resolve_autocast_dtype
+    from trainer.parts.precision import make_grad_scaler, resolve_autocast_dtype
 
     _fake_gpu(monkeypatch, major)  # 7 = T4 / V100: bf16 only emulated
     cuda = torch.device("cuda")
@@ -112,7 +112,7 @@ def restore_cuda_backends():
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_cuda_math_modes_follow_the_config(restore_cuda_backends, allow_tf32):
-    from trainer.build.precision import configure_cuda_backends
+    from trainer.parts.precision import configure_cuda_backends
 
     torch.backends.cuda.matmul.allow_tf32 = not allow_tf32
     torch.backends.cudnn.allow_tf32 = not allow_tf32
@@ -138,8 +138,8 @@ def test_channels_last_survives_the_8bit_optimizer_step(fused_back_pass):
     """bitsandbytes makes parameters contiguous in its update; the layout and storage must stay."""
     import json
 
-    from trainer.build.builder import wrap_optimizer_set
     from trainer.optim import TrainOptimSettings, build_optimizers, parse_optimizer_json
+    from trainer.parts.builder import wrap_optimizer_set
 
     torch.manual_seed(0)
     unet = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 4, 3, padding=1))

@@ -1,10 +1,10 @@
-"""trainer/build/ema.py: decay law, update interval, swap-in/restore, state round trip."""
+"""trainer/parts/ema.py: decay law, update interval, swap-in/restore, state round trip."""
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.build.ema import EMA, decay_from_strength_target, ema_decay_for_run
+from trainer.parts.ema import EMA, decay_from_strength_target, ema_decay_for_run
 from trainer.runtime.errors import CheckpointError, ConfigError
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import checkpoint_dirs, copy_images, run_folders, train_in_process
-from trainer.build import placement
 from trainer.models import load_model
+from trainer.parts import placement
 
 
 def test_frozen_weights_are_saved_as_loaded_and_a_partly_frozen_te_is_one_dtype(

@@ -86,7 +86,7 @@ def test_checkpointing_never_imports_the_session_or_the_loop():
     graph = import_graph(ROOT)
     for name, edges in graph.items():
         if name.startswith("trainer.checkpointing"):
-            assert not edges & {"trainer.run.session", "trainer.run.loop", "trainer.build.builder"}, name
+            assert not edges & {"trainer.run.session", "trainer.run.loop", "trainer.parts.builder"}, name
 
 
 def private_uses(path: Path) -> list[str]:

@@ -15,8 +15,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 
-from trainer.build.attention import configure_attention
-from trainer.build.lean_blocks import (
+from trainer.models import load_model
+from trainer.parts.attention import configure_attention
+from trainer.parts.lean_blocks import (
     LeanAttnProcessor,
     LeanResnetBlock2D,
     attention_eligible,
@@ -25,7 +26,6 @@ from trainer.build.lean_blocks import (
     use_lean_blocks,
     use_lean_resnets,
 )
-from trainer.models import load_model
 
 
 def _pair(spec: str):
@@ -136,7 +136,7 @@ def test_a_deep_copy_keeps_the_lean_forwards_and_their_results():
     [("0.42.1", True), ("0.32.0", True), ("0.31.9", False), ("0.43.0", False), ("1.0.0", False)],
 )
 def test_lean_forwards_are_used_only_with_the_diffusers_releases_they_were_checked_on(version, verified):
-    from trainer.build.lean_blocks import lean_forwards_verified
+    from trainer.parts.lean_blocks import lean_forwards_verified
 
     assert lean_forwards_verified(version) is verified
 
@@ -144,13 +144,13 @@ def test_lean_forwards_are_used_only_with_the_diffusers_releases_they_were_check
 def test_an_unchecked_diffusers_release_keeps_diffusers_forwards_and_says_so(monkeypatch, caplog):
     import diffusers
 
-    from trainer.build import lean_blocks
+    from trainer.parts import lean_blocks
 
     monkeypatch.setattr(diffusers, "__version__", "0.99.0")
     lean_blocks._lean_allowed.cache_clear()
     try:
         model = load_model("builtin:tiny-sd1")
-        with caplog.at_level("WARNING", logger="trainer.build.lean_blocks"):
+        with caplog.at_level("WARNING", logger="trainer.parts.lean_blocks"):
             configure_attention(model.unet, model.text_encoder, "sdp")
             use_lean_blocks(model.unet, model.vae)
     finally:

@@ -22,8 +22,6 @@ import torch
 from accelerate import Accelerator
 
 from tests.helpers import ROOT
-from trainer.build.builder import build_components
-from trainer.build.placement import WEIGHT_DTYPES
 from trainer.config import load_config
 from trainer.models.components import ComponentConfigs
 from trainer.optim import apply_text_encoder_freeze, load_optimizer_file, plan_text_encoder_freeze
@@ -31,6 +29,8 @@ from trainer.optim.freezing import text_encoder_num_layers
 from trainer.optim.registry import REGISTRY, build_optimizer, get_spec
 from trainer.optim.resolve import TrainOptimSettings, resolve_components
 from trainer.optim.schema import OptimizerFile, SectionConfig
+from trainer.parts.builder import build_components
+from trainer.parts.placement import WEIGHT_DTYPES
 from trainer.plan import CATEGORIES, DoesNotFit, check_budget, fit_to_budget, plan_json, plan_memory
 from trainer.plan.activations import planning_batch
 from trainer.plan.architecture import architecture_of

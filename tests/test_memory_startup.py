@@ -15,7 +15,7 @@ from trainer.config import load_config
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import trainer.build.builder as builder_mod
+    import trainer.parts.builder as builder_mod
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the memory check")

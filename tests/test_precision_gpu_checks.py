@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 
 from tests.test_cuda_emulated import _fake_gpu
-from trainer.build import builder
 from trainer.config import TrainConfig
 from trainer.optim import parse_optimizer_json
+from trainer.parts import builder
 from trainer.runtime.errors import ConfigError
 
 

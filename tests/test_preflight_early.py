@@ -16,7 +16,7 @@ from trainer.runtime.errors import ConfigError
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import trainer.build.builder as builder_mod
+    import trainer.parts.builder as builder_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -90,7 +90,7 @@ def test_an_image_anywhere_under_data_root_passes_the_early_check(tmp_path):
 def test_attn_type_xformers_without_xformers_is_refused_before_the_model_loads(
     tmp_path, no_model_load, monkeypatch
 ):
-    import trainer.build.attention as attention_mod
+    import trainer.parts.attention as attention_mod
 
     monkeypatch.setattr(attention_mod, "is_xformers_available", lambda: False)
     message = session_error(tmp_path, attn_type="xformers")
@@ -98,7 +98,7 @@ def test_attn_type_xformers_without_xformers_is_refused_before_the_model_loads(
 
 
 def test_attn_type_xformers_needs_cuda(monkeypatch):
-    import trainer.build.attention as attention_mod
+    import trainer.parts.attention as attention_mod
 
     monkeypatch.setattr(attention_mod, "is_xformers_available", lambda: True)
     assert "needs a CUDA device" in attention_mod.xformers_problem("cpu")

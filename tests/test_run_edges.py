@@ -147,7 +147,7 @@ def test_resume_reuses_the_latent_cache_and_a_finished_run_writes_nothing(tmp_pa
 def test_vae_fingerprint_does_not_read_device_weights(tmp_path, small, monkeypatch):
     """The fingerprint is taken before the VAE moves: a VAE whose weights are then on a device
     numpy cannot read (meta here, CUDA on a GPU) still gets the fingerprint of its CPU weights."""
-    import trainer.build.builder as builder_mod
+    import trainer.parts.builder as builder_mod
     import trainer.run.session as session_mod
     from trainer.models import load_model
 
@@ -195,7 +195,7 @@ def _checkpoint_like(tmp_path):
 def test_bad_inputs_fail_before_the_model_loads_and_leave_no_run_folder(
     tmp_path, small, monkeypatch, overrides, message
 ):
-    import trainer.build.builder as builder_mod
+    import trainer.parts.builder as builder_mod
     import trainer.run.session as session_mod
 
     def no_load(*a, **k):

@@ -22,10 +22,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer.build.builder import build_components
 from trainer.config import TrainConfig
 from trainer.data.batch import Batch
 from trainer.optim import parse_optimizer_json
+from trainer.parts.builder import build_components
 
 
 def _parts(optimizer: dict, **config):

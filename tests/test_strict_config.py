@@ -211,7 +211,7 @@ def test_a_misspelled_lr_scheduler_in_train_json_is_refused_with_the_closest_nam
 
 
 def test_a_misspelled_lr_scheduler_stops_the_command_before_any_model_loads(tmp_path, monkeypatch, caplog):
-    import trainer.build.builder as builder_mod
+    import trainer.parts.builder as builder_mod
     from trainer import cli
 
     def no_load(*a, **k):

@@ -17,10 +17,10 @@ import torch
 import transformers.modeling_utils
 from accelerate import Accelerator
 
-from trainer.build.builder import build_components
 from trainer.config import TrainConfig
 from trainer.data.batch import Batch
 from trainer.optim import parse_optimizer_json
+from trainer.parts.builder import build_components
 
 SD21_FREEZING = {"unfreeze_last_n_layers": 2, "freeze_embeddings": True, "freeze_final_layer_norm": False}
 

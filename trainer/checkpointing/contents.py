@@ -85,11 +85,11 @@ class TrainingRun(Protocol):
     @property
     def scaler(self) -> torch.amp.GradScaler | None: ...
     @property
-    def ema(self) -> Any: ...  # trainer.build.ema.EMA | None (a layer above)
+    def ema(self) -> Any: ...  # trainer.parts.ema.EMA | None (a layer above)
     @property
     def total_optimizer_steps(self) -> int: ...
     @property
-    def export_precision(self) -> Any: ...  # trainer.build.placement.ExportPrecision | None
+    def export_precision(self) -> Any: ...  # trainer.parts.placement.ExportPrecision | None
     @property
     def plan(self) -> ResumePlan: ...  # the plan the run started from (its base model: `base_model_of`)
 

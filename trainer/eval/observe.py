@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from trainer.build.eager import eager
 from trainer.optim.schedule_free import eval_weights
+from trainer.parts.eager import eager
 
 log = logging.getLogger(__name__)
 

@@ -98,7 +98,7 @@ class FusedBackward:
     (`schedule_reads_state`: Adafactor's own, which reports the LR Adafactor computed) is stepped
     in the first parameter's hook right after its update instead, and copies nothing (Adafactor
     in that mode ignores the group's LR). The end-of-backward callback assumes a non-reentrant
-    backward (the trainer's gradient checkpointing is non-reentrant: trainer/build/builder.py);
+    backward (the trainer's gradient checkpointing is non-reentrant: trainer/parts/builder.py);
     a reentrant one would advance the schedule when its inner backward ends.
 
     The hooks hold this object (parameter -> hook -> closure -> self -> parameter), a cycle

@@ -1,6 +1,6 @@
 """The planning pass: one real training micro-step, forward and backward, on shadow tensors.
 
-The run's own `TrainingStep` (built as `trainer.build.builder` builds it) computes the loss of a
+The run's own `TrainingStep` (built as `trainer.parts.builder` builds it) computes the loss of a
 batch of the largest bucket, and the loop's backward follows, on the shadow model of
 `fake_model.py` (shadow tensors: shadow.py). Nothing is allocated, but every tensor an operator makes is counted while it
 lives (`tracker.LiveBytes`), and what autograd saves is counted apart (`tracker.SavedBytes`).
@@ -140,6 +140,7 @@ def run_pass(
 
 def _grad_hook(live: LiveBytes, events: dict[int, int], index: int):
     def hook(param: torch.nn.Parameter) -> None:
+        assert param.grad is not None  # a post-accumulate-grad hook runs once the gradient exists
         live.mark_gradient(param.grad)
         events[index] = live.live - live.live_gradients
 

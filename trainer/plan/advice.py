@@ -129,7 +129,7 @@ CANDIDATES = (
 )
 
 
-def smaller_micro_batches(cfg: TrainConfig) -> list[Recipe | str]:
+def smaller_micro_batches(cfg: TrainConfig) -> list[TrainConfig] | list[str]:
     """Micro-batch sizes below the current one that keep batch_size x grad_accum, largest first."""
     if cfg.batch_size == 1:
         return []
@@ -167,14 +167,14 @@ def advise(
             continue
         changes.append(_change(candidate.name, (cfg, opt_file), outcome, total, new_total))
         (cfg, opt_file), total = outcome, new_total
-    for outcome in smaller_micro_batches(cfg) if total > budget else []:
-        if isinstance(outcome, str):
-            skipped.append(Skipped("smaller micro-batch", outcome))
+    for smaller in smaller_micro_batches(cfg) if total > budget else []:
+        if isinstance(smaller, str):
+            skipped.append(Skipped("smaller micro-batch", smaller))
             break
-        new_total = plan_total(outcome, opt_file)
-        if new_total <= budget or outcome.batch_size == 1:
+        new_total = plan_total(smaller, opt_file)
+        if new_total <= budget or smaller.batch_size == 1:
             changes.append(
-                _change("smaller micro-batch", (cfg, opt_file), (outcome, opt_file), total, new_total)
+                _change("smaller micro-batch", (cfg, opt_file), (smaller, opt_file), total, new_total)
             )
             total = new_total
             break

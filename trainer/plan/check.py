@@ -75,6 +75,7 @@ def check_budget(
 
 def does_not_fit(plan: MemoryPlan) -> DoesNotFit:
     """The error for a plan over its budget: the table, the advice, and what to do."""
+    assert plan.budget_bytes is not None  # a plan without a budget always fits
     hint = (
         "Apply the changes above (or set auto_fit: true to let the trainer apply them)"
         if plan.advice_fits

@@ -13,7 +13,7 @@ allocate nothing, and CPU autocast applies its real casting policy. What differs
   outputs travel on to the next convolution; CPU autocast leaves both in bf16. The other
   operators on that list (softmax, exp, pow, sum, the losses) are fp32 in SD's step anyway or
   inside fused kernels. `use_cuda_autocast_norms` gives the shadow model's norm layers CUDA's
-  behaviour by changing their class (as trainer/build/lean_blocks.py does), so the layers run the same
+  behaviour by changing their class (as trainer/parts/lean_blocks.py does), so the layers run the same
   way when gradient checkpointing recomputes them in the backward.
 """
 

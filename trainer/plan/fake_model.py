@@ -1,6 +1,6 @@
 """The run's model and optimizers, built without weights: real modules on shadow tensors.
 
-`build_fake_run` does what `trainer.build.builder.build_components` does to the model, with the
+`build_fake_run` does what `trainer.parts.builder.build_components` does to the model, with the
 trainer's own functions, on modules whose parameters are shadows (shadow.py: CPU tensors with
 no data): the attention kernels and lean forwards, the freezing and optimizers
 (`build_optimizers`, so what trains is decided by the same rules), the storage dtype of each
@@ -14,19 +14,20 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.build.attention import configure_attention
-from trainer.build.builder import enable_gradient_checkpointing
-from trainer.build.lean_blocks import use_lean_blocks
-from trainer.build.placement import WEIGHT_DTYPES, plan_dtypes
 from trainer.config import TrainConfig
 from trainer.models.components import ComponentConfigs, load_tokenizer, training_scheduler_config
 from trainer.optim import OptimizerFile, OptimizerSet, TrainOptimSettings, build_optimizers
+from trainer.parts.attention import configure_attention
+from trainer.parts.builder import enable_gradient_checkpointing
+from trainer.parts.lean_blocks import use_lean_blocks
+from trainer.parts.placement import WEIGHT_DTYPES, plan_dtypes
 from trainer.plan.emulation import use_cuda_autocast_norms
 from trainer.plan.shadow import shadow_module
 
@@ -37,9 +38,9 @@ log = logging.getLogger(__name__)
 class FakeRun:
     """Shadow modules placed as the run places them, and their optimizers."""
 
-    unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
     tokenizer: object
     scheduler_config: dict
     optim: OptimizerSet
@@ -48,7 +49,7 @@ class FakeRun:
 
 
 def optim_settings(cfg: TrainConfig) -> TrainOptimSettings:
-    """The train.json side of the optimizer precedence, as `trainer.build.builder` passes it."""
+    """The train.json side of the optimizer precedence, as `trainer.parts.builder` passes it."""
     return TrainOptimSettings.from_config(cfg)
 
 
@@ -64,7 +65,8 @@ def build_fake_run(
     `device` ("cuda" or "cpu") decides the frozen modules' dtype as `plan_dtypes` does."""
     trained = trained_components(cfg)
     dtypes = plan_dtypes(trained, torch.device(device), autocast_dtype, WEIGHT_DTYPES[cfg.weight_dtype])
-    unet, vae, text_encoder = (shadow_module(m) for m in _instantiate(arch, dtypes))
+    unet, vae, text_encoder = _instantiate(arch, dtypes)
+    unet, vae, text_encoder = shadow_module(unet), shadow_module(vae), shadow_module(text_encoder)
     if cfg.attn_type != "xformers":  # xformers needs CUDA to install; its kernel keeps what SDPA's does
         configure_attention(unet, text_encoder, cfg.attn_type, device=torch.device("cpu"))
     use_lean_blocks(unet, vae)
@@ -119,7 +121,9 @@ def trained_components(cfg: TrainConfig) -> tuple[str, ...]:
     )
 
 
-def _instantiate(arch: ComponentConfigs, dtypes: dict[str, torch.dtype]):
+def _instantiate(
+    arch: ComponentConfigs, dtypes: dict[str, torch.dtype]
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
     """`ComponentConfigs.instantiate` on the meta device, each module created in its placed
     dtype (a shadow cannot be converted after construction: `nn.Module.to` would swap it)."""
     te_config = CLIPTextConfig(**{k: v for k, v in arch.text_encoder.items() if k != "architectures"})
@@ -128,7 +132,7 @@ def _instantiate(arch: ComponentConfigs, dtypes: dict[str, torch.dtype]):
         "vae": lambda: AutoencoderKL.from_config(arch.vae),
         "text_encoder": lambda: CLIPTextModel(te_config),
     }
-    built = {}
+    built: dict[str, Any] = {}
     default = torch.get_default_dtype()
     for name, build in builders.items():
         torch.set_default_dtype(dtypes[name])

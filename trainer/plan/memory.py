@@ -12,7 +12,7 @@ from trainer.config import TrainConfig
 from trainer.optim import OptimizerFile
 from trainer.plan.activations import PassResult
 from trainer.plan.advice import advise
-from trainer.plan.model import MemoryPlan
+from trainer.plan.model import Change, MemoryPlan, Skipped
 from trainer.plan.planner import Evaluation, evaluate
 
 
@@ -72,7 +72,9 @@ def plan_memory(
     evaluator = evaluator or Evaluator(device, processes)
     base = evaluator(cfg, opt_file)
     total = sum(base.categories.values())
-    changes, skipped, fits_after = [], [], None
+    changes: list[Change] = []
+    skipped: list[Skipped] = []
+    fits_after: bool | None = None
     if budget_bytes is not None and total > budget_bytes and with_advice:
         changes, skipped, fits_after = advise(cfg, opt_file, total, budget_bytes, evaluator.total)
     return MemoryPlan(

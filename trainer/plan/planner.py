@@ -20,15 +20,16 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from trainer.build.ema import EMA
-from trainer.build.precision import resolve_autocast_dtype
 from trainer.config import TrainConfig
 from trainer.data.buckets import get_buckets
 from trainer.optim import OptimizerFile
 from trainer.optim.fused_backward import check_fused_backward
+from trainer.parts.ema import EMA
+from trainer.parts.precision import resolve_autocast_dtype
 from trainer.plan.activations import CUDA_ALLOCATION_GRANULARITY, PassResult, run_pass
 from trainer.plan.architecture import architecture_of
 from trainer.plan.fake_model import FakeRun, arch_key, build_fake_run, module_bytes, tensor_bytes
@@ -120,15 +121,10 @@ def evaluate(
             optimizer_names=[c.spec.name for c in comps],
         )
     trained_params = [p for c in comps for p in c.params]
-    weights = sum(module_bytes(getattr(run, name)) for name in run.trained)
-    frozen = sum(
-        module_bytes(getattr(run, n)) for n in ("unet", "text_encoder", "vae") if n not in run.trained
-    )
-    states = _optimizer_state_bytes(run, fused=cfg.fused_back_pass, device=device)
+    weights, frozen, states = _resident_bytes(run, cfg, device)
     bucket = largest_bucket(cfg.resolution)
     passes = {} if passes is None else passes
-    key = pass_key(cfg, opt_file, device)
-    if key not in passes:
+    if (key := pass_key(cfg, opt_file, device)) not in passes:
         passes[key] = run_pass(
             run, cfg, device=device, autocast_dtype=autocast, bucket=bucket, batch_size=cfg.batch_size
         )
@@ -178,19 +174,42 @@ def evaluate(
         trainable_parameters=sum(p.numel() for p in trained_params),
         sampling=sampling,
     )
-    settings = {
+    settings = _plan_settings(cfg, run, source=source, device=device, bucket=bucket, autocast=autocast)
+    return Evaluation(categories, sizes, settings, tuple(notes), host)
+
+
+def _resident_bytes(run: FakeRun, cfg: TrainConfig, device: str) -> tuple[int, int, int]:
+    """Trained weights, frozen weights and optimizer states: on the device the whole run."""
+    weights = sum(module_bytes(getattr(run, name)) for name in run.trained)
+    frozen = sum(
+        module_bytes(getattr(run, n)) for n in ("unet", "text_encoder", "vae") if n not in run.trained
+    )
+    states = _optimizer_state_bytes(run, fused=cfg.fused_back_pass, device=device)
+    return weights, frozen, states
+
+
+def _plan_settings(
+    cfg: TrainConfig,
+    run: FakeRun,
+    *,
+    source: str,
+    device: str,
+    bucket: tuple[int, int],
+    autocast: torch.dtype | None,
+) -> dict[str, Any]:
+    """What the plan was made for, as its report prints it."""
+    return {
         "model": source,
         "device": device,
         "bucket": f"{bucket[0]}x{bucket[1]}",
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
         "trained": list(run.trained),
-        "optimizers": {c.name: c.spec.name for c in comps},
+        "optimizers": {c.name: c.spec.name for c in run.optim.components.values()},
         "autocast": str(autocast).removeprefix("torch.") if autocast else "none (fp32)",
         "dtypes": {k: str(v).removeprefix("torch.") for k, v in run.dtypes.items()},
         **{k: getattr(cfg, k) for k in _OPTION_KEYS},
     }
-    return Evaluation(categories, sizes, settings, tuple(notes), host)
 
 
 def _cuda_estimates(categories: dict[str, int]) -> str:
@@ -330,7 +349,7 @@ def _sampling_bytes(
 def _ema_shadow_bytes(run: FakeRun) -> int:
     """The EMA's shadow weights and buffers (wherever they live: the device plan counts them
     with ema_device device, the host plan with ema_device cpu)."""
-    modules = {"unet": run.unet}
+    modules: dict[str, torch.nn.Module] = {"unet": run.unet}
     if "text_encoder" in run.trained:
         modules["text_encoder"] = run.text_encoder
     ema = EMA(modules, decay=0.9, update_interval=1, device="cpu")

@@ -94,8 +94,8 @@ def sampling_working_bytes(
     """Peak live bytes of one pipeline call on `run`'s shadow modules (module docstring)."""
     live = ShadowLiveBytes(granularity=CUDA_ALLOCATION_GRANULARITY if device == "cuda" else 1)
     unet_batch = call.batch * (2 if call.guidance else 1)
-    factor = 2 ** (len(run.vae.config.block_out_channels) - 1)
-    channels = run.unet.config.in_channels
+    factor = 2 ** (len(run.vae.config["block_out_channels"]) - 1)
+    channels = run.unet.config["in_channels"]
     h, w = call.height // factor, call.width // factor
     was = {m: m.training for m in (run.unet, run.text_encoder)}
     run.unet.eval()

@@ -24,11 +24,14 @@ The answer is the meta kernel's own, as computed the first time.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 _SDP_CHOICE = torch.ops.aten._fused_sdp_choice.default
 _META = torch.device("meta")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class Shadow(torch.Tensor):
@@ -44,20 +47,20 @@ class Shadow(torch.Tensor):
             strides=elem.stride(),
             storage_offset=elem.storage_offset(),
             dtype=elem.dtype,
-            device="cpu",
+            device=torch.device("cpu"),
             requires_grad=requires_grad,
         )
         shadow.elem = elem
         return shadow
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # type: ignore[override]  # no contents to show: torch's takes tensor_contents
         return f"Shadow(shape={tuple(self.shape)}, dtype={self.dtype})"
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return to_shadow(shadow_call(func, args, kwargs or {}))
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]  # torch's own idiom for subclasses
 
 
 class Call:
@@ -71,7 +74,7 @@ class Call:
     def __init__(self, func, args: tuple, kwargs: dict) -> None:
         self.storages: list[int] = []
         self.shadow = False
-        self.key = ()
+        self.key: tuple | None = ()
         self.meta_args, args_key = self._walk(args)
         self.meta_kwargs, kwargs_key = {}, []
         for name, value in kwargs.items():
@@ -216,7 +219,7 @@ def meta_call(func, call: Call):
     if layout is not None:
         return _remake(layout)
     out = func(*args, **kwargs)
-    inputs = set()
+    inputs: set[int] = set()
     _storages(args, inputs)
     _storages(kwargs, inputs)
     layout = _layout(out, inputs)
@@ -244,7 +247,7 @@ def storage_of(tensor: torch.Tensor) -> torch.UntypedStorage:
     return tensor.elem.untyped_storage() if isinstance(tensor, Shadow) else tensor.untyped_storage()
 
 
-def shadow_module(module: nn.Module) -> nn.Module:
+def shadow_module(module: ModuleT) -> ModuleT:
     """Replace every parameter and buffer of a meta-device module by a Shadow, in place."""
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):

@@ -69,7 +69,7 @@ def _attention(cfg) -> None:
         return
     import torch
 
-    from trainer.build.attention import xformers_problem
+    from trainer.parts.attention import xformers_problem
 
     if problem := xformers_problem("cuda" if torch.cuda.is_available() else "cpu"):
         raise ConfigError(problem)

@@ -2,7 +2,7 @@
 observers, resume). `build_session` is what the CLI and the tests call; the loop runs the result.
 
 `build_session` resolves the model source (including `findlast` and resuming from a checkpoint
-of this trainer), builds the components (trainer/build/builder.py), decides exact resume against the
+of this trainer), builds the components (trainer/parts/builder.py), decides exact resume against the
 checkpoint's guard (trainer/checkpointing/), restores the training state, and only then creates
 or reopens the run folder. Nothing here trains.
 """
@@ -20,9 +20,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from trainer.build.builder import Components, build_components, evaluation_step
-from trainer.build.ema import EMA
-from trainer.build.placement import ExportPrecision
 from trainer.checkpointing import (
     ResumePlan,
     check_settings,
@@ -53,6 +50,9 @@ from trainer.eval.validation import Validator
 from trainer.export.checkpoint_lora import checkpoint_lora
 from trainer.models import SDComponents
 from trainer.optim import OptimizerFile, TrainingOptimizer
+from trainer.parts.builder import Components, build_components, evaluation_step
+from trainer.parts.ema import EMA
+from trainer.parts.placement import ExportPrecision
 from trainer.plan.check import startup_check
 from trainer.run.folder import (
     RunFolder,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 
-from trainer.build.builder import Components
 from trainer.config import TrainConfig
+from trainer.parts.builder import Components
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 * `sdp` (default): PyTorch's `scaled_dot_product_attention` through diffusers'
   `AttnProcessor2_0`, or for SD's own attention layers its exact lean subclass
-  (trainer/build/lean_blocks.py: the same result without the generic identity steps). PyTorch picks
+  (trainer/parts/lean_blocks.py: the same result without the generic identity steps). PyTorch picks
   a fused kernel (flash, memory-efficient, cuDNN) per call from the backends that are enabled
   and fit the inputs, falling back to the math kernel; the enabled set is logged so a slow run
   can be explained.
@@ -27,7 +27,7 @@ from diffusers.utils import is_xformers_available
 from torch import nn
 from transformers import PreTrainedModel
 
-from trainer.build.lean_blocks import attention_processors
+from trainer.parts.lean_blocks import attention_processors
 from trainer.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)

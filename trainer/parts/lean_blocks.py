@@ -189,7 +189,7 @@ def use_lean_resnets(module: nn.Module) -> int:
 def use_lean_blocks(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
     """Lean ResNet forwards in the UNet and the VAE; logs what they cover.
 
-    The attention processors are set by `trainer.build.attention.configure_attention` (attn_type
+    The attention processors are set by `trainer.parts.attention.configure_attention` (attn_type
     sdp), which owns the UNet's processors.
     """
     unet_blocks = use_lean_resnets(unet)

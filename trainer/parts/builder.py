@@ -20,12 +20,6 @@ from accelerate.utils import DistributedDataParallelKwargs
 from diffusers.models import UNet2DConditionModel
 from transformers import PreTrainedModel
 
-from trainer.build.attention import configure_attention
-from trainer.build.ema import EMA, ema_decay_for_run
-from trainer.build.lean_blocks import use_lean_blocks
-from trainer.build.param_layout import keep_parameter_layouts
-from trainer.build.placement import WEIGHT_DTYPES, ExportPrecision, place_models
-from trainer.build.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.checkpointing.state import seed_everything
 from trainer.config import TrainConfig
 from trainer.data import DataSettings, LoadedDataset, load_data
@@ -42,6 +36,12 @@ from trainer.optim import (
     load_optimizer_file,
 )
 from trainer.optim.stochastic_rounding import StochasticRounding, rounding_seed
+from trainer.parts.attention import configure_attention
+from trainer.parts.ema import EMA, ema_decay_for_run
+from trainer.parts.lean_blocks import use_lean_blocks
+from trainer.parts.param_layout import keep_parameter_layouts
+from trainer.parts.placement import WEIGHT_DTYPES, ExportPrecision, place_models
+from trainer.parts.precision import configure_cuda_backends, make_grad_scaler, resolve_autocast_dtype
 from trainer.step.diffusion import NoiseSchedule
 from trainer.step.text_cache import TextEmbeddingCache, text_encoder_fingerprint
 from trainer.step.training_step import StepSettings, TrainingStep
@@ -269,7 +269,7 @@ def wrap_optimizer_set(
 ) -> TrainingOptimizer:
     """The fused back pass around a built OptimizerSet (ConfigError when it is impossible:
     fused_backward.py). With `channels_last`, every optimizer keeps its parameters' layout and
-    storage across steps (trainer/build/param_layout.py)."""
+    storage across steps (trainer/parts/param_layout.py)."""
     wrapped: TrainingOptimizer = optim
     if fused_back_pass:
         wrapped = FusedOptimizerSet(optim, uses_grad_scaler=uses_grad_scaler, world_size=world_size)

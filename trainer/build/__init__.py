@@ -1,1 +1,0 @@
-"""From a config to built parts: model, attention, lean forwards, step, optimizers, placement, EMA."""
