@@ -324,7 +324,7 @@ def test_a_start_up_that_fails_late_detaches_its_train_log(tmp_path, small, monk
     def broken(*a, **k):
         raise ConfigError("broken observers")
 
-    monkeypatch.setattr(session_mod, "_build_observers", broken)
+    monkeypatch.setattr(session_mod, "load_validation_config", broken)  # read while the observers are built
     root = logging.getLogger()
     before = list(root.handlers)
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **small, cache_latents=False))
