@@ -56,7 +56,7 @@ def test_validation_and_sampling_do_not_recompile_the_training_graph():
                 components.unet(torch.randn(6, 4))
             return []
 
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True, device=torch.device("cpu"))
     observers = Observers(
         model=Components(unet=unet, text_encoder=torch.nn.Linear(1, 1)),
         accelerator=accelerator,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.helpers import ROOT
@@ -76,6 +77,7 @@ def test_the_phase_deadline_stops_it_with_a_valid_report(tmp_path):
     assert 5 <= report["elapsed_s"] < 20
 
 
+@pytest.mark.slow  # about a minute on two cores: CI runs it in its slow step, keeping the default suite short
 def test_phase2_dry_run_measures_every_part(tmp_path):
     done, report = _suite(tmp_path, "--phase", "2")
     assert done.returncode == 0, done.stderr[-3000:]
