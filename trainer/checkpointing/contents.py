@@ -227,7 +227,7 @@ def _write_extra(session: TrainingRun, path: Path, step: int, base_model: str | 
     saved (eval weights, loaded values of half-precision frozen weights). Written after the
     manifest and not listed in it: the checkpoint is complete before it starts, and a failure
     (or a crash) here leaves it intact."""
-    extra = getattr(session, "checkpoint_extra", None)  # a session built without one has none
+    extra = session.checkpoint_extra
     if extra is None:
         return
     components = _unwrapped_components(session)
