@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import re
+import shutil
 
 import pytest
 
@@ -71,6 +72,9 @@ def warnings_of(caplog, text):
     return [r.message for r in caplog.records if r.levelno == logging.WARNING and text in r.message]
 
 
+EFFECTIVE = "train_effective.json"
+
+
 @pytest.fixture(scope="module")
 def chained(tmp_path_factory):
     """One interrupted run (seed -1, cosine schedule, resumable checkpoint at step 1 of 2) that
@@ -79,11 +83,17 @@ def chained(tmp_path_factory):
     summary, session = train(
         tmp_path, project_name="ch", seed=-1, optimizer_config=opt_file(tmp_path, "cosine"), stop_at_step=1
     )
+    shutil.copy(session.run.path / EFFECTIVE, tmp_path / EFFECTIVE)
     return tmp_path, summary, session
 
 
 def start_from(chained, **overrides):
-    tmp_path = chained[0]
+    """Start from the shared interrupted run. An exact resume rewrites its run folder's
+    train_effective.json (the settings it now runs with), which the next resume's change table
+    compares against: each start begins from the folder as the first run left it, whatever the
+    order the tests run in."""
+    tmp_path, _, first = chained
+    shutil.copy(tmp_path / EFFECTIVE, first.run.path / EFFECTIVE)
     return start(tmp_path, **{"optimizer_config": opt_file(tmp_path, "cosine"), **overrides})
 
 
