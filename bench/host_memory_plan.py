@@ -1,6 +1,6 @@
 """The memory plan's host table against the peak RSS a real model load and checkpoint save reach.
 
-    python bench/host_memory_plan.py --model builtin:sd15-arch [--workdir /tmp/host-plan] [--json PATH]
+    python bench/host_memory_plan.py --model builtin:sd15-arch [--workdir DIR] [--json PATH]
     python bench/host_memory_plan.py --model builtin:tiny-sd1       # seconds, for a quick look
 
 Each phase runs in a fresh process on the CPU, which reports its RSS after the imports and the

@@ -260,30 +260,22 @@ def _real_states_by_shape(resolved, params, *, fused: bool) -> int:
     return total + (0 if fused else maps)
 
 
-def small_recipe(tmp_path: Path, *extra: str):
-    """tiny-sd1 at 64 px, batch 1, latents cached, checkpointing on, fp32 AdamW: most advice is
-    already taken or needs no new planning pass, so the advice tests stay quick."""
+def small_recipe_args(tmp_path: Path) -> list[str]:
+    """tiny-sd1 at 64 px, batch 1, latents cached, checkpointing on, fp32 AdamW, as command-line
+    overrides: most advice is already taken or needs no new planning pass, so the advice tests
+    stay quick."""
     path = tmp_path / "optimizer.json"
     path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-4}}))
-    args = [
-        "--resume_ckpt",
-        "builtin:tiny-sd1",
-        "--resolution",
-        "64",
-        "--batch_size",
-        "1",
-        "--cache_latents",
-        "true",
+    return [
+        *("--resume_ckpt", "builtin:tiny-sd1", "--resolution", "64", "--batch_size", "1"),
+        *("--cache_latents", "true", "--gradient_checkpointing", "true"),
+        *("--optimizer_config", str(path), "--logdir", str(tmp_path / "logs")),
     ]
-    args += [
-        "--gradient_checkpointing",
-        "true",
-        "--optimizer_config",
-        str(path),
-        "--logdir",
-        str(tmp_path / "logs"),
-    ]
-    return load_config(None, [*args, *extra])
+
+
+def small_recipe(tmp_path: Path, *extra: str):
+    """The config of `small_recipe_args`, with `extra` overrides."""
+    return load_config(None, [*small_recipe_args(tmp_path), *extra])
 
 
 def test_a_budget_too_small_stops_with_the_table_and_advice_before_any_weight_loads(tmp_path, monkeypatch):
@@ -318,26 +310,7 @@ def test_a_budget_that_fits_passes_and_auto_fit_applies_the_advice(tmp_path):
 
 
 def test_plan_command_prints_one_json_object_with_categories_and_advice(tmp_path):
-    path = tmp_path / "optimizer.json"
-    path.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-4}}))
-    args = [
-        "--resume_ckpt",
-        "builtin:tiny-sd1",
-        "--resolution",
-        "64",
-        "--batch_size",
-        "1",
-        "--cache_latents",
-        "true",
-    ]
-    args += [
-        "--gradient_checkpointing",
-        "true",
-        "--optimizer_config",
-        str(path),
-        "--logdir",
-        str(tmp_path / "logs"),
-    ]
+    args = small_recipe_args(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SDTRAINER_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "trainer.plan", "--config", str(ROOT / "train.json"), "--device", "cpu"]
     result = subprocess.run(
