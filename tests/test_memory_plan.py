@@ -11,6 +11,7 @@ with what autograd saved (and the live peak) in the real forward and backward.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -443,3 +444,15 @@ def test_data_parallel_gradients_are_the_buckets_not_a_second_copy(tmp_path):
     assert 0 < not_at_peak < one.sizes.gradients
     assert two.categories["ddp_buckets"] == not_at_peak
     assert two.total_bytes - one.total_bytes == not_at_peak
+
+
+def test_planning_logs_nothing_about_the_shadow_build(tmp_path, caplog):
+    """The plan builds the recipe on shadow tensors; the builders' own start-up lines (attention,
+    lean forwards, "EMA tracks ...") describe that build, not the run: a recipe without EMA was
+    announced as tracking one. Only the run's build may say them."""
+    cfg = small_recipe(tmp_path)
+    assert not cfg.ema_enabled
+    with caplog.at_level(logging.INFO):
+        plan_memory(cfg, load_optimizer_file(cfg.optimizer_config), device="cpu")
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("trainer.parts")]
+    assert said == []

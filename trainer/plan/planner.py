@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,21 @@ log = logging.getLogger(__name__)
 CUDA_CONTEXT_BYTES = 512 * 2**20
 CUDA_LIBRARY_BYTES = 256 * 2**20
 ALLOCATOR_MARGIN = 0.05
+
+
+PARTS_LOGGER = "trainer.parts"
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Below WARNING, nothing from logger `name` (and its children) inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -112,7 +129,8 @@ def evaluate(
     re-plans that change only the optimizer or fused_back_pass."""
     arch, source = architecture_of(cfg.resume_ckpt, logdir=cfg.logdir, project_name=cfg.project_name)
     autocast, notes = target_autocast(cfg, device)
-    run = build_fake_run(arch, cfg, opt_file, device=device, autocast_dtype=autocast)
+    with _quiet(PARTS_LOGGER):  # the builders' start-up lines would describe this shadow build
+        run = build_fake_run(arch, cfg, opt_file, device=device, autocast_dtype=autocast)
     comps = list(run.optim.components.values())
     if cfg.fused_back_pass:
         check_fused_backward(
@@ -133,7 +151,7 @@ def evaluate(
     moment = _peak_moment(run, cfg, opt_file, result, gradients_total, device)
     categories = dict.fromkeys(CATEGORIES, 0)
     categories.update(weights=weights, frozen_weights=frozen, optimizer_states=states, **moment)
-    ema_shadow = _ema_shadow_bytes(run)
+    ema_shadow = _ema_shadow_bytes(run) if cfg.ema_enabled else 0
     categories["ema"] = ema_shadow if cfg.ema_enabled and cfg.ema_device != "cpu" else 0
     # DDP with gradient_as_bucket_view=True (the builder sets it): every gradient is a view into
     # a flat bucket, all of them allocated from the first backward on, and no copy beside them.
@@ -352,7 +370,8 @@ def _ema_shadow_bytes(run: FakeRun) -> int:
     modules: dict[str, torch.nn.Module] = {"unet": run.unet}
     if "text_encoder" in run.trained:
         modules["text_encoder"] = run.text_encoder
-    ema = EMA(modules, decay=0.9, update_interval=1, device="cpu")
+    with _quiet(PARTS_LOGGER):
+        ema = EMA(modules, decay=0.9, update_interval=1, device="cpu")
     return tensor_bytes(
         [t for group in (ema.shadow, ema.buffers) for d in group.values() for t in d.values()]
     )

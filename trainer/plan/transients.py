@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -69,13 +70,15 @@ def rounding_bytes(shapes: Sequence[tuple[int, ...]], *, adaptive: bool, chunk_b
     (measured on fake tensors; see the module docstring). `adaptive`: the optimizer adapts its
     step size over all parameters (a `d` in its param groups), which the trainer steps in one
     call."""
-    return _rounding_bytes(tuple(tuple(s) for s in shapes), adaptive, chunk_bytes)
+    # Keyed by element counts: the rounding works on flat views, so a shape's bytes are those of
+    # its numel, in the same order (fewer distinct keys, each measured once per process).
+    return _rounding_bytes(tuple(math.prod(s) for s in shapes), adaptive, chunk_bytes)
 
 
 @functools.lru_cache(maxsize=4096)
-def _rounding_bytes(shapes: tuple[tuple[int, ...], ...], adaptive: bool, chunk_bytes: int | None) -> int:
+def _rounding_bytes(numels: tuple[int, ...], adaptive: bool, chunk_bytes: int | None) -> int:
     with FakeTensorMode(allow_non_fake_inputs=True):
-        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes]
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in numels]
         for p in params:
             p.grad = torch.zeros_like(p)
         stand_in = torch.optim.SGD(params, lr=0.0, foreach=False)
