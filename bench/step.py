@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import logging
 import os
@@ -540,6 +541,13 @@ def format_breakdown(b: dict) -> str:
     return "\n".join(lines)
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
@@ -548,6 +556,8 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # the libraries whose kernels and loaders a figure depends on (bench/pin_wheels.py)
+        **{name: _version(name) for name in ("diffusers", "transformers", "accelerate", "bitsandbytes")},
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,3 +83,26 @@ def test_compare_runs_variants_with_ratios(tmp_path, builtin_cache, capsys):
     assert results["cached"]["trained"] == {"unet": results["base"]["trained"]["unet"]}
     printed = capsys.readouterr().out
     assert "speed-up" in printed and " 1.00x " in printed  # the first variant is the reference
+
+
+def test_pin_wheels_replaces_another_diffusers_release_and_keeps_the_pinned_one(tmp_path, capsys):
+    """The GPU machine gets the diffusers release this environment tested, not the newest."""
+    pin = _load("pin_wheels")
+    files = [
+        "diffusers-0.99.0-py3-none-any.whl",
+        "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl",
+        "lion_pytorch-0.2.3-py3-none-any.whl",
+    ]
+    stale, missing = pin.plan_changes(files, {"diffusers": "0.42.1"})
+    assert stale == ["diffusers-0.99.0-py3-none-any.whl"] and missing == {"diffusers": "0.42.1"}
+    files.append("diffusers-0.42.1-py3-none-any.whl")
+    assert pin.plan_changes(files, {"diffusers": "0.42.1"}) == (stale, {})  # nothing to download
+    assert pin.wanted_versions([]) == {"diffusers": importlib.metadata.version("diffusers")}
+    with pytest.raises(SystemExit, match="NAME==VERSION"):
+        pin.wanted_versions(["diffusers"])
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    assert pin.main(["diffusers==0.42.1", "--wheels", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove diffusers-0.99.0" in out and "download" not in out
+    assert (tmp_path / "diffusers-0.99.0-py3-none-any.whl").exists()  # a dry run changes nothing
