@@ -191,3 +191,30 @@ def test_save_and_resume_equals_the_straight_run(tmp_path):
     else:
         worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
         assert worst < 2e-3, worst
+
+
+def test_cached_vae_and_text_encoder_wait_on_the_host_and_come_back_for_samples(tmp_path, caplog):
+    """Item 5b on a real device: after the caches are filled the VAE and the frozen text encoder
+    hold no device memory; sampling brings them back (its images are written) and parks them
+    again; no use outside sampling was seen."""
+    import logging
+
+    from tests.helpers import ROOT
+
+    with caplog.at_level(logging.INFO):
+        summary, session = _train(
+            tmp_path,
+            mixed_precision="bf16",
+            cache_latents=True,
+            cache_text_encoder_outputs=True,
+            disable_textenc_training=True,
+            sample_prompts=str(ROOT / "data" / "sample_prompts.json"),
+            sample_steps=2,
+            project_name="parked",
+        )
+    assert summary.status == "finished" and summary.nonfinite_steps == 0
+    model = session.model
+    assert {p.device.type for p in model.vae.parameters()} == {"cpu"}
+    assert {p.device.type for p in model.text_encoder.parameters()} == {"cpu"}
+    assert model.unet.device.type == "cuda"
+    assert "used while parked" not in caplog.text and "sample image" in caplog.text

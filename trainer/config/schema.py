@@ -55,7 +55,9 @@ class TrainConfig(BaseModel):
     shuffle_tags: bool = Field(False, description="Shuffle caption tags each epoch.")
     keep_tags: int = Field(0, ge=0, description="Number of leading tags kept in place when shuffling.")
     cache_latents: bool = Field(
-        False, description="Encode each image with the VAE once and reuse the latents (disables crop jitter)."
+        False,
+        description="Encode each image with the VAE once and reuse the latents (disables crop jitter); "
+        "the VAE then waits on the host between samples.",
     )
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers (null = automatic).")
     keep_tokens_separator: str = Field(
@@ -135,7 +137,8 @@ class TrainConfig(BaseModel):
     cache_text_encoder_outputs: bool = Field(
         False,
         description="Encode each distinct caption once and reuse the output; needs a frozen text "
-        "encoder (disable_textenc_training).",
+        "encoder (disable_textenc_training). Without shuffle_tags every caption is encoded at "
+        "start-up and the encoder waits on the host between samples.",
     )
     compile: bool = Field(False, description="torch.compile the UNet (works with gradient_checkpointing).")
     compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = Field(

@@ -112,12 +112,20 @@ def sample_caption(
     by kohya's rule instead of keep_tags and tag weights (`split_at_separator`).
     """
     dropped = rng.random() < cond_dropout
+    if not shuffle:
+        return "" if dropped else fixed_caption(spec, separator)
     parts = split_at_separator(spec.text, separator)
-    if parts is not None:
-        text = separated_caption(parts, rng, shuffle)
-    else:
-        text = shuffled_caption(spec, rng, keep_tags) if shuffle else spec.text
+    text = (
+        separated_caption(parts, rng, True) if parts is not None else shuffled_caption(spec, rng, keep_tags)
+    )
     return "" if dropped else text
+
+
+def fixed_caption(spec: CaptionSpec, separator: str = "") -> str:
+    """The caption a sample trains with when nothing shuffles it and it is not dropped: the
+    same every epoch, so the run can encode it once, up front."""
+    parts = split_at_separator(spec.text, separator)
+    return separated_caption(parts, random.Random(0), False) if parts is not None else spec.text
 
 
 def epoch_drops_captions(epoch: int, every_n_epochs: int) -> bool:

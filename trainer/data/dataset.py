@@ -21,6 +21,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data.buckets import Bucket, get_buckets, is_ed2_table, is_undersized, nearest_bucket
+from trainer.data.caption_sampling import fixed_caption
 from trainer.data.items import ImageItem, Problem
 from trainer.data.masks import MaskSource, scan_masks
 from trainer.data.planner import EpochPlan, plan_epoch
@@ -175,6 +176,21 @@ class LoadedDataset:
     def windows_per_epoch(self) -> int:
         """Nominal optimizer steps per epoch (epoch 0's accumulation windows on this rank)."""
         return len(self.epoch_plan(0).windows)
+
+    def every_caption(self) -> list[str] | None:
+        """Every caption a batch of this run can carry, sorted: each training, validation and
+        stabilize image's fixed caption and "" (dropout, and the padding of long captions).
+        None when an image of the training set shuffles its tags (train.json's shuffle_tags or
+        its folder's): each epoch draws new permutations, which cannot be listed. Evaluation
+        batches never shuffle or drop (`make_eval_loader`)."""
+        s = self.settings
+        if s.shuffle_tags or any(it.shuffle_tags for it in self.train_items):
+            return None
+        eval_items = [it for items in self.val_sets.values() for it in items] + list(self.stabilize_items)
+        captions = {
+            fixed_caption(it.caption, s.keep_tokens_separator) for it in self.train_items + eval_items
+        }
+        return sorted(captions | {""})
 
     def fingerprint(self) -> str:
         """Hash of the items and every setting that shapes the data order, for resume checks."""

@@ -7,12 +7,14 @@ Neither moves the global RNG state the run depends on (both run inside `isolated
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 
 from trainer.optim.schedule_free import eval_weights
 from trainer.parts.eager import eager
+from trainer.parts.parking import Parking
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Observers:
         sample_at_start: bool = True,
         sample_steps: int = 0,
         resumed: bool = False,
+        parking: Parking | None = None,
     ):
         self.model = model
         self.accelerator = accelerator
@@ -57,6 +60,7 @@ class Observers:
         self.sample_at_start = sample_at_start
         self.sample_steps = sample_steps  # train.json's sample_steps (the sample file may override it)
         self.resumed = resumed
+        self.parking = parking  # frozen modules on the host between samples
         self.best_val: float | None = None
         self.last_val: float | None = None
 
@@ -89,9 +93,10 @@ class Observers:
         )
         # Eager forward (never recompile the training graph) on the eval-mode weights of a
         # schedule-free optimizer.
-        with eager(components.unet, components.text_encoder), eval_weights(self.optim):
+        fetched = self.parking.fetched() if self.parking is not None else nullcontext()
+        with eager(components.unet, components.text_encoder), eval_weights(self.optim), fetched:
             paths = self.sampler.generate(components, self.state.global_step, self.metrics, ema=self.ema)
-        release_cached_blocks(self.accelerator.device)
+        release_cached_blocks(self.accelerator.device)  # after the parked modules went back
         log.info("wrote %d sample image(s) at step %d", len(paths), self.state.global_step)
 
     def _validate(self) -> None:

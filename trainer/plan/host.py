@@ -41,7 +41,7 @@ from trainer.config import TrainConfig
 from trainer.models.checkpoint_io import SINGLE_FILE_SUFFIXES
 from trainer.models.ldm_keys import UNET_PREFIX, VAE_PREFIX
 from trainer.models.loading import BUILTIN_PREFIX
-from trainer.plan.fake_model import FakeRun, tensor_bytes
+from trainer.plan.fake_model import FakeRun, module_bytes
 from trainer.plan.model import GIB
 
 # RSS of a process after importing the trainer (torch CPU, diffusers, transformers), before the
@@ -56,6 +56,7 @@ HOST_CATEGORIES = (
     "model_components",  # load: the built fp32 components not sharing the file's storage
     "training_tensors",  # a CPU run: the device plan's total (the device is the host)
     "text_cache",  # cache_text_encoder_outputs: the cached hidden states
+    "parked",  # frozen modules kept on the host between samples (trainer/parts/parking.py)
     "ema",  # ema_device cpu: the EMA's shadow weights
     "checkpoint_save",  # host copies made while a checkpoint is written
 )
@@ -65,12 +66,13 @@ HOST_LABELS = {
     "model_components": "built fp32 components (load)",
     "training_tensors": "training tensors (CPU run)",
     "text_cache": "text-encoder output cache",
+    "parked": "frozen modules parked on the host",
     "ema": "EMA on the host",
     "checkpoint_save": "checkpoint save copies",
 }
 PHASES = {
     "load": ("libraries", "model_file", "model_components"),
-    "training and save": ("libraries", "training_tensors", "text_cache", "ema", "checkpoint_save"),
+    "training and save": ("libraries", "training_tensors", "text_cache", "parked", "ema", "checkpoint_save"),
 }
 
 
@@ -174,17 +176,18 @@ def count_images(data_root) -> int | None:
     return total if found else None
 
 
-def save_copy_bytes(cfg: TrainConfig, run: FakeRun, device: str) -> int:
-    """Host bytes a checkpoint save adds (module docstring, contents.py `_write_exports`)."""
+def save_copy_bytes(cfg: TrainConfig, run: FakeRun, device: str, parked: tuple[str, ...] = ()) -> int:
+    """Host bytes a checkpoint save adds (module docstring, contents.py `_write_exports`);
+    `parked` modules are on the host already."""
     from trainer.checkpointing.contents import export_dtype
 
-    modules = [run.unet, run.vae, run.text_encoder]
-    on_device = device != "cpu"
-    pipeline = max(tensor_bytes([*m.parameters(), *m.buffers()]) for m in modules) if on_device else 0
+    names = ("unet", "vae", "text_encoder")
+    on_device = {n: device != "cpu" and n not in parked for n in names}
+    pipeline = max((module_bytes(getattr(run, n)) for n in names if on_device[n]), default=0)
     single = 0
     if not cfg.no_save_ckpt:
         dtype = export_dtype(cfg)
-        single = sum(bytes_in(m, dtype, copy_all=on_device) for m in modules)
+        single = sum(bytes_in(getattr(run, n), dtype, copy_all=on_device[n]) for n in names)
     backup = 0
     if cfg.ema_enabled and (cfg.ema_device == "cpu" or device == "cpu"):
         backup = sum(p.numel() * p.element_size() for n in run.trained for p in getattr(run, n).parameters())
@@ -199,9 +202,11 @@ def plan_host(
     device_total: int,
     ema_shadow: int,
     autocast,
+    parked: tuple[str, ...] = (),
 ) -> HostPlan:
     """The host plan of `cfg` (module docstring). `device_total`: the device plan's total;
-    `ema_shadow`: the EMA's shadow bytes wherever it lives."""
+    `ema_shadow`: the EMA's shadow bytes wherever it lives; `parked`: the frozen modules kept
+    on the host between samples."""
     categories = dict.fromkeys(HOST_CATEGORIES, 0)
     file_bytes, components, notes = model_load_bytes(cfg, run)
     text, text_notes = text_cache_bytes(cfg, run, device, autocast)
@@ -212,6 +217,7 @@ def plan_host(
         training_tensors=device_total if device == "cpu" else 0,
         text_cache=text,
         ema=ema_shadow if cfg.ema_enabled and cfg.ema_device == "cpu" else 0,
-        checkpoint_save=save_copy_bytes(cfg, run, device),
+        parked=sum(module_bytes(getattr(run, n)) for n in parked),
+        checkpoint_save=save_copy_bytes(cfg, run, device, parked),
     )
     return HostPlan(categories, tuple(notes + text_notes))

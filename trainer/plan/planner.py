@@ -31,6 +31,7 @@ from trainer.data.buckets import get_buckets
 from trainer.optim import OptimizerFile
 from trainer.optim.fused_backward import check_fused_backward
 from trainer.parts.ema import EMA
+from trainer.parts.parking import parked_modules
 from trainer.parts.precision import resolve_autocast_dtype
 from trainer.plan.activations import CUDA_ALLOCATION_GRANULARITY, PassResult, run_pass
 from trainer.plan.architecture import architecture_of
@@ -139,7 +140,8 @@ def evaluate(
             optimizer_names=[c.spec.name for c in comps],
         )
     trained_params = [p for c in comps for p in c.params]
-    weights, frozen, states = _resident_bytes(run, cfg, device)
+    parked = parked_modules(cfg) if device == "cuda" else ()  # on a CPU run the host is the device
+    weights, frozen, states = _resident_bytes(run, cfg, device, parked)
     bucket = largest_bucket(cfg.resolution)
     passes = {} if passes is None else passes
     if (key := pass_key(cfg, opt_file, device)) not in passes:
@@ -158,7 +160,9 @@ def evaluate(
     # What the step's peak does not already count of them stays resident in the buckets.
     categories["ddp_buckets"] = gradients_total - categories["gradients"] if processes > 1 else 0
     sampling, sample_notes = _sampling_bytes(run, cfg, device, autocast, passes, arch)
-    notes += sample_notes
+    notes += sample_notes + _cache_notes(cfg, parked, sampled=sampling > 0)
+    if sampling > 0:  # the parked modules are fetched back for the samples
+        sampling += sum(module_bytes(getattr(run, name)) for name in parked)
     resident = sum(
         categories[k] for k in ("weights", "frozen_weights", "optimizer_states", "ema", "ddp_buckets")
     )
@@ -171,12 +175,11 @@ def evaluate(
         device_total=sum(categories.values()),
         ema_shadow=ema_shadow,
         autocast=autocast,
+        parked=parked,
     )
     notes += host.notes
     if device == "cuda":
         notes.append(_cuda_estimates(categories))
-    if cfg.cache_text_encoder_outputs:
-        notes.append("cache_text_encoder_outputs: the frozen text encoder's forward is planned (first epoch)")
     step_peak = (
         sum(moment[k] for k in ("gradients", "activations", "transient"))
         if cfg.fused_back_pass
@@ -196,11 +199,16 @@ def evaluate(
     return Evaluation(categories, sizes, settings, tuple(notes), host)
 
 
-def _resident_bytes(run: FakeRun, cfg: TrainConfig, device: str) -> tuple[int, int, int]:
-    """Trained weights, frozen weights and optimizer states: on the device the whole run."""
+def _resident_bytes(
+    run: FakeRun, cfg: TrainConfig, device: str, parked: tuple[str, ...]
+) -> tuple[int, int, int]:
+    """Trained weights, frozen weights and optimizer states: on the device the whole run (the
+    parked frozen modules only while samples are made)."""
     weights = sum(module_bytes(getattr(run, name)) for name in run.trained)
     frozen = sum(
-        module_bytes(getattr(run, n)) for n in ("unet", "text_encoder", "vae") if n not in run.trained
+        module_bytes(getattr(run, n))
+        for n in ("unet", "text_encoder", "vae")
+        if n not in run.trained and n not in parked
     )
     states = _optimizer_state_bytes(run, fused=cfg.fused_back_pass, device=device)
     return weights, frozen, states
@@ -362,6 +370,24 @@ def _sampling_bytes(
     if key not in passes:
         passes[key] = sampling_working_bytes(run, call, device=device, autocast_dtype=autocast)
     return passes[key] + ema_swap_bytes(run, cfg), notes
+
+
+def _cache_notes(cfg: TrainConfig, parked: tuple[str, ...], *, sampled: bool) -> list[str]:
+    """What the plan assumes of the caches and of the modules trainer/parts/parking.py keeps on
+    the host."""
+    notes = []
+    if cfg.cache_text_encoder_outputs:
+        notes.append(
+            "cache_text_encoder_outputs: the frozen text encoder's forward is planned in the step "
+            "(an upper bound: the run encodes fixed captions at start-up)"
+        )
+    if parked:
+        where = "counted in sampling, which fetches them" if sampled else "no samples fetch them"
+        note = f"{' and '.join(parked)} on the host between samples (outputs cached; {where})"
+        if "text_encoder" in parked:
+            note += "; the text encoder stays on the device if a folder turns shuffle_tags on"
+        notes.append(note)
+    return notes
 
 
 def _ema_shadow_bytes(run: FakeRun) -> int:

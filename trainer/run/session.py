@@ -52,6 +52,7 @@ from trainer.models import SDComponents
 from trainer.optim import OptimizerFile, TrainingOptimizer
 from trainer.parts.builder import Components, build_components, evaluation_step
 from trainer.parts.ema import EMA
+from trainer.parts.parking import Parking, park_after_caches
 from trainer.parts.placement import ExportPrecision
 from trainer.plan.check import startup_check
 from trainer.run.folder import (
@@ -230,6 +231,9 @@ def _start(
         else None,
     )
     latent_cache = _fill_latent_cache(cfg, accelerator, parts) if cfg.cache_latents else None
+    parking = park_after_caches(
+        cfg, model=parts.model, step=parts.step, data=data, device=accelerator.device
+    )  # the VAE and a cached text encoder off the device until samples
     observers = _build_observers(
         cfg,
         parts,
@@ -239,6 +243,7 @@ def _start(
         state,
         latent_cache=latent_cache,
         resumed=resumed_from is not None,
+        parking=parking,
     )
     _log_start(cfg, accelerator, parts, run, metrics, state, plan)
     checkpoint_extra = checkpoint_lora(cfg)  # extract_lora_rank: a LoRA in every checkpoint folder
@@ -377,6 +382,7 @@ def _build_observers(
     *,
     latent_cache: LatentCache | None,
     resumed: bool,
+    parking: Parking | None = None,
 ) -> Observers:
     """Sample generator and validator, each only when configured."""
     model = parts.model
@@ -430,4 +436,5 @@ def _build_observers(
         sample_at_start=sample_at_start,
         sample_steps=cfg.sample_steps,
         resumed=resumed,
+        parking=parking,
     )

@@ -122,6 +122,13 @@ class TextEmbeddingCache:
         out = torch.stack(rows)
         return out if self.storage_device is None else out.to(self._out_device, non_blocking=True)
 
+    def fill(self, captions: list[str], encode_fn: EncodeFn) -> int:
+        """Encode now every caption of `captions` not cached yet (as misses are: one at a time,
+        so the entries equal those a later miss would make); returns how many were encoded."""
+        missing = [c for c in dict.fromkeys(captions) if self.key(c) not in self._entries]
+        self._fill(missing, encode_fn)
+        return len(missing)
+
     def _fill(self, captions: list[str], encode_fn: EncodeFn) -> None:
         for group in ([c] for c in captions):  # one at a time: see the module docstring
             with torch.no_grad():

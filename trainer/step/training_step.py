@@ -196,6 +196,13 @@ class TrainingStep:
                 device=self.device,
             )
 
+    def fill_text_cache(self, captions: list[str]) -> int:
+        """Encode `captions` into the text cache now (each as a miss would be), so the frozen
+        text encoder is not needed again until samples; returns how many were encoded."""
+        if self.text_cache is None:
+            raise ValueError("fill_text_cache needs the step's text cache (cache_text_encoder_outputs)")
+        return self.text_cache.fill(captions, self._encode_text)
+
     def _text_embeddings(self, captions: list[str], generators: list[torch.Generator]) -> Tensor:
         """Caption embeddings (from the text cache when there is one), each sample perturbed with
         noise from its own generator when embedding_perturbation > 0."""
