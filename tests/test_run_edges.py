@@ -159,6 +159,7 @@ def test_vae_fingerprint_does_not_read_device_weights(tmp_path, small, monkeypat
 
     monkeypatch.setattr(builder_mod, "place_models", place_on_meta)
     monkeypatch.setattr(session_mod, "fill_latent_cache", lambda *a, **k: None)  # a meta VAE cannot encode
+    monkeypatch.setattr(session_mod, "park_after_caches", lambda *a, **k: None)  # nor move to the host
     cfg = load_config(str(ROOT / "train.json"), base_args(tmp_path, **small, cache_latents=True))
     session = session_mod.build_session(cfg)
     session.close()

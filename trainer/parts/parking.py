@@ -103,18 +103,17 @@ def park_after_caches(
     `parked_modules` allows, saying what and why (or why the text encoder stays)."""
     parking = Parking({"vae": model.vae, "text_encoder": model.text_encoder}, device)
     names = list(parked_modules(cfg))
-    if "text_encoder" in names:
-        captions = data.every_caption()
-        if captions is None:
-            names.remove("text_encoder")
-            log.info(
-                "text encoder stays on %s: a folder shuffles its tags (shuffle_tags), so captions are "
-                "encoded as they come",
-                device,
-            )
-        else:
-            encoded = step.fill_text_cache(captions)
-            log.info("text-encoder outputs: %d caption(s) encoded up front (%d new)", len(captions), encoded)
+    captions = data.every_caption() if cfg.cache_text_encoder_outputs else None
+    if captions is not None:
+        encoded = step.fill_text_cache(captions)
+        log.info("text-encoder outputs: %d caption(s) encoded up front (%d new)", len(captions), encoded)
+    elif cfg.cache_text_encoder_outputs and device.type != HOST.type:
+        log.info(
+            "text encoder stays on %s: tags are shuffled (shuffle_tags), captions are encoded as they come",
+            device,
+        )
+    if captions is None and "text_encoder" in names:
+        names.remove("text_encoder")  # a folder shuffles its tags
     for name in names:
         parking.park(name)
     if names and device.type != HOST.type:
