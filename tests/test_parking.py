@@ -37,6 +37,7 @@ def test_cached_vae_and_text_encoder_are_parked_and_only_sampling_fetches_them(t
         validation_config=str(ROOT / "validation_default.json"),
         stop_at_step=2,
         no_save_ckpt=False,
+        extract_lora_rank=4,  # its fidelity probe runs the (parked) text encoder at every save
     )
     with caplog.at_level(logging.INFO):
         summary, session = train_in_process(tmp_path, **overrides)
@@ -47,6 +48,7 @@ def test_cached_vae_and_text_encoder_are_parked_and_only_sampling_fetches_them(t
     assert not [m for m in messages if USED_WHILE_PARKED in m]
     assert any("wrote" in m and "sample image" in m for m in messages)  # sampling ran (and fetched)
     assert any(m.startswith("validation at step") for m in messages)
+    assert any(m.startswith("LoRA of checkpoint") for m in messages)  # written, its probe run
     captions = session.parts.data.every_caption()
     assert captions is not None and "" in captions
     assert len(session.step.text_cache) == len(captions)  # every caption encoded up front

@@ -20,10 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from trainer.checkpointing.contents import CheckpointExtra
 from trainer.config import TrainConfig
 from trainer.data.dataset import LoadedDataset
 from trainer.step.training_step import TrainingStep
@@ -52,6 +56,7 @@ class Parking:
         self.modules = dict(modules)
         self.device = torch.device(device)
         self._parked: dict[str, list[torch.utils.hooks.RemovableHandle]] = {}
+        self._in_place = False
 
     @property
     def parked(self) -> tuple[str, ...]:
@@ -71,7 +76,7 @@ class Parking:
 
     def _used_while_parked(self, name: str):
         def hook(module: nn.Module, args) -> None:
-            if name not in self._parked:
+            if name not in self._parked or self._in_place:
                 return
             log.warning(
                 "%s was used while parked on the host (an unforeseen use; the memory plan did not "
@@ -94,6 +99,30 @@ class Parking:
         finally:
             for name in names:
                 self.park(name)
+
+    @contextmanager
+    def used_in_place(self) -> Iterator[None]:
+        """Uses inside the block are foreseen and run where the modules are: nothing moves, no
+        warning. For the checkpoint LoRA's fidelity probe, which runs the frozen text encoder on
+        whatever device holds it (the host, where the save also shows its loaded values)."""
+        self._in_place = True
+        try:
+            yield
+        finally:
+            self._in_place = False
+
+
+@dataclass(frozen=True)
+class InPlaceExtra:
+    """A `CheckpointExtra` (trainer/checkpointing/contents.py) called inside
+    `Parking.used_in_place`: the checkpoint LoRA's probe runs the parked text encoder on the host."""
+
+    parking: Parking
+    extra: CheckpointExtra
+
+    def __call__(self, checkpoint: Path, model: Any, *, step: int, base_model: str | None) -> Any:
+        with self.parking.used_in_place():
+            return self.extra(checkpoint, model, step=step, base_model=base_model)
 
 
 def park_after_caches(

@@ -52,7 +52,7 @@ from trainer.models import SDComponents
 from trainer.optim import OptimizerFile, TrainingOptimizer
 from trainer.parts.builder import Components, build_components, evaluation_step
 from trainer.parts.ema import EMA
-from trainer.parts.parking import Parking, park_after_caches
+from trainer.parts.parking import InPlaceExtra, Parking, park_after_caches
 from trainer.parts.placement import ExportPrecision
 from trainer.plan.check import startup_check
 from trainer.run.folder import (
@@ -246,7 +246,10 @@ def _start(
         parking=parking,
     )
     _log_start(cfg, accelerator, parts, run, metrics, state, plan)
-    checkpoint_extra = checkpoint_lora(cfg)  # extract_lora_rank: a LoRA in every checkpoint folder
+    # extract_lora_rank: a LoRA in every checkpoint folder
+    checkpoint_extra: CheckpointExtra | None = checkpoint_lora(cfg)
+    if checkpoint_extra is not None and parking.parked:
+        checkpoint_extra = InPlaceExtra(parking, checkpoint_extra)  # its probe runs the parked encoder
     _log_checkpoint_lora(cfg, plan, checkpoint_extra)
     return Session(
         cfg=cfg,
