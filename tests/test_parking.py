@@ -17,7 +17,7 @@ from tests.helpers import DATA, ROOT, copy_images, small_run, train_in_process
 from trainer.config import load_config
 from trainer.data.dataset import DataSettings, load_data
 from trainer.optim import load_optimizer_file
-from trainer.parts.parking import Parking, parked_modules
+from trainer.parts.parking import Parking, park_after_caches, parked_modules
 from trainer.plan import plan_memory
 from trainer.plan.memory import Evaluator
 
@@ -111,3 +111,35 @@ def test_the_plan_counts_parked_modules_at_sampling_not_in_the_step(tmp_path, ca
     cpu_on, cpu_off = (plan_memory(c, opt, device="cpu") for c in (on, off))
     assert cpu_on.sizes.frozen_weights == cpu_off.sizes.frozen_weights > 0
     assert cpu_on.host.categories["parked"] == 0
+
+
+def test_a_shuffling_folder_keeps_the_text_encoder_and_warns_that_the_plan_counted_it_off(tmp_path, caplog):
+    """train.json keeps tags in order, so the plan (made before the data is read) parked the
+    encoder; a folder's own shuffle_tags keeps it on the device, which the run must say. `meta`
+    stands for a device other than the host (nothing is moved to it: only fetches would)."""
+    from trainer.models import load_model
+
+    data = tmp_path / "data"
+    copy_images(data, 4)
+    image = sorted(data.glob("*.png"))[0]
+    image.with_suffix(".yaml").write_text("main_prompt: a shape\ntags: [red, blue]\nshuffle_tags: true\n")
+    cfg = load_config(
+        str(ROOT / "train.json"),
+        [
+            "--data_root",
+            str(data),
+            "--cache_text_encoder_outputs",
+            "true",
+            "--disable_textenc_training",
+            "true",
+        ],
+    )
+    assert parked_modules(cfg) == ("vae", "text_encoder")  # what the plan assumed
+    loaded = load_data(DataSettings.from_config(cfg))
+    with caplog.at_level(logging.INFO):
+        parking = park_after_caches(
+            cfg, model=load_model("builtin:tiny-sd1"), step=None, data=loaded, device=torch.device("meta")
+        )
+    assert parking.parked == ("vae",)
+    assert "text encoder stays on meta: a folder of the data shuffles its tags" in caplog.text
+    assert "counted it on the host" in caplog.text

@@ -241,9 +241,10 @@ def test_known_harmless_library_warnings_are_hidden_and_others_kept():
     hide_known_harmless_warnings()
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     tf = logging.getLogger("transformers.utils.import_utils")  # transformers does not propagate
+    hub = logging.getLogger("kernels._internals.hf_hub")
     seen = Collect()
-    levels = {logger: logger.level for logger in (bnb, tf)}
-    for logger in (bnb, tf):
+    levels = {logger: logger.level for logger in (bnb, tf, hub)}
+    for logger in (bnb, tf, hub):
         logger.addHandler(seen)
         logger.setLevel(logging.WARNING)  # whatever verbosity an earlier test left transformers at
     try:
@@ -257,14 +258,25 @@ def test_known_harmless_library_warnings_are_hidden_and_others_kept():
             "for backward compatibility. Install torchvision to use the default backend, or import "
             "`CLIPImageProcessorPil` directly to silence this warning."
         )
+        hub.warning(
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+            "Hugging Face Hub is in offline mode."
+        )
         assert seen.messages == []
         bnb.warning("Failed to load CUDA binary")
         tf.warning("`CLIPImageProcessor` is deprecated")
+        hub.warning(
+            "Skipping publisher trust check for 'someone-else/kernel' because Hugging Face Hub is in offline mode."
+        )
     finally:
-        for logger in (bnb, tf):
+        for logger in (bnb, tf, hub):
             logger.removeHandler(seen)
             logger.setLevel(levels[logger])
-    assert seen.messages == ["Failed to load CUDA binary", "`CLIPImageProcessor` is deprecated"]
+    assert seen.messages == [
+        "Failed to load CUDA binary",
+        "`CLIPImageProcessor` is deprecated",
+        "Skipping publisher trust check for 'someone-else/kernel' because Hugging Face Hub is in offline mode.",
+    ]
 
 
 def test_log_lines_go_through_tqdm_while_the_run_shows_a_bar(tmp_path, small, monkeypatch):

@@ -136,15 +136,24 @@ def park_after_caches(
     if captions is not None:
         encoded = step.fill_text_cache(captions)
         log.info("text-encoder outputs: %d caption(s) encoded up front (%d new)", len(captions), encoded)
+    elif "text_encoder" in names:  # train.json keeps tags in order, but a folder shuffles them
+        names.remove("text_encoder")
+        if device.type != HOST.type:
+            log.warning(
+                "text encoder stays on %s: a folder of the data shuffles its tags (shuffle_tags), so "
+                "captions are encoded as they come; the memory plan, made before the data was read, "
+                "counted it on the host (%.2f GiB more on the device)",
+                device,
+                _bytes(model.text_encoder) / 2**30,
+            )
     elif cfg.cache_text_encoder_outputs and device.type != HOST.type:
-        log.info(
-            "text encoder stays on %s: tags are shuffled (shuffle_tags), captions are encoded as they come",
-            device,
-        )
-    if captions is None and "text_encoder" in names:
-        names.remove("text_encoder")  # a folder shuffles its tags
+        log.info("text encoder stays on %s: shuffle_tags, so captions are encoded as they come", device)
     for name in names:
         parking.park(name)
     if names and device.type != HOST.type:
         log.info("%s kept on the host between samples (their outputs are cached)", " and ".join(names))
     return parking
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])

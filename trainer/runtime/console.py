@@ -20,6 +20,12 @@ KNOWN_HARMLESS = (
         "an optional CPU kernel for 4-bit inference; training uses bitsandbytes' 8-bit optimizers only",
     ),
     (
+        "kernels._internals.hf_hub",
+        r"Skipping publisher trust check for 'kernels-community/[\w.-]+' because Hugging Face Hub is in "
+        r"offline mode\.",
+        "the same optional kernel, asked for while the trainer keeps the Hub offline (trainer/__init__.py)",
+    ),
+    (
         "transformers.utils.import_utils",
         r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`"
         r" for backward compatibility\..*",
