@@ -30,6 +30,7 @@ from torch import nn
 from trainer.checkpointing.contents import CheckpointExtra
 from trainer.config import TrainConfig
 from trainer.data.dataset import LoadedDataset
+from trainer.models.components import SDComponents
 from trainer.step.training_step import TrainingStep
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class InPlaceExtra:
 
 
 def park_after_caches(
-    cfg: TrainConfig, *, model, step: TrainingStep, data: LoadedDataset, device: torch.device
+    cfg: TrainConfig, *, model: SDComponents, step: TrainingStep, data: LoadedDataset, device: torch.device
 ) -> Parking:
     """After the latent cache is filled: encode every caption into the text cache and park what
     `parked_modules` allows, saying what and why (or why the text encoder stays)."""
