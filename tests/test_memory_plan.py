@@ -456,3 +456,16 @@ def test_planning_logs_nothing_about_the_shadow_build(tmp_path, caplog):
         plan_memory(cfg, load_optimizer_file(cfg.optimizer_config), device="cpu")
     said = [r.getMessage() for r in caplog.records if r.name.startswith("trainer.parts")]
     assert said == []
+
+
+def test_docs_table_generator_leaves_no_file_where_it_is_run(tmp_path, monkeypatch, capsys):
+    """Its minimal optimizer.json files went into the current folder: a stray adamw.json in the
+    repository root once got committed."""
+    from trainer.plan import docs_table
+
+    row = docs_table.Row("tiny", "train.json", ("--optimizer_config", "OPT:adamw"), "tiny-sd1, AdamW")
+    monkeypatch.setattr(docs_table, "ROWS", (row,))
+    monkeypatch.chdir(tmp_path)
+    assert docs_table.main([]) == 0
+    assert "| tiny-sd1, AdamW | tiny-sd1, 64x64 |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

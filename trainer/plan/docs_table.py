@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--measured", type=Path, help="JSON object: row label -> measured peak bytes")
     parser.add_argument(
-        "--workdir", type=Path, default=Path("."), help="where the minimal optimizer.json files go"
+        "--workdir", type=Path, help="where the minimal optimizer.json files go (default: a temporary folder)"
     )
     args = parser.parse_args(argv)
     measured = json.loads(args.measured.read_text()) if args.measured else {}
-    print(table_markdown(ROWS, measured, args.workdir))
+    with tempfile.TemporaryDirectory() as scratch:  # never a stray file in the caller's folder
+        print(table_markdown(ROWS, measured, args.workdir or Path(scratch)))
     return 0
 
 
