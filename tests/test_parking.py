@@ -73,7 +73,11 @@ def test_a_use_while_parked_brings_the_module_back_and_says_so(caplog):
 def test_every_caption_lists_fixed_captions_and_refuses_shuffled_ones(tmp_path):
     data = tmp_path / "data"
     copy_images(data, 4)
-    cfg = load_config(str(ROOT / "train.json"), ["--data_root", str(data), "--keep_tokens_separator", "|||"])
+    logs = str(tmp_path / "logs")  # the data scan's cache goes under logdir
+    cfg = load_config(
+        str(ROOT / "train.json"),
+        ["--data_root", str(data), "--keep_tokens_separator", "|||", "--logdir", logs],
+    )
     first = sorted(data.glob("*.txt"))[0]
     first.write_text("fixed part ||| b, a ||| suffix")
     loaded = load_data(DataSettings.from_config(cfg))
@@ -126,12 +130,8 @@ def test_a_shuffling_folder_keeps_the_text_encoder_and_warns_that_the_plan_count
     cfg = load_config(
         str(ROOT / "train.json"),
         [
-            "--data_root",
-            str(data),
-            "--cache_text_encoder_outputs",
-            "true",
-            "--disable_textenc_training",
-            "true",
+            *("--data_root", str(data), "--logdir", str(tmp_path / "logs")),
+            *("--cache_text_encoder_outputs", "true", "--disable_textenc_training", "true"),
         ],
     )
     assert parked_modules(cfg) == ("vae", "text_encoder")  # what the plan assumed
