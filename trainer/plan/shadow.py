@@ -219,23 +219,29 @@ def meta_call(func, call: Call):
     if layout is not None:
         return _remake(layout)
     out = func(*args, **kwargs)
-    inputs: set[int] = set()
-    _storages(args, inputs)
-    _storages(kwargs, inputs)
-    layout = _layout(out, inputs)
+    layout = _layout(out, set(storage_ids(args, kwargs)))
     _LAYOUTS[call.key] = _UNCACHEABLE if layout is None else layout
     return out
 
 
-def _storages(x, acc: set[int]) -> None:
+def storage_ids(*trees) -> list[int]:
+    """The ids of the storages of the tensors in operator arguments (lists, tuples, the keyword
+    dict: what `torch.utils._pytree.tree_leaves` would walk there)."""
+    acc: list[int] = []
+    for tree in trees:
+        _collect_storage_ids(tree, acc)
+    return acc
+
+
+def _collect_storage_ids(x, acc: list[int]) -> None:
     if isinstance(x, torch.Tensor):
-        acc.add(id(x.untyped_storage()))
+        acc.append(id(storage_of(x)))
     elif type(x) in (list, tuple):
         for v in x:
-            _storages(v, acc)
+            _collect_storage_ids(v, acc)
     elif type(x) is dict:
         for v in x.values():
-            _storages(v, acc)
+            _collect_storage_ids(v, acc)
 
 
 def shadow_zeros(*shape: int, dtype: torch.dtype = torch.float32) -> Shadow:

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from trainer.plan.emulation import mixed_type_norm_statistics
-from trainer.plan.shadow import Call, shadow_call, storage_of, to_shadow
+from trainer.plan.shadow import Call, shadow_call, storage_ids, storage_of, to_shadow
 
 _FRESH = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
 
@@ -69,10 +69,7 @@ class LiveBytes(TorchDispatchMode):
     def _call(self, func, args: tuple, kwargs: dict) -> tuple[object, list[int]]:
         """The operator's answer, and the ids of its arguments' storages."""
         out = func(*args, **kwargs)
-        storages: list[int] = []
-        _storage_ids(args, storages)
-        _storage_ids(kwargs, storages)
-        return out, storages
+        return out, storage_ids(args, kwargs)
 
     def _track_outputs(self, out, inputs: set[int]) -> None:
         if isinstance(out, torch.Tensor):
@@ -128,9 +125,7 @@ class ShadowLiveBytes(LiveBytes):
         out = to_shadow(shadow_call(func, args, kwargs, call)) if call.shadow else func(*args, **kwargs)
         storages = call.storages
         if _mutates(func):  # an in-place operator may have given an argument another storage
-            storages = []
-            _storage_ids(args, storages)
-            _storage_ids(kwargs, storages)
+            storages = storage_ids(args, kwargs)
         return mixed_type_norm_statistics(func, args, out), storages
 
 
@@ -143,19 +138,6 @@ def _mutates(func) -> bool:
         schema = getattr(func, "_schema", None)
         mutates = _MUTATES[func] = schema is None or schema.is_mutable
     return mutates
-
-
-def _storage_ids(x, acc: list[int]) -> None:
-    """The ids of the storages of the tensors in an operator's arguments (lists, tuples, the
-    keyword dict: what `torch.utils._pytree.tree_leaves` would walk there)."""
-    if isinstance(x, torch.Tensor):
-        acc.append(id(storage_of(x)))
-    elif type(x) in (list, tuple):
-        for v in x:
-            _storage_ids(v, acc)
-    elif type(x) is dict:
-        for v in x.values():
-            _storage_ids(v, acc)
 
 
 class SavedBytes:
